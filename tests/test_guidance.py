@@ -81,6 +81,24 @@ def test_entmax15_low_precision_inputs(dtype, method):
     torch.testing.assert_close(p, entmax15_reference(z.float(), dim=-1), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("n", [2, 3, 16, 77, 300, 4096])
+def test_entmax15_bisect_on_adversarial_score_shapes(n):
+    """Random, uniform, one-dominant and clustered-near-max rows, at small and large scales."""
+    g = torch.Generator().manual_seed(n)
+    rows = []
+    for s in (0.5, 8.0, 50.0):
+        dominant = torch.randn(64, n, generator=g)
+        dominant[:, 0] += s
+        rows += [
+            torch.randn(64, n, generator=g) * s,
+            torch.rand(64, n, generator=g) * s,
+            dominant,
+            -torch.rand(64, n, generator=g).pow(3) * s,
+        ]
+    z = torch.cat(rows)
+    torch.testing.assert_close(entmax15(z, method="bisect"), entmax15_reference(z, dim=-1), atol=1e-5, rtol=0)
+
+
 def test_entmax15_dim_argument_and_bisect_equals_sort():
     z = torch.randn(2, 77, 5, generator=torch.Generator().manual_seed(4)) * 3
     sort, bisect = entmax15(z, dim=1, method="sort"), entmax15(z, dim=1, method="bisect")
