@@ -1,0 +1,673 @@
+"""Engine layer: profiles, precision rules, cache keys, sidecars and their validation, the CLI's
+no-TensorRT exit, and (marked `tensorrt`, skipped without it) real builds compared with ONNX Runtime.
+
+On a GPU machine with TensorRT: `pytest -m tensorrt tests/test_engine.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gag_export import engine as eng
+from gag_export.cli import cli
+from gag_export.engine import (
+    EngineOptions,
+    Precision,
+    RuntimeTarget,
+    ShapeMode,
+    TensorRTCapabilities,
+)
+from gag_export.errors import ArtifactError, InvalidInputError, MissingDependencyError
+
+TRT10 = TensorRTCapabilities.from_version("10.13.0.35")
+TRT11 = TensorRTCapabilities.from_version("11.4.0.9")
+H100 = RuntimeTarget("10.13.0.35", "NVIDIA H100 80GB HBM3", (9, 0))
+
+
+def _tensorrt_importable() -> bool:
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+skip_without_tensorrt = pytest.mark.skipif(
+    not _tensorrt_importable(),
+    reason='tensorrt does not import here: needs an NVIDIA GPU and `pip install "gag-export[tensorrt]"`',
+)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers (shared by the pure tests and the TensorRT tests; an exported tiny-sdxl folder from
+# `gag_export.export` has the same layout, so `build_and_compare` takes it as is)
+# --------------------------------------------------------------------------------------------
+
+
+def component_entry(path: str, data: bytes | None = None, *, dynamic: bool = True, dtype: str = "float32") -> dict:
+    """A manifest component: `sample` [batch, 16, 4] (dynamic batch 1..2) and a 0-d `gag_scale`."""
+    batch = "batch" if dynamic else 1
+    return {
+        "role": "denoiser",
+        "path": path,
+        "external_data": None,
+        "sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
+        "size_bytes": len(data) if data is not None else None,
+        "inputs": [
+            {"name": "sample", "dtype": dtype, "shape": [batch, 16, 4]},
+            {"name": "gag_scale", "dtype": "float32", "shape": []},
+        ],
+        "outputs": [{"name": "latent", "dtype": dtype, "shape": [batch, 16, 4]}],
+        "profile": {
+            "sample": {"min": [1, 16, 4], "opt": [1, 16, 4], "max": [2 if dynamic else 1, 16, 4]},
+            "gag_scale": {"min": [], "opt": [], "max": []},
+        },
+        "tolerance": {"atol": 1e-4, "rtol": 1e-4},
+    }
+
+
+def write_graphs(root: Path, *, dtype: str = "fp16", dynamic: bool = True, data: bytes = b"stand-in onnx bytes",
+                 rewritten: list[str] | None = None) -> Path:
+    """A graphs folder with one component whose 'ONNX' is `data` (the engine layer only hashes it)."""
+    graphs = root / "graphs" / "tiny-test"
+    (graphs / "unet").mkdir(parents=True, exist_ok=True)
+    (graphs / "unet" / "model.onnx").write_bytes(data)
+    manifest = {
+        "format_version": 1,
+        "model": "tiny-test",
+        "family": "sdxl",
+        "dtype": dtype,
+        "dynamic": dynamic,
+        "opset": 20,
+        "gag": {"enabled": True, "method": "bisect", "rewritten": rewritten or []},
+        "components": {"unet": component_entry("unet/model.onnx", data, dynamic=dynamic)},
+        "versions": {"gag_export": "0.1.0"},
+    }
+    (graphs / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return graphs
+
+
+class FakePlanBuilder:
+    """A `PlanBuilder` that writes a deterministic stand-in plan and counts its builds."""
+
+    def __init__(self):
+        self.builds = 0
+
+    def __call__(self, spec, dest: Path, timing_cache: Path) -> list[dict]:
+        self.builds += 1
+        dest.write_bytes(b"PLAN" + spec.onnx_sha256.encode() + spec.settings_hash().encode() * 100)
+        return [{"name": r.name, "mode": "input", "dtype": "float32", "shape": list(r.opt)} for r in spec.profile.inputs]
+
+
+def build_fake(graphs: Path, out: Path, builder: FakePlanBuilder, target=H100, caps=TRT10, **options):
+    return eng.build_engines(graphs, out, EngineOptions(**options), target, builder, caps)
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT capabilities and precision
+# --------------------------------------------------------------------------------------------
+
+
+def test_capabilities_by_major_version():
+    assert (TRT10.major, TRT10.weak_typing) == (10, True)
+    assert (TRT11.major, TRT11.weak_typing) == (11, False)
+    with pytest.raises(MissingDependencyError, match="8.6.1 is too old"):
+        TensorRTCapabilities.from_version("8.6.1")
+
+
+@pytest.mark.parametrize("caps", [TRT10, TRT11], ids=["trt10", "trt11"])
+def test_precision_defaults_to_the_exported_dtype(caps):
+    for dtype, expected in (("fp32", Precision.FP32), ("fp16", Precision.FP16), ("bf16", Precision.BF16)):
+        plan = eng.resolve_precision(dtype, None, caps, weakly_typed=False, graphs_dir=Path("graphs/m"))
+        assert plan == eng.PrecisionPlan(expected, strongly_typed=True)
+
+
+def test_precision_mismatch_explains_strong_typing_and_suggests_reexport():
+    with pytest.raises(InvalidInputError) as info:
+        eng.resolve_precision("fp32", Precision.FP16, TRT11, weakly_typed=False, graphs_dir=Path("graphs/m"))
+    message = str(info.value)
+    assert "graphs/m was exported as fp32" in message
+    assert "strongly typed" in message
+    assert "gag-export export --dtype fp16" in message
+    assert "--weakly-typed" not in message  # not offered on 11.x
+    with pytest.raises(InvalidInputError, match=r"--precision fp16 --weakly-typed"):
+        eng.resolve_precision("fp32", Precision.FP16, TRT10, weakly_typed=False, graphs_dir=Path("graphs/m"))
+    with pytest.raises(InvalidInputError, match="an fp16 graph cannot become a fp32 engine"):
+        eng.resolve_precision("fp16", Precision.FP32, TRT10, weakly_typed=False, graphs_dir=Path("graphs/m"))
+
+
+def test_weakly_typed_only_on_trt10_from_fp32():
+    plan = eng.resolve_precision("fp32", Precision.FP16, TRT10, weakly_typed=True, graphs_dir=Path("g"))
+    assert plan == eng.PrecisionPlan(Precision.FP16, strongly_typed=False)
+    with pytest.raises(InvalidInputError, match=r"needs TensorRT 10\.x; TensorRT 11\.4\.0\.9 removed BuilderFlag"):
+        eng.resolve_precision("fp32", Precision.FP16, TRT11, weakly_typed=True, graphs_dir=Path("g"))
+    with pytest.raises(InvalidInputError, match="starts from an fp32 graph"):
+        eng.resolve_precision("fp16", Precision.FP16, TRT10, weakly_typed=True, graphs_dir=Path("g"))
+    with pytest.raises(InvalidInputError, match="give --precision fp16 or bf16"):
+        EngineOptions(weakly_typed=True)
+
+
+def test_fp8_is_refused_with_the_reason():
+    with pytest.raises(InvalidInputError, match=r"fp8 is not supported yet.*ModelOpt"):
+        EngineOptions(precision="fp8")
+
+
+@pytest.mark.parametrize("kwargs, match", [({"opt_level": 6}, "between 0 and 5"), ({"workspace_gb": 0}, "positive")])
+def test_option_validation(kwargs, match):
+    with pytest.raises(InvalidInputError, match=match):
+        EngineOptions(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# profiles
+# --------------------------------------------------------------------------------------------
+
+
+def _manifest(dynamic: bool) -> dict:
+    return {"format_version": 1, "model": "m", "dtype": "fp32", "dynamic": dynamic,
+            "components": {"unet": component_entry("unet/model.onnx", dynamic=dynamic)}}
+
+
+def test_profile_from_dynamic_manifest_keeps_ranges_and_scalars():
+    profile = eng.derive_profile(_manifest(True), "unet", ShapeMode.MANIFEST, graphs_dir=Path("g"))
+    assert profile.to_dict() == {
+        "sample": {"min": [1, 16, 4], "opt": [1, 16, 4], "max": [2, 16, 4]},
+        "gag_scale": {"min": [], "opt": [], "max": []},
+    }
+    assert not profile.is_static
+    assert eng.derive_profile(_manifest(True), "unet", ShapeMode.DYNAMIC, graphs_dir=Path("g")) == profile
+    polygraphy_profile = profile.to_polygraphy()
+    assert list(polygraphy_profile) == ["sample", "gag_scale"]
+    assert tuple(polygraphy_profile["gag_scale"]) == ((), (), ())
+
+
+def test_static_collapses_to_opt():
+    profile = eng.derive_profile(_manifest(True), "unet", ShapeMode.STATIC, graphs_dir=Path("g"))
+    assert profile.is_static
+    assert profile.to_dict()["sample"] == {"min": [1, 16, 4], "opt": [1, 16, 4], "max": [1, 16, 4]}
+    assert [r.name for r in profile.inputs] == ["sample", "gag_scale"]
+
+
+def test_dynamic_refuses_a_static_graph():
+    with pytest.raises(InvalidInputError, match=r"exported with static shapes.*gag-export export --dynamic"):
+        eng.derive_profile(_manifest(False), "unet", ShapeMode.DYNAMIC, graphs_dir=Path("g"))
+    assert eng.derive_profile(_manifest(False), "unet", ShapeMode.MANIFEST, graphs_dir=Path("g")).is_static
+
+
+def test_profile_filled_for_static_inputs_without_one():
+    manifest = _manifest(True)
+    del manifest["components"]["unet"]["profile"]["gag_scale"]
+    profile = eng.derive_profile(manifest, "unet", ShapeMode.MANIFEST, graphs_dir=Path("g"))
+    assert profile.to_dict()["gag_scale"] == {"min": [], "opt": [], "max": []}
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda p: p.pop("sample"), "no min/opt/max for dynamic input 'sample'"),
+        (lambda p: p["sample"].update(min=[2, 16, 4]), "min <= opt <= max"),
+        (lambda p: p["sample"].update(max=[2, 16]), "has rank 2"),
+        (lambda p: p["sample"].update(max=[2, 32, 4]), "axis 1 is static"),
+    ],
+)
+def test_bad_profiles_are_artifact_errors(edit, match):
+    manifest = _manifest(True)
+    edit(manifest["components"]["unet"]["profile"])
+    with pytest.raises(ArtifactError, match=match):
+        eng.derive_profile(manifest, "unet", ShapeMode.MANIFEST, graphs_dir=Path("g"))
+
+
+# --------------------------------------------------------------------------------------------
+# cache keys, sidecars, builds and reuse (with a stand-in plan builder)
+# --------------------------------------------------------------------------------------------
+
+
+def test_cache_path_names_what_the_engine_was_built_from(tmp_path):
+    graphs = write_graphs(tmp_path)
+    builder = FakePlanBuilder()
+    (record,) = build_fake(graphs, tmp_path / "engines", builder)
+    sha = hashlib.sha256(b"stand-in onnx bytes").hexdigest()
+    assert record.path.parent == tmp_path / "engines" / "tiny-test" / "unet"
+    assert re.fullmatch(rf"{sha[:12]}-trt10\.13\.0\.35-sm90-fp16-[0-9a-f]{{10}}\.plan", record.path.name)
+    assert record.status == "built" and builder.builds == 1
+    # nothing half-written is left beside it
+    assert sorted(p.name for p in record.path.parent.iterdir()) == sorted([record.path.name, record.path.with_suffix(".json").name])
+
+
+def test_settings_change_the_key(tmp_path):
+    graphs = write_graphs(tmp_path)
+    out = tmp_path / "engines"
+    names = {
+        build_fake(graphs, out, FakePlanBuilder(), **opts)[0].path.name
+        for opts in ({}, {"shapes": "static"}, {"opt_level": 5}, {"workspace_gb": 2})
+    }
+    assert len(names) == 4
+
+
+def test_sidecar_round_trip_and_content(tmp_path):
+    graphs = write_graphs(tmp_path)
+    (record,) = build_fake(graphs, tmp_path / "engines", FakePlanBuilder(), opt_level=4)
+    text = record.path.with_suffix(".json").read_text()
+    sidecar = eng.Sidecar.from_json(text)
+    assert sidecar == record.sidecar
+    assert eng.Sidecar.from_json(sidecar.to_json()) == sidecar
+    data = json.loads(text)
+    assert data["onnx_sha256"] == hashlib.sha256(b"stand-in onnx bytes").hexdigest()
+    assert data["tensorrt_version"] == "10.13.0.35"
+    assert data["gpu_name"] == "NVIDIA H100 80GB HBM3" and data["compute_capability"] == [9, 0]
+    assert data["precision"] == "fp16"
+    assert data["profile"]["sample"]["max"] == [2, 16, 4]
+    assert data["builder_flags"]["typing"] == "strong" and data["builder_flags"]["builder_optimization_level"] == 4
+    assert data["gag_export_version"] == "0.1.0"
+    assert data["engine_size_bytes"] == record.path.stat().st_size
+    assert data["engine_sha256"] == hashlib.sha256(record.path.read_bytes()).hexdigest()
+    assert isinstance(data["build_seconds"], float) and data["built_at"]
+
+
+def test_matching_engine_is_reused_not_rebuilt(tmp_path):
+    graphs = write_graphs(tmp_path)
+    out = tmp_path / "engines"
+    builder = FakePlanBuilder()
+    first = build_fake(graphs, out, builder)[0]
+    second = build_fake(graphs, out, builder)[0]
+    assert builder.builds == 1 and second.status == "reused" and second.path == first.path
+    third = build_fake(graphs, out, builder, rebuild=True)[0]
+    assert builder.builds == 2 and third.status == "built"
+
+
+def test_a_truncated_cached_engine_is_rebuilt(tmp_path, caplog):
+    graphs = write_graphs(tmp_path)
+    out = tmp_path / "engines"
+    builder = FakePlanBuilder()
+    plan = build_fake(graphs, out, builder)[0].path
+    plan.write_bytes(plan.read_bytes()[:10])
+    record = build_fake(graphs, out, builder)[0]
+    assert builder.builds == 2 and record.status == "built"
+    assert "truncated" in caplog.text
+
+
+def test_load_engine_bytes_returns_the_validated_plan(tmp_path):
+    graphs = write_graphs(tmp_path)
+    record = build_fake(graphs, tmp_path / "engines", FakePlanBuilder())[0]
+    sha = record.sidecar.onnx_sha256
+    assert eng.load_engine_bytes(record.path, H100, onnx_sha256=sha) == record.path.read_bytes()
+    assert eng.find_engine(tmp_path / "engines", "tiny-test", "unet", H100, sha, Precision.FP16) == record.path
+    assert eng.find_engine(tmp_path / "engines", "tiny-test", "unet", H100, sha, Precision.FP32) is None
+
+
+@pytest.fixture
+def built(tmp_path):
+    graphs = write_graphs(tmp_path)
+    return build_fake(graphs, tmp_path / "engines", FakePlanBuilder())[0]
+
+
+def test_mismatch_tensorrt_version(built):
+    other = RuntimeTarget("10.8.0.43", H100.gpu_name, H100.sm)
+    with pytest.raises(ArtifactError) as info:
+        eng.load_engine_bytes(built.path, other)
+    assert "built with TensorRT 10.13.0.35, this machine runs TensorRT 10.8.0.43" in str(info.value)
+    assert "--rebuild" in str(info.value)
+
+
+def test_mismatch_gpu_sm(built):
+    other = RuntimeTarget(H100.trt_version, "NVIDIA L4", (8, 9))
+    with pytest.raises(ArtifactError) as info:
+        eng.load_engine_bytes(built.path, other)
+    assert "built for NVIDIA H100 80GB HBM3 (sm90), this GPU is NVIDIA L4 (sm89)" in str(info.value)
+    assert "--rebuild" in str(info.value)
+
+
+def test_mismatch_gpu_model_with_the_same_sm(built):
+    other = RuntimeTarget(H100.trt_version, "NVIDIA H100 PCIe", (9, 0))
+    with pytest.raises(ArtifactError, match="same sm90, different device model"):
+        eng.load_engine_bytes(built.path, other)
+
+
+def test_mismatch_onnx_sha(built):
+    with pytest.raises(ArtifactError) as info:
+        eng.load_engine_bytes(built.path, H100, onnx_sha256="f" * 64)
+    assert "the graph was re-exported" in str(info.value) and "--rebuild" in str(info.value)
+
+
+def test_truncated_engine(built):
+    data = built.path.read_bytes()
+    built.path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError) as info:
+        eng.load_engine_bytes(built.path, H100)
+    assert f"is truncated: {len(data) // 2} bytes, its sidecar records {len(data)}" in str(info.value)
+    assert "--rebuild" in str(info.value)
+
+
+def test_corrupt_engine_same_size(built):
+    data = bytearray(built.path.read_bytes())
+    data[-1] ^= 0xFF
+    built.path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="is corrupt: sha256"):
+        eng.load_engine_bytes(built.path, H100)
+
+
+def test_missing_or_broken_sidecar(built):
+    sidecar = built.path.with_suffix(".json")
+    sidecar.write_text("{not json")
+    with pytest.raises(ArtifactError, match="unreadable"):
+        eng.load_engine_bytes(built.path, H100)
+    sidecar.unlink()
+    with pytest.raises(ArtifactError, match="has no sidecar"):
+        eng.load_engine_bytes(built.path, H100)
+
+
+def test_onnx_changed_after_export(tmp_path):
+    graphs = write_graphs(tmp_path)
+    (graphs / "unet" / "model.onnx").write_bytes(b"edited by hand")
+    with pytest.raises(ArtifactError, match="changed after export"):
+        build_fake(graphs, tmp_path / "engines", FakePlanBuilder())
+
+
+def test_missing_manifest_and_unknown_component(tmp_path):
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        build_fake(tmp_path, tmp_path / "engines", FakePlanBuilder())
+    graphs = write_graphs(tmp_path)
+    with pytest.raises(InvalidInputError, match="no component 'vae'.*it has unet"):
+        build_fake(graphs, tmp_path / "engines", FakePlanBuilder(), components=("vae",))
+
+
+# --------------------------------------------------------------------------------------------
+# GAG layers for the 10.x weakly typed path
+# --------------------------------------------------------------------------------------------
+
+
+def _onnx_with_scopes(path: Path) -> str:
+    """Nodes as dynamo names them (name scopes in metadata) and as the legacy exporter does."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def node(op, inputs, output, name, scopes=None):
+        n = helper.make_node(op, inputs, [output], name=name)
+        if scopes is not None:
+            n.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(scopes))
+        return n
+
+    attn = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    nodes = [
+        node("Relu", ["x"], "q", "node_linear", ["", attn, f"{attn}.to_q", "linear"]),  # a projection: child module
+        node("Softmax", ["q"], "p", "node_softmax", ["", attn, "softmax"]),  # the attention core
+        node("Mul", ["p", "s"], "m", "node_mul_3", ["", attn, "mul_3"]),
+        node("Neg", ["m"], "n", "/down_blocks.1/attentions.0/transformer_blocks.0/attn2/Neg"),  # legacy exporter
+        node("Identity", ["n"], "y", "/mid_block/Identity"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]), helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    onnx.save(helper.make_model(graph), str(path))
+    return attn
+
+
+def test_gag_nodes_are_the_attention_core_only(tmp_path):
+    attn = _onnx_with_scopes(tmp_path / "m.onnx")
+    names = eng.gag_node_names(tmp_path / "m.onnx", [attn])
+    assert names == ("node_softmax", "node_mul_3", "/down_blocks.1/attentions.0/transformer_blocks.0/attn2/Neg")
+    nodes = frozenset(names)
+    assert eng.layer_from_nodes("node_mul_3", nodes) and eng.layer_from_nodes("node_softmax_1", nodes)
+    assert not eng.layer_from_nodes("node_mul_30", nodes) and not eng.layer_from_nodes("node_linear", nodes)
+
+
+def test_weakly_typed_spec_pins_gag_nodes(tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    attn = _onnx_with_scopes(onnx_path)
+    graphs = write_graphs(tmp_path, dtype="fp32", data=onnx_path.read_bytes(), rewritten=[attn])
+    manifest = eng.load_manifest(graphs)
+    (spec,) = eng.component_specs(graphs, manifest, EngineOptions(precision="fp16", weakly_typed=True), TRT10)
+    assert not spec.precision.strongly_typed and len(spec.fp32_nodes) == 3
+    assert spec.builder_flags()["precision_constraints"] == "obey"
+    graphs = write_graphs(tmp_path, dtype="fp32", data=onnx_path.read_bytes(), rewritten=["up_blocks.0.attentions.0.attn1"])
+    with pytest.raises(InvalidInputError, match="cannot be pinned to fp32"):
+        eng.component_specs(graphs, eng.load_manifest(graphs), EngineOptions(precision="fp16", weakly_typed=True), TRT10)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_engine_without_tensorrt_exits_3(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError, here or on a GPU box
+    graphs = write_graphs(tmp_path)
+    result = CliRunner().invoke(cli, ["engine", str(graphs), "--out", str(tmp_path / "engines")])
+    assert result.exit_code == 3, result.output
+    assert 'pip install "gag-export[tensorrt]"' in result.output
+    assert "NVIDIA GPU and CUDA" in result.output
+    assert "Traceback" not in result.output
+    assert result.output.count("error:") == 1
+
+
+def test_cli_engine_refuses_fp8_before_looking_for_tensorrt(tmp_path):
+    result = CliRunner().invoke(cli, ["engine", str(write_graphs(tmp_path)), "--precision", "fp8"])
+    assert result.exit_code == 2
+    assert "ModelOpt" in result.output
+
+
+def test_cli_engine_opt_level_range(tmp_path):
+    result = CliRunner().invoke(cli, ["engine", str(write_graphs(tmp_path)), "--opt-level", "7"])
+    assert result.exit_code == 2
+
+
+# --------------------------------------------------------------------------------------------
+# tiny real graphs (exported here; built and run where TensorRT is)
+# --------------------------------------------------------------------------------------------
+
+
+class TinyAttention:
+    """Built lazily so collecting this file does not import torch's nn at module import."""
+
+    @staticmethod
+    def model(seed: int = 0):
+        import torch
+
+        class Core(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.to_q, self.to_k, self.to_v = (torch.nn.Linear(8, 8) for _ in range(3))
+
+            def forward(self, x, gag_scale):
+                q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+                dense = torch.softmax(q @ k.transpose(-1, -2) * 8**-0.5, dim=-1) @ v
+                return dense + gag_scale.to(dense.dtype) * 0.01 * (dense - v)
+
+        class Tiny(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj_in, self.attn, self.proj_out = torch.nn.Linear(4, 8), Core(), torch.nn.Linear(8, 4)
+
+            def forward(self, sample, gag_scale):
+                return self.proj_out(self.attn(self.proj_in(sample), gag_scale))
+
+        torch.manual_seed(seed)
+        return Tiny().eval()
+
+
+def export_tiny_graphs(root: Path, dtype: str) -> Path:
+    """Export the tiny attention model (dynamic batch 1..2, 0-d gag_scale) and write its manifest."""
+    import torch
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    model = TinyAttention.model().to(torch_dtype)
+    graphs = root / f"tiny-attn-{dtype}"
+    (graphs / "unet").mkdir(parents=True, exist_ok=True)
+    onnx_path = graphs / "unet" / "model.onnx"
+    example = (torch.randn(2, 16, 4, dtype=torch_dtype), torch.tensor(10.0))
+    torch.onnx.export(
+        model, example, str(onnx_path), dynamo=True, opset_version=20, external_data=False,
+        input_names=["sample", "gag_scale"], output_names=["latent"],
+        dynamic_shapes={"sample": {0: "batch"}, "gag_scale": None},
+    )
+    onnx_dtype = "float32" if dtype == "fp32" else "float16"
+    entry = component_entry("unet/model.onnx", onnx_path.read_bytes(), dynamic=True, dtype=onnx_dtype)
+    manifest = {
+        "format_version": 1, "model": f"tiny-attn-{dtype}", "family": "test", "dtype": dtype, "dynamic": True,
+        "opset": 20, "gag": {"enabled": True, "rewritten": ["attn"]}, "components": {"unet": entry},
+    }
+    (graphs / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return graphs
+
+
+def feed_from_manifest(component: dict, shape: str = "opt", seed: int = 0, scalars: dict | None = None) -> dict:
+    """Random inputs at the profile's `shape` for each manifest input; 0-d `gag_*` from `scalars`."""
+    rng = np.random.default_rng(seed)
+    scalars = {"gag_scale": 10.0, "gag_eta": 15.0, "gag_zeta": 0.0, **(scalars or {})}
+    feed = {}
+    for inp in component["inputs"]:
+        dims = component["profile"][inp["name"]][shape] if inp["name"] in component["profile"] else inp["shape"]
+        dtype = np.dtype(inp["dtype"])
+        if not dims:
+            feed[inp["name"]] = np.array(scalars.get(inp["name"], 1.0), dtype=dtype)
+        elif dtype.kind == "f":
+            feed[inp["name"]] = rng.standard_normal(dims).astype(dtype)
+        else:
+            feed[inp["name"]] = rng.integers(0, 10, dims).astype(dtype)
+    return feed
+
+
+def run_ort(onnx_path: Path, feed: dict) -> dict:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed)))
+
+
+def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
+    """max |a - r| / max |r|: the tolerance the issue states for engines (fp32 1e-3, fp16 2e-2)."""
+    reference = reference.astype(np.float64)
+    return float(np.max(np.abs(actual.astype(np.float64) - reference)) / max(np.max(np.abs(reference)), 1e-12))
+
+
+def test_tiny_graph_export_fits_the_engine_layer(tmp_path):
+    """The helpers the TensorRT tests use, checked here: export, manifest, spec, ORT reference."""
+    graphs = export_tiny_graphs(tmp_path, "fp32")
+    manifest = eng.load_manifest(graphs)
+    (spec,) = eng.component_specs(graphs, manifest, EngineOptions(), TRT11)
+    assert spec.precision == eng.PrecisionPlan(Precision.FP32, strongly_typed=True)
+    assert [r.name for r in spec.profile.inputs] == ["sample", "gag_scale"]
+    (spec10,) = eng.component_specs(graphs, manifest, EngineOptions(precision="fp16", weakly_typed=True), TRT10)
+    assert spec10.fp32_nodes  # the Core's own arithmetic (softmax, matmuls, the gag_scale mix)
+    feed = feed_from_manifest(manifest["components"]["unet"], shape="max")
+    out = run_ort(graphs / "unet" / "model.onnx", feed)["latent"]
+    import torch
+
+    with torch.no_grad():
+        expected = TinyAttention.model()(torch.from_numpy(feed["sample"]), torch.tensor(10.0)).numpy()
+    assert out.shape == (2, 16, 4)
+    assert relative_error(out, expected) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT (skipped here; `pytest -m tensorrt` on a GPU machine with TensorRT 10.x or 11.x)
+# --------------------------------------------------------------------------------------------
+
+
+class CountingBuilder:
+    def __init__(self, inner):
+        self.inner, self.builds = inner, 0
+
+    def __call__(self, spec, dest, timing_cache):
+        self.builds += 1
+        return self.inner(spec, dest, timing_cache)
+
+
+def run_engine(plan: bytes, feed: dict) -> dict:
+    from polygraphy.backend.trt import TrtRunner
+
+    engine = eng.deserialize_engine(plan)
+    with TrtRunner(engine) as runner:
+        return {name: np.array(value, copy=True) for name, value in runner.infer(feed).items()}
+
+
+def build_and_compare(graphs: Path, out: Path, options: EngineOptions, reference: dict[str, dict], rtol: float,
+                      builder=None) -> list:
+    """Build every component of `graphs`, run each engine at the profile's min/opt/max, compare with
+    `reference[component]`'s ONNX (fp32 ORT), and return the records."""
+    caps = eng.trt_features()
+    target = RuntimeTarget.current(caps)
+    builder = builder or eng.PolygraphyPlanBuilder(caps)
+    records = eng.build_engines(graphs, out, options, target, builder, caps)
+    manifest = eng.load_manifest(graphs)
+    for record in records:
+        component = manifest["components"][record.component]
+        plan = eng.load_engine_bytes(record.path, target, onnx_sha256=component["sha256"])
+        engine_inputs = {t["name"] for t in record.sidecar.io if t["mode"] == "input"}
+        for shape in ("min", "opt", "max"):
+            feed = feed_from_manifest(component, shape=shape)
+            expected = run_ort(reference[record.component]["onnx"], {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in feed.items()})
+            actual = run_engine(plan, {k: v for k, v in feed.items() if k in engine_inputs})
+            for name, ref in expected.items():
+                err = relative_error(actual[name], ref)
+                assert err <= rtol, f"{record.component}/{name} at {shape}: relative error {err:.2e} > {rtol}"
+    return records
+
+
+@pytest.fixture(scope="module")
+def tiny_graphs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graphs")
+    return {dtype: export_tiny_graphs(root, dtype) for dtype in ("fp32", "fp16")}
+
+
+@pytest.mark.parametrize("dtype, rtol", [("fp32", 1e-3), ("fp16", 2e-2)])
+@pytest.mark.tensorrt
+@skip_without_tensorrt
+def test_tensorrt_engine_matches_onnxruntime(tiny_graphs, tmp_path, dtype, rtol):
+    reference = {"unet": {"onnx": tiny_graphs["fp32"] / "unet" / "model.onnx"}}
+    (record,) = build_and_compare(tiny_graphs[dtype], tmp_path / "engines", EngineOptions(), reference, rtol)
+    assert record.sidecar.precision == dtype
+    assert {"sample", "gag_scale"} <= {t["name"] for t in record.sidecar.io if t["mode"] == "input"}
+
+
+@pytest.mark.tensorrt
+@skip_without_tensorrt
+def test_tensorrt_static_engine(tiny_graphs, tmp_path):
+    reference = {"unet": {"onnx": tiny_graphs["fp32"] / "unet" / "model.onnx"}}
+    (record,) = build_and_compare(tiny_graphs["fp32"], tmp_path / "engines", EngineOptions(shapes="static"), reference, 1e-3)
+    assert record.sidecar.profile["sample"]["max"] == [1, 16, 4]
+
+
+@pytest.mark.tensorrt
+@skip_without_tensorrt
+def test_tensorrt_cached_engine_is_reused(tiny_graphs, tmp_path):
+    caps = eng.trt_features()
+    builder = CountingBuilder(eng.PolygraphyPlanBuilder(caps))
+    reference = {"unet": {"onnx": tiny_graphs["fp32"] / "unet" / "model.onnx"}}
+    out = tmp_path / "engines"
+    first = build_and_compare(tiny_graphs["fp16"], out, EngineOptions(), reference, 2e-2, builder)
+    second = build_and_compare(tiny_graphs["fp16"], out, EngineOptions(), reference, 2e-2, builder)
+    assert builder.builds == 1
+    assert [r.status for r in first + second] == ["built", "reused"]
+    assert first[0].path == second[0].path
+    timing_caches = list((out / "timing").glob("*.cache"))
+    assert len(timing_caches) == 1 and timing_caches[0].stat().st_size > 0
+
+
+@pytest.mark.tensorrt
+@skip_without_tensorrt
+def test_tensorrt_weakly_typed_fp16_on_trt10(tiny_graphs, tmp_path):
+    caps = eng.trt_features()
+    if caps.weak_typing:
+        reference = {"unet": {"onnx": tiny_graphs["fp32"] / "unet" / "model.onnx"}}
+        options = EngineOptions(precision="fp16", weakly_typed=True)
+        (record,) = build_and_compare(tiny_graphs["fp32"], tmp_path / "engines", options, reference, 2e-2)
+        assert record.sidecar.builder_flags["typing"] == "weak"
+    else:
+        with pytest.raises(InvalidInputError, match="needs TensorRT 10.x"):
+            eng.build(tiny_graphs["fp32"], tmp_path / "engines", EngineOptions(precision="fp16", weakly_typed=True))
+
