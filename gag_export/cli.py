@@ -99,6 +99,19 @@ def engine_command(graphs_dir: Path, out_dir: Path, precision, shapes, timing_ca
     Console().print(table)
 
 
+@cli.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor_command(as_json: bool) -> None:
+    """What this machine can run (GPU, TensorRT, ONNX Runtime providers...) and how to get the rest."""
+    from . import doctor
+
+    report = doctor.diagnose()
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        Console().print(doctor.render(report))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(obj={})
