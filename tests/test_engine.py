@@ -6,12 +6,14 @@ On a GPU machine with TensorRT: `pytest -m tensorrt tests/test_engine.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ from gag_export.engine import (
     ShapeMode,
     TensorRTCapabilities,
 )
-from gag_export.errors import ArtifactError, InvalidInputError, MissingDependencyError
+from gag_export.errors import ArtifactError, CheckFailedError, InvalidInputError, MissingDependencyError
 
 TRT10 = TensorRTCapabilities.from_version("10.13.0.35")
 TRT11 = TensorRTCapabilities.from_version("11.4.0.9")
@@ -435,6 +437,73 @@ def test_weakly_typed_spec_pins_gag_nodes(tmp_path):
     graphs = write_graphs(tmp_path, dtype="fp32", data=onnx_path.read_bytes(), rewritten=["up_blocks.0.attentions.0.attn1"])
     with pytest.raises(InvalidInputError, match="cannot be pinned to fp32"):
         eng.component_specs(graphs, eng.load_manifest(graphs), EngineOptions(precision="fp16", weakly_typed=True), TRT10)
+
+
+def _spec(tmp_path, options: EngineOptions, caps, dtype: str = "fp16"):
+    onnx_path = tmp_path / "m.onnx"
+    attn = _onnx_with_scopes(onnx_path)
+    graphs = write_graphs(tmp_path, dtype=dtype, data=onnx_path.read_bytes(), rewritten=[attn])
+    return eng.component_specs(graphs, eng.load_manifest(graphs), options, caps)[0]
+
+
+@pytest.mark.parametrize("caps, flag", [(TRT10, True), (dataclasses.replace(TRT11, strongly_typed_flag=False), False)])
+def test_polygraphy_chain_strongly_typed(tmp_path, monkeypatch, caps, flag):
+    """The loaders' settings (constructing Polygraphy loaders needs no tensorrt; calling them does)."""
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath
+
+    monkeypatch.setattr(eng, "import_tensorrt", lambda: SimpleNamespace(MemoryPoolType=SimpleNamespace(WORKSPACE="ws")))
+    spec = _spec(tmp_path, EngineOptions(opt_level=2, workspace_gb=1.5), caps)
+    builder = eng.PolygraphyPlanBuilder(caps)
+    network = builder.network(spec)
+    assert isinstance(network, NetworkFromOnnxPath) and network.path == str(spec.onnx_path)
+    assert network.strongly_typed is flag  # 10.x: required; 11.x: always on, the flag only if the enum still has it
+    config = builder.config(spec, tmp_path / "t.cache")
+    assert isinstance(config, CreateConfig)
+    assert (config.fp16, config.bf16, config.tf32, config.precision_constraints) == (False, False, False, None)
+    assert config.builder_optimization_level == 2
+    assert config.memory_pool_limits == {"ws": int(1.5 * (1 << 30))}
+    assert config.timing_cache_path == str(tmp_path / "t.cache")
+    assert tuple(config.profiles[0]["sample"]) == ((1, 16, 4), (1, 16, 4), (2, 16, 4))
+
+
+def test_polygraphy_chain_weakly_typed_on_trt10(tmp_path, monkeypatch):
+    from polygraphy.backend.trt import PostprocessNetwork
+
+    monkeypatch.setattr(eng, "import_tensorrt", lambda: SimpleNamespace())
+    spec = _spec(tmp_path, EngineOptions(precision="bf16", weakly_typed=True), TRT10, dtype="fp32")
+    builder = eng.PolygraphyPlanBuilder(TRT10)
+    network = builder.network(spec)
+    assert isinstance(network, PostprocessNetwork) and network.name == "PinGagLayersFp32"
+    assert network._network.strongly_typed is False
+    config = builder.config(spec, tmp_path / "t.cache")
+    assert (config.fp16, config.bf16, config.precision_constraints) == (False, True, "obey")
+    assert config.builder_optimization_level is None and config.memory_pool_limits is None
+
+
+class _FakeLayer:
+    def __init__(self, name, type_="ELEMENTWISE", dtype="f32"):
+        self.name, self.type, self.num_outputs = name, type_, 1
+        self._out = SimpleNamespace(dtype=dtype)
+        self.precision, self.output_types = None, {}
+
+    def get_output(self, index):
+        return self._out
+
+    def set_output_type(self, index, dtype):
+        self.output_types[index] = dtype
+
+
+def test_fp32_pinning_step(monkeypatch):
+    fake_trt = SimpleNamespace(float32="f32", float16="f16", bfloat16="bf16", LayerType=SimpleNamespace(SHAPE="SHAPE"))
+    monkeypatch.setattr(eng, "import_tensorrt", lambda: fake_trt)
+    layers = [_FakeLayer("node_softmax"), _FakeLayer("node_softmax_1"), _FakeLayer("node_mul_3", "SHAPE"),
+              _FakeLayer("node_mul_3_2", dtype="i64"), _FakeLayer("node_linear")]
+    network = SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
+    eng._Fp32Pinning(frozenset({"node_softmax", "node_mul_3"}))(network=network)
+    assert [layer.precision for layer in layers] == ["f32", "f32", None, None, None]
+    assert layers[1].output_types == {0: "f32"}
+    with pytest.raises(CheckFailedError, match="none could be pinned"):
+        eng._Fp32Pinning(frozenset({"node_other"}))(network=network)
 
 
 # --------------------------------------------------------------------------------------------
