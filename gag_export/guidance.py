@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from .errors import InvalidInputError
 
 ENTMAX_METHODS = ("sort", "bisect")
+# gag_attention also takes "fused" (the Triton kernel, or an error) and "auto" (fused on CUDA
+# when it can run, else "bisect"); the rule is in gag_export/kernels/__init__.py.
+ATTENTION_METHODS = ENTMAX_METHODS + ("fused", "auto")
 _EPS = 1e-6
 # The bisect form: a few bisection steps bracket the threshold from below, a few Newton steps
 # (monotone from below, since the mass is convex and decreasing in tau) close in on it, and the
@@ -183,7 +186,17 @@ def gag_attention(
     method: str = "sort",
     attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GAG attention: q [B,H,Lq,d], k/v [B,H,Lk,d] -> [B,H,Lq,d] in q's dtype, fp32 inside."""
+    """GAG attention: q [B,H,Lq,d], k/v [B,H,Lk,d] -> [B,H,Lq,d] in q's dtype, fp32 inside.
+
+    method: "sort" / "bisect" (PyTorch), "fused" (Triton kernel; raises where it cannot run),
+    "auto" (fused on CUDA where it can run, else bisect; exports always get the PyTorch path).
+    """
+    if method in ("fused", "auto"):
+        from .kernels import fused_gag_attention, resolve_method  # lazy: Triton only when used
+
+        method = resolve_method(method, q, k, v, alpha, attn_mask, scale, eta, zeta)
+        if method == "fused":
+            return fused_gag_attention(q, k, v, scale, eta, zeta, attn_mask)
     z = _scores(q, k, attn_mask)
     dense, sparse = _dense_and_sparse(z, v, alpha, method)
     return gag_combine(dense, sparse, scale, eta, zeta).to(q.dtype)
@@ -206,7 +219,9 @@ def gag_joint_attention(
     text keys alone and m is the text keys' share of the dense softmax mass. Text queries and
     image keys are left as the plain joint attention. m comes out of the same dense attention
     call: an extra value channel that is 1 on text keys and 0 on image keys averages to m.
+    There is no fused form of this yet: "fused" and "auto" run the "bisect" path.
     """
+    method = "bisect" if method in ("fused", "auto") else method
     key_is_text = (torch.arange(k.shape[2], device=k.device) < text_len).to(v.dtype)
     indicator = torch.zeros_like(v[..., :1]) + key_is_text[:, None]
     joint = F.scaled_dot_product_attention(q, k, torch.cat([v, indicator], dim=-1))
@@ -259,7 +274,8 @@ class GAGConfig:
     eta:   cap on the update's norm per head and token (> 0; inf means no cap).
     zeta:  weight of the update's part orthogonal to the sparse output (>= 0).
     alpha: entmax order of the sparse branch (> 1).
-    method: "sort" (exact, TopK) or "bisect" (exact to fp32 noise, no TopK: TensorRT-friendly).
+    method: "sort" (exact, TopK) or "bisect" (exact to fp32 noise, no TopK: TensorRT-friendly),
+            "fused" (Triton kernel on CUDA) or "auto" (fused where it can run, else bisect).
     layers: "down,up" (default, PLADIS set), "all", "mid", or module-name globs, comma-separated.
     """
 
@@ -285,8 +301,8 @@ class GAGConfig:
             raise bad("zeta", "must be finite and >= 0")
         if not math.isfinite(self.alpha) or self.alpha <= 1:
             raise bad("alpha", "must be finite and > 1")
-        if self.method not in ENTMAX_METHODS:
-            raise bad("method", f"must be one of {ENTMAX_METHODS}")
+        if self.method not in ATTENTION_METHODS:
+            raise bad("method", f"must be one of {ATTENTION_METHODS}")
         parse_layer_spec(self.layers)
 
     @property

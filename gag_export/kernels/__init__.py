@@ -1,0 +1,174 @@
+"""Fused GAG kernels and the rule that decides when `gag_attention` uses them.
+
+Imports only torch at import time; Triton (and `triton_gag`, which registers the custom op
+`gag_export::gag_attention`) is imported on first use.
+
+When the fused kernel runs (`gag_attention(..., method=...)`, `GAGConfig.method`):
+
+- `"auto"` resolves to `"fused"` when every check below passes, else to `"bisect"` (the
+  PyTorch path, silently: it is the documented fallback, logged at debug level).
+- `"fused"` runs the kernel or raises: `MissingDependencyError` when Triton cannot be imported,
+  `InvalidInputError` for everything else (CPU tensors, shapes, dtypes, export). It never falls
+  back silently, so a benchmark or a config asking for the kernel gets the kernel.
+
+The checks:
+1. q is a CUDA tensor. CPU tensors always get the PyTorch path under `"auto"`; under `"fused"`
+   they are accepted only with `TRITON_INTERPRET=1` (Triton's CPU interpreter, for tests).
+2. Not exporting: `torch.onnx.is_in_onnx_export()` and `torch.compiler.is_exporting()` are
+   False. ONNX (TorchScript or dynamo exporter) and `torch.export` therefore always trace the
+   static-op PyTorch form, so exported graphs never contain the custom op. (Exports of this
+   project trace CPU modules anyway, which rule 1 already sends to the PyTorch path; rule 2
+   covers a module exported from a GPU. `torch.compiler.is_compiling()` is not used: it is also
+   True under plain `torch.compile`, where the custom op is wanted.)
+3. Triton is importable.
+4. alpha == 1.5; q, k, v are 4-D [B, H, L, d] on one device, one dtype of fp16/bf16/fp32,
+   with matching B, H, d and k/v lengths.
+5. head_dim <= 128, key count <= 512, and the key/value tile fits in shared memory
+   (next_pow2(Lk) * next_pow2(d) * itemsize <= 64 KiB: fp16 d=64 takes 512 keys, d=128 256).
+6. The mask, if any, is bool (True = attend) or floating (additive), on q's device, and
+   broadcastable to [B, H, Lq, Lk].
+7. scale, eta, zeta are numbers or 0-d tensors.
+8. No autograd needed (no input requires grad while grad is enabled): the kernel has no backward.
+
+`gag_joint_attention` (FLUX) has no fused form yet: there `"fused"` and `"auto"` mean `"bisect"`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+from ..errors import InvalidInputError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+MAX_KEYS = 512
+MAX_HEAD_DIM = 128
+MAX_KV_TILE_BYTES = 64 * 1024
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Whether Triton is installed, looked up once without importing it (importing torch._dynamo or
+# Triton here would cost seconds on every `import gag_export`). A module constant, so that
+# torch.compile reads it without tracing any import machinery. An install that is present but
+# broken is found on first use and raises MissingDependencyError there.
+_TRITON_OK: bool = importlib.util.find_spec("triton") is not None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def triton_available() -> bool:
+    """Whether Triton is installed here (checked once, at import)."""
+    return _TRITON_OK
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _device_ok(q: torch.Tensor, explicit: bool) -> bool:
+    """CUDA, or (only for an explicit "fused") CPU under Triton's interpreter."""
+    return q.is_cuda or (explicit and q.device.type == "cpu" and _interpreter_on())
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+def fused_unsupported_reason(q, k, v, alpha, attn_mask, scale, eta, zeta, explicit: bool = False):
+    """None if the fused kernel can run on these inputs, else (exception type, reason)."""
+    if not _device_ok(q, explicit):
+        return InvalidInputError, f"tensors are on {q.device.type}, the fused kernel needs CUDA"
+    if _exporting():
+        return InvalidInputError, "exporting (ONNX / torch.export) traces the PyTorch path, never the custom op"
+    if not triton_available():
+        return MissingDependencyError, "Triton is not importable (pip install 'gag-export[gpu]')"
+    if alpha != 1.5:
+        return InvalidInputError, f"the fused kernel computes 1.5-entmax only, got alpha={alpha}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return InvalidInputError, "q, k, v must be 4-D [batch, heads, tokens, head_dim]"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in FUSED_DTYPES:
+        return InvalidInputError, f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if not (q.device == k.device == v.device):
+        return InvalidInputError, "q, k, v must be on one device"
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    if k.shape != (B, H, Lk, d) or v.shape != (B, H, Lk, d):
+        return InvalidInputError, f"k/v shapes {tuple(k.shape)}, {tuple(v.shape)} do not match q {tuple(q.shape)}"
+    if d > MAX_HEAD_DIM or Lk < 1 or Lk > MAX_KEYS:
+        return InvalidInputError, f"fused kernel takes head_dim <= {MAX_HEAD_DIM} and 1..{MAX_KEYS} keys, got d={d}, Lk={Lk}"
+    tile = _next_pow2(max(Lk, 16)) * _next_pow2(max(d, 16)) * q.element_size()
+    if tile > MAX_KV_TILE_BYTES:
+        return InvalidInputError, f"key/value tile of {Lk} keys x head_dim {d} in {q.dtype} exceeds {MAX_KV_TILE_BYTES} bytes"
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            return InvalidInputError, f"attention mask must be bool or floating, got {attn_mask.dtype}"
+        if attn_mask.device != q.device:
+            return InvalidInputError, "attention mask must be on q's device"
+        try:
+            if tuple(torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk))) != (B, H, Lq, Lk):
+                raise RuntimeError
+        except RuntimeError:
+            return InvalidInputError, f"attention mask {tuple(attn_mask.shape)} does not broadcast to {(B, H, Lq, Lk)}"
+    for name, value in (("scale", scale), ("eta", eta), ("zeta", zeta)):
+        if isinstance(value, torch.Tensor):
+            if value.dim() != 0:
+                return InvalidInputError, f"{name} must be a number or a 0-d tensor, got shape {tuple(value.shape)}"
+        elif not isinstance(value, (int, float)):
+            return InvalidInputError, f"{name} must be a number or a 0-d tensor, got {type(value).__name__}"
+    tensors = [q, k, v] + [p for p in (scale, eta, zeta) if isinstance(p, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return InvalidInputError, "the fused kernel has no backward; inputs require grad (use torch.no_grad or 'bisect')"
+    return None
+
+
+def resolve_method(method: str, q, k, v, alpha, attn_mask, scale, eta, zeta) -> str:
+    """The entmax method `gag_attention` runs: "sort", "bisect" or "fused" (see the module doc)."""
+    if method not in ("fused", "auto"):
+        return method
+    why = fused_unsupported_reason(q, k, v, alpha, attn_mask, scale, eta, zeta, explicit=method == "fused")
+    if why is None:
+        return "fused"
+    if method == "auto":
+        return "bisect"
+    error, reason = why
+    raise error(f"gag_attention(method='fused'): {reason}")
+
+
+def _param_tensor(value, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32).reshape(())
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
+def fused_gag_attention(q, k, v, scale, eta, zeta, attn_mask=None) -> torch.Tensor:
+    """GAG attention through the fused Triton kernel (inputs checked by `resolve_method`).
+
+    Float parameters are passed to the kernel as scalars; if any is a 0-d tensor, all three
+    are stacked into one small device tensor the kernel loads (no host sync, no `.item()`).
+    """
+    from .. import guidance
+
+    try:
+        from . import triton_gag  # noqa: F401  (registers torch.ops.gag_export.gag_attention)
+    except ImportError as exc:
+        raise MissingDependencyError(f"gag_attention(method='fused'): Triton is installed but does not import: {exc}") from exc
+
+    # The same threshold schedule as guidance.py's bisect path.
+    bisect_iters = guidance._BISECT_ITERS
+    newton_iters = getattr(guidance, "_NEWTON_ITERS", 0)
+
+    values = (scale, eta, zeta)
+    if any(isinstance(p, torch.Tensor) for p in values):
+        params = torch.stack([_param_tensor(p, q.device) for p in values])
+        floats = (0.0, 0.0, 0.0)
+    else:
+        params, floats = None, tuple(float(p) for p in values)
+    if attn_mask is not None:
+        B, H, Lq, _ = q.shape
+        attn_mask = torch.broadcast_to(attn_mask, (B, H, Lq, k.shape[2]))  # a stride-0 view, no copy
+    return torch.ops.gag_export.gag_attention(q, k, v, params, *floats, attn_mask, bisect_iters, newton_iters)

@@ -1,0 +1,251 @@
+"""Fused GAG attention in Triton: scores once, softmax and 1.5-entmax in registers, one write.
+
+One program per (batch * head, block of queries). It loads the block's queries and *all* the
+keys and values of its (batch, head) once (text-length key counts: 77 for CLIP, up to 512 for
+T5), computes the scores once, then in registers:
+
+    dense  = softmax(z) @ v
+    sparse = entmax15(z) @ v      # threshold: bisection + Newton bracket, then the exact
+                                  # closed-form solve on the bracketed support (as guidance.py)
+    out    = sparse + scale * cap_eta(par + zeta * orth)
+
+and writes only `out` (in the input dtype). Math is fp32 throughout: scores from 16-bit inputs
+are exact fp32 products with fp32 accumulation; the probability-times-value products of
+16-bit inputs use two 16-bit dots (probabilities split into a high and a low 16-bit part) so
+that they stay at fp32-level accuracy on tensor cores; fp32 inputs use IEEE fp32 dots.
+
+The launcher is registered as the custom op `gag_export::gag_attention` (with a fake
+implementation), so `torch.compile` sees one node. This module imports Triton: import it only
+through `gag_export.kernels`, which checks that Triton is there first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_EPS = 1e-6
+
+
+@triton.jit
+def _gag_attention_kernel(
+    Q, K, V, Out, Mask, Params,
+    scale_f, eta_f, zeta_f,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, Lq, Lk, head_dim,
+    sm_scale, tau_hi,
+    EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_MODE: tl.constexpr,  # 0: none, 1: additive, 2: boolean (nonzero = attend)
+    PARAMS_FROM_PTR: tl.constexpr,  # scale/eta/zeta from Params[0..2] instead of the float args
+    SPLIT_PV: tl.constexpr,  # 16-bit inputs: P @ V as hi + lo 16-bit dots
+    UPCAST: tl.constexpr,  # dot fp32 copies of the inputs (Triton's CPU interpreter has no bf16 dot)
+    BISECT_ITERS: tl.constexpr,
+    NEWTON_ITERS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    n_ok = offs_n < Lk
+    d_ok = offs_d < head_dim
+
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    kt = tl.load(  # K^T: [BLOCK_D, BLOCK_N]
+        K + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+        mask=d_ok[:, None] & n_ok[None, :], other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+
+    if UPCAST:
+        q = q.to(tl.float32)
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+
+    # ---- scores, once (fp32 accumulation; IEEE for fp32 inputs)
+    z = tl.dot(q, kt, input_precision="ieee") * sm_scale
+    if MASK_MODE != 0:
+        m_ptrs = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        mm = m_ok[:, None] & n_ok[None, :]
+        if MASK_MODE == 1:
+            z = z + tl.load(m_ptrs, mask=mm, other=0.0).to(tl.float32)
+        else:
+            keep = tl.load(m_ptrs, mask=mm, other=1)
+            z = tl.where(keep != 0, z, float("-inf"))
+    z = tl.where(n_ok[None, :], z, float("-inf"))
+    row_max = tl.max(z, 1)
+
+    # ---- dense branch: softmax
+    e = tl.exp(z - row_max[:, None])
+    p_dense = e / tl.sum(e, 1)[:, None]
+
+    # ---- sparse branch: 1.5-entmax on x = (z - max) / 2, clamped where it can never be in the support
+    x = tl.maximum((z - row_max[:, None]) * 0.5, -1.5)
+    lo = tl.full([BLOCK_M], -1.0, tl.float32)  # mass >= 1 here
+    hi = tl.zeros([BLOCK_M], dtype=tl.float32) + tau_hi  # -(1/Lk)^(1/2): mass <= 1 here
+    for _ in range(BISECT_ITERS):
+        mid = 0.5 * (lo + hi)
+        r = tl.maximum(x - mid[:, None], 0.0)
+        above = tl.sum(r * r, 1) >= 1.0
+        lo = tl.where(above, mid, lo)
+        hi = tl.where(above, hi, mid)
+    tau = lo
+    for _ in range(NEWTON_ITERS):  # monotone from below: the mass is convex and decreasing in tau
+        r = tl.maximum(x - tau[:, None], 0.0)
+        tau = tau + (tl.sum(r * r, 1) - 1.0) / (2.0 * tl.sum(r, 1))
+    support = x > tau[:, None]
+    count = tl.maximum(tl.sum(support.to(tl.float32), 1), 1.0)
+    xs = tl.where(support, x, 0.0)
+    mean = tl.sum(xs, 1) / count
+    mean_sq = tl.sum(xs * xs, 1) / count
+    disc = (1.0 - count * (mean_sq - mean * mean)) / count
+    tau = mean - tl.sqrt(tl.maximum(disc, 0.0))
+    r = tl.maximum(x - tau[:, None], 0.0)
+    p_sparse = r * r
+    p_sparse = p_sparse / tl.sum(p_sparse, 1)[:, None]
+
+    # ---- both outputs
+    if SPLIT_PV:
+        d_hi = p_dense.to(v.dtype)
+        d_lo = (p_dense - d_hi.to(tl.float32)).to(v.dtype)
+        dense = tl.dot(d_hi, v) + tl.dot(d_lo, v)
+        s_hi = p_sparse.to(v.dtype)
+        s_lo = (p_sparse - s_hi.to(tl.float32)).to(v.dtype)
+        sparse = tl.dot(s_hi, v) + tl.dot(s_lo, v)
+    else:
+        dense = tl.dot(p_dense, v, input_precision="ieee")
+        sparse = tl.dot(p_sparse, v, input_precision="ieee")
+
+    # ---- GAG combination with the norm cap (per query row, over head_dim)
+    if PARAMS_FROM_PTR:
+        scale = tl.load(Params).to(tl.float32)
+        eta = tl.load(Params + 1).to(tl.float32)
+        zeta = tl.load(Params + 2).to(tl.float32)
+    else:
+        scale = scale_f
+        eta = eta_f
+        zeta = zeta_f
+    delta = sparse - dense
+    coeff = tl.sum(delta * sparse, 1) / (tl.sum(sparse * sparse, 1) + EPS)
+    par = coeff[:, None] * sparse
+    g = par + zeta * (delta - par)
+    norm = tl.sqrt(tl.sum(g * g, 1))
+    g = g * tl.minimum(eta / (norm + EPS), 1.0)[:, None]
+    out = sparse + scale * g
+
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
+
+
+def block_sizes(lk: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a key count and head size.
+
+    All keys live in one tile (BLOCK_N >= Lk); the query block shrinks as the key tile grows so
+    the few [BLOCK_M, BLOCK_N] fp32 tiles stay in registers. Untuned on hardware so far.
+    """
+    block_n = max(16, triton.next_power_of_2(lk))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = max(16, min(64, 4096 // block_n))
+    num_warps = 4 if block_n <= 128 else 8
+    return block_m, block_n, block_d, num_warps
+
+
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: torch.Tensor | None,
+    scale: float,
+    eta: float,
+    zeta: float,
+    attn_mask: torch.Tensor | None,
+    bisect_iters: int,
+    newton_iters: int,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Run the kernel. Inputs are already validated (see `gag_export.kernels`).
+
+    `params` is None (use the float `scale`, `eta`, `zeta`) or a [3] fp32 tensor on q's device.
+    `attn_mask` is None or already broadcast to [B, H, Lq, Lk] (a strided view is fine):
+    bool (True = attend) or floating (additive).
+    """
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    out = torch.empty((B, H, Lq, d), dtype=q.dtype, device=q.device)
+    bm, bn, bd, nw = block_sizes(Lk, d)
+    bm = block_m or bm
+    nw = num_warps or nw
+    if attn_mask is None:
+        mask_mode, mask, m_strides = 0, q, (0, 0, 0, 0)
+    else:
+        mask_mode = 2 if attn_mask.dtype == torch.bool else 1
+        mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
+        m_strides = mask.stride()
+    # Triton's CPU interpreter multiplies bf16 as raw bits: there, dot exact fp32 copies instead
+    # (the same products: a bf16 x bf16 product is exact in fp32).
+    upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    grid = (triton.cdiv(Lq, bm), B * H)
+    _gag_attention_kernel[grid](
+        q, k, v, out, mask, params if params is not None else q,
+        float(scale), float(eta), float(zeta),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
+        H, Lq, Lk, d,
+        d ** -0.5, -((1.0 / Lk) ** 0.5),
+        EPS=_EPS,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        MASK_MODE=mask_mode,
+        PARAMS_FROM_PTR=params is not None,
+        SPLIT_PV=q.dtype != torch.float32 and not upcast,
+        UPCAST=upcast,
+        BISECT_ITERS=bisect_iters,
+        NEWTON_ITERS=newton_iters,
+        num_warps=nw,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- custom op
+
+
+@torch.library.custom_op("gag_export::gag_attention", mutates_args=())
+def gag_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: torch.Tensor | None,
+    scale: float,
+    eta: float,
+    zeta: float,
+    attn_mask: torch.Tensor | None,
+    bisect_iters: int,
+    newton_iters: int,
+) -> torch.Tensor:
+    """Fused GAG attention: q [B,H,Lq,d], k/v [B,H,Lk,d] -> [B,H,Lq,d] in q's dtype (see `launch`)."""
+    return launch(q, k, v, params, scale, eta, zeta, attn_mask, bisect_iters, newton_iters)
+
+
+@gag_attention_op.register_fake
+def _gag_attention_fake(q, k, v, params, scale, eta, zeta, attn_mask, bisect_iters, newton_iters):
+    return q.new_empty(q.shape)

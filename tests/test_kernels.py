@@ -1,0 +1,358 @@
+"""The fused Triton GAG kernel (gag_export/kernels) against the PyTorch paths and GAG.md.
+
+Two runs of the same cases:
+- on CPU through Triton's interpreter: the kernel runs in a child process started with
+  TRITON_INTERPRET=1 (Triton reads it at import, so it must not leak into this process or other
+  tests); this process builds the inputs and checks the outputs;
+- on CUDA, in this process (`pytest -m gpu`), skipped without a GPU.
+Plus the dispatch rule ("fused" / "auto"), the custom op under torch.compile, and ONNX export of
+a module using "auto" (no custom op may reach the graph).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from entmax import entmax15 as entmax15_reference
+
+from gag_export import kernels
+from gag_export.errors import InvalidInputError, MissingDependencyError
+from gag_export.guidance import GAGConfig, gag_attention, gag_combine, gag_joint_attention
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'gag-export[dev]')")
+NO_CAP = 1e9
+
+# ------------------------------------------------------------------ cases
+
+
+def _qkv(b, h, lq, lk, d, seed, dtype=torch.float32, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, lq, d, generator=g) * spread
+    k, v = torch.randn(b, h, lk, d, generator=g), torch.randn(b, h, lk, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def build_cases() -> list[dict]:
+    """Small shapes: Lq and Lk off the block sizes, head_dim below 16 and off powers of two."""
+    cases = []
+
+    def add(name, q, k, v, scale, eta, zeta, mask=None, check="sort"):
+        cases.append(dict(name=name, q=q, k=k, v=v, scale=scale, eta=eta, zeta=zeta, mask=mask, check=check))
+
+    q, k, v = _qkv(2, 2, 24, 77, 16, seed=0)
+    add("identity_dense", q, k, v, -1.0, NO_CAP, 1.0, check="dense")
+    add("identity_dense_inf_cap", q, k, v, -1.0, math.inf, 1.0, check="dense")
+    for w in (0.5, 2.0, 5.0):
+        add(f"pladis_w{w}", q, k, v, w - 1.0, NO_CAP, 1.0, check=f"pladis:{w}")
+    add("scale0_sparse", q, k, v, 0.0, 15.0, 0.0, check="sparse")
+    add("eta_to_zero_sparse", q, k, v, 10.0, 1e-7, 0.5, check="sparse")
+    for lk in (1, 20, 77, 130, 300):
+        add(f"random_fp32_lk{lk}", *_qkv(2, 2, 40, lk, 16, seed=lk), 10.0, 15.0, 0.0)
+    add("random_fp32_params", *_qkv(1, 3, 33, 77, 16, seed=11, spread=3.0), 3.0, 0.5, 0.7)
+    add("random_fp32_d8", *_qkv(1, 2, 17, 77, 8, seed=12), 10.0, 15.0, 0.0)
+    add("random_fp32_d40", *_qkv(1, 2, 17, 50, 40, seed=13), 10.0, 15.0, 0.3)
+    add("random_fp32_d64", *_qkv(1, 2, 70, 77, 64, seed=14), 10.0, 15.0, 0.0)
+    for dtype in (torch.float16, torch.bfloat16):
+        tag = str(dtype).split(".")[-1]
+        add(f"random_{tag}", *_qkv(2, 2, 40, 77, 16, seed=15, dtype=dtype), 10.0, 15.0, 0.0)
+        add(f"random_{tag}_lk130_d64", *_qkv(1, 2, 40, 130, 64, seed=16, dtype=dtype), 5.0, 2.0, 0.5)
+        add(f"identity_dense_{tag}", *_qkv(1, 2, 24, 77, 16, seed=17, dtype=dtype), -1.0, NO_CAP, 1.0)
+    # masks: key padding as bool [Lk], additive [Lk], diffusers' [B, H, 1, Lk], a full random bool mask
+    q, k, v = _qkv(2, 2, 24, 45, 16, seed=18)
+    keep = torch.ones(45, dtype=torch.bool)
+    keep[30:] = False
+    add("mask_bool_keys", q, k, v, 10.0, 15.0, 0.3, mask=keep, check="subset:30")
+    add("mask_additive_keys", q, k, v, 10.0, 15.0, 0.3, mask=torch.zeros(45).masked_fill(~keep, -10000.0), check="subset:30")
+    add("mask_additive_b_h_1_lk", q, k, v, 10.0, 15.0, 0.3, mask=torch.zeros(2, 2, 1, 45).masked_fill(~keep, float("-inf")), check="subset:30")
+    full = torch.rand(2, 2, 24, 45, generator=torch.Generator().manual_seed(19)) > 0.4
+    full[..., 0] = True  # every query keeps a key
+    add("mask_bool_full", q, k, v, 10.0, 15.0, 0.0, mask=full)
+    add("mask_fp16_additive", *(t.half() for t in (q, k, v)), 10.0, 15.0, 0.0, mask=torch.zeros(2, 1, 1, 45).masked_fill(~keep, -1e4).half())
+    # 0-d tensor parameters (all, and mixed with floats) must equal the float run
+    q, k, v = _qkv(2, 2, 24, 77, 16, seed=20)
+    add("params_float", q, k, v, 3.0, 2.0, 0.25)
+    add("params_tensor", q, k, v, torch.tensor(3.0), torch.tensor(2.0), torch.tensor(0.25), check="equals:params_float")
+    add("params_mixed", q, k, v, torch.tensor(3.0), 2.0, torch.tensor(0.25, dtype=torch.float64), check="equals:params_float")
+    # non-contiguous q/k/v, as the attention processor passes them ([B, L, H, d] transposed)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(2, 3, 24, 77, 16, seed=21))
+    assert not q.is_contiguous()
+    add("strided_inputs", q, k, v, 10.0, 15.0, 0.0)
+    return cases
+
+
+def reference_branches(q, k, v):
+    """D and S from the spec in float64, with the `entmax` package for the sparse map."""
+    z = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return torch.softmax(z, -1) @ v.double(), entmax15_reference(z, dim=-1) @ v.double()
+
+
+def tolerance(dtype, interpreter: bool = False) -> dict:
+    """fp32: 1e-5 (the PyTorch sort and bisect paths differ from each other by as much at scale 10).
+
+    16-bit: one rounding of the output (fp32 math inside), against fp32 math on the same inputs.
+    Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest): one bf16 ulp there.
+    """
+    bf16_rtol = 2**-7 if interpreter else 2**-8
+    return {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-3, rtol=1e-3),
+            torch.bfloat16: dict(atol=1e-3, rtol=bf16_rtol)}[dtype]
+
+
+def check_case(case: dict, out: torch.Tensor, outputs: dict, interpreter: bool = False) -> None:
+    q, k, v = case["q"], case["k"], case["v"]
+    assert out.shape == q.shape and out.dtype == q.dtype, case["name"]
+    assert torch.isfinite(out).all(), case["name"]
+    out = out.cpu()
+    tol = tolerance(q.dtype, interpreter)
+    check = case["check"]
+    qf, kf, vf = q.float(), k.float(), v.float()  # the same values, fp32 math in the reference
+    mask = case["mask"].float() if case["mask"] is not None and case["mask"].is_floating_point() else case["mask"]
+    sort = gag_attention(qf, kf, vf, case["scale"], case["eta"], case["zeta"], method="sort", attn_mask=mask)
+    torch.testing.assert_close(out.float(), sort, **tol, msg=lambda m: f"{case['name']} vs sort: {m}")
+    if check == "dense":
+        torch.testing.assert_close(out.float(), F.scaled_dot_product_attention(qf, kf, vf), **tol)
+    elif check == "sparse":
+        torch.testing.assert_close(out.double(), reference_branches(q, k, v)[1], **tol)
+    elif check.startswith("pladis:"):
+        w = float(check.split(":")[1])
+        dense, sparse = reference_branches(q, k, v)
+        torch.testing.assert_close(out.double(), dense + w * (sparse - dense), **tol)
+    elif check.startswith("subset:"):
+        n = int(check.split(":")[1])
+        subset = gag_attention(qf, kf[:, :, :n], vf[:, :, :n], case["scale"], case["eta"], case["zeta"], method="sort")
+        torch.testing.assert_close(out.float(), subset, **tol)
+    elif check.startswith("equals:"):
+        torch.testing.assert_close(out, outputs[check.split(":")[1]].cpu(), atol=0, rtol=0)
+    if q.dtype == torch.float32 and check == "sort" and mask is None:  # and against float64 math
+        dense, sparse = reference_branches(q, k, v)
+        truth = gag_combine(dense, sparse, case["scale"], case["eta"], case["zeta"])
+        torch.testing.assert_close(out.double(), truth, **tol)
+
+
+CASE_NAMES = [c["name"] for c in build_cases()]
+
+
+def run_cases(cases: list[dict], device: str) -> dict:
+    """Each case through gag_attention(method="fused") on `device`; outputs by name."""
+    outputs = {}
+    for c in cases:
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        outputs[c["name"]] = gag_attention(
+            move(c["q"]), move(c["k"]), move(c["v"]), move(c["scale"]), move(c["eta"]), move(c["zeta"]),
+            method="fused", attn_mask=move(c["mask"]),
+        ).cpu()
+    return outputs
+
+
+# ------------------------------------------------------------------ interpreter (CPU)
+
+
+@pytest.fixture(scope="module")
+def interpreter_outputs():
+    """Run every case once in a child process under TRITON_INTERPRET=1."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (pip install 'gag-export[dev]')")
+    with tempfile.TemporaryDirectory() as tmp:
+        cases_path, out_path = Path(tmp, "cases.pt"), Path(tmp, "out.pt")
+        torch.save(build_cases(), cases_path)
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run(
+            [sys.executable, __file__, str(cases_path), str(out_path)],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, f"interpreter child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        return torch.load(out_path)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_fused_kernel_in_interpreter(name, interpreter_outputs):
+    case = next(c for c in build_cases() if c["name"] == name)
+    check_case(case, interpreter_outputs[name], interpreter_outputs, interpreter=True)
+
+
+# ------------------------------------------------------------------ CUDA
+
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@needs_cuda
+@needs_triton
+def test_fused_kernel_on_cuda():
+    cases = build_cases()
+    outputs = run_cases(cases, "cuda")
+    for case in cases:
+        check_case(case, outputs[case["name"]], outputs)
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads, lq, lk, d", [(10, 4096, 77, 64), (20, 1024, 77, 64), (4, 256, 512, 64), (4, 256, 256, 128)])
+def test_fused_kernel_on_cuda_realistic_shapes(dtype, heads, lq, lk, d):
+    if kernels.fused_unsupported_reason(*(torch.empty(1, heads, n, d, device="cuda", dtype=dtype) for n in (lq, lk, lk)), 1.5, None, 1.0, 1.0, 0.0):
+        pytest.skip(f"{dtype} {lk}x{d} is over the kernel's tile limit (falls back to bisect under 'auto')")
+    q, k, v = (t.cuda() for t in _qkv(1, heads, lq, lk, d, seed=lk, dtype=dtype))
+    out = gag_attention(q, k, v, 10.0, 15.0, 0.0, method="fused")
+    ref = gag_attention(q.float(), k.float(), v.float(), 10.0, 15.0, 0.0, method="sort")
+    torch.testing.assert_close(out.float(), ref, **tolerance(dtype))
+    assert gag_attention(q, k, v, 10.0, 15.0, 0.0, method="auto").equal(out)
+
+
+@gpu
+@needs_cuda
+@needs_triton
+def test_fused_custom_op_compiles_as_one_node_on_cuda():
+    q, k, v = (t.cuda().half() for t in _qkv(1, 4, 64, 77, 64, seed=3))
+    f = lambda q, k, v: gag_attention(q, k, v, 10.0, 15.0, 0.0, method="auto")  # noqa: E731
+    explained = torch._dynamo.explain(f)(q, k, v)
+    assert explained.graph_break_count == 0
+    targets = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("gag_export.gag_attention" in t for t in targets), targets
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------ dispatch rule (no kernel run)
+
+
+def _small(dtype=torch.float32, lk=77, d=16):
+    return _qkv(1, 2, 8, lk, d, seed=0, dtype=dtype)
+
+
+def test_auto_on_cpu_is_the_bisect_path():
+    q, k, v = _small()
+    assert kernels.resolve_method("auto", q, k, v, 1.5, None, 10.0, 15.0, 0.0) == "bisect"
+    torch.testing.assert_close(
+        gag_attention(q, k, v, 10.0, 15.0, 0.0, method="auto"), gag_attention(q, k, v, 10.0, 15.0, 0.0, method="bisect"), atol=0, rtol=0
+    )
+
+
+def test_explicit_fused_on_cpu_raises_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(InvalidInputError, match="fused.*needs CUDA"):
+        gag_attention(*_small(), 10.0, 15.0, 0.0, method="fused")
+
+
+def test_explicit_fused_without_triton_raises_missing_dependency(monkeypatch):
+    monkeypatch.setattr(kernels, "_device_ok", lambda q, explicit: True)
+    monkeypatch.setattr(kernels, "_TRITON_OK", False)
+    with pytest.raises(MissingDependencyError, match="Triton"):
+        gag_attention(*_small(), 10.0, 15.0, 0.0, method="fused")
+    assert kernels.resolve_method("auto", *_small(), 1.5, None, 10.0, 15.0, 0.0) == "bisect"
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(lk=513), "keys"),
+        (dict(d=256), "head_dim"),
+        (dict(dtype=torch.float64), "dtype"),
+        (dict(lk=512, d=128), "tile"),
+        (dict(alpha=2.0), "1.5-entmax"),
+        (dict(mask=torch.zeros(3, dtype=torch.int64)), "mask"),
+        (dict(mask=torch.zeros(5)), "broadcast"),
+        (dict(scale=torch.ones(2)), "0-d"),
+        (dict(grad=True), "backward"),
+    ],
+)
+def test_fused_limits_raise_and_auto_falls_back(monkeypatch, change, match):
+    monkeypatch.setattr(kernels, "_device_ok", lambda q, explicit: True)
+    monkeypatch.setattr(kernels, "_TRITON_OK", True)
+    q, k, v = _small(change.get("dtype", torch.float32), change.get("lk", 77), change.get("d", 16))
+    if change.get("grad"):
+        q.requires_grad_(True)
+    args = (q, k, v, change.get("alpha", 1.5), change.get("mask"), change.get("scale", 10.0), 15.0, 0.0)
+    assert kernels.fused_unsupported_reason(*_small(), 1.5, None, 10.0, 15.0, 0.0) is None
+    with pytest.raises(InvalidInputError, match=match):
+        kernels.resolve_method("fused", *args)
+    assert kernels.resolve_method("auto", *args) == "bisect"
+
+
+def test_export_forces_the_pytorch_path(monkeypatch):
+    monkeypatch.setattr(kernels, "_device_ok", lambda q, explicit: True)
+    monkeypatch.setattr(kernels, "_TRITON_OK", True)
+    assert kernels.resolve_method("auto", *_small(), 1.5, None, 10.0, 15.0, 0.0) == "fused"
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert kernels.resolve_method("auto", *_small(), 1.5, None, 10.0, 15.0, 0.0) == "bisect"
+    with pytest.raises(InvalidInputError, match="export"):
+        kernels.resolve_method("fused", *_small(), 1.5, None, 10.0, 15.0, 0.0)
+
+
+def test_config_and_joint_attention_accept_fused_and_auto():
+    for method in ("fused", "auto"):
+        assert GAGConfig(method=method).method == method
+    with pytest.raises(InvalidInputError, match="GAGConfig.method"):
+        GAGConfig(method="triton")
+    q, k, v = _qkv(1, 2, 24, 24, 8, seed=1)
+    bisect = gag_joint_attention(q, k, v, 7, 10.0, 15.0, 0.0, method="bisect")
+    for method in ("fused", "auto"):
+        assert gag_joint_attention(q, k, v, 7, 10.0, 15.0, 0.0, method=method).equal(bisect)
+
+
+def test_importing_guidance_and_kernels_does_not_import_triton():
+    code = "import sys, gag_export.guidance, gag_export.kernels, gag_export.attention; print('triton' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ export: no custom op in the graph
+
+
+class _AutoGAG(torch.nn.Module):
+    """An attention core with GAG method="auto" and the guidance values as graph inputs."""
+
+    def forward(self, q, k, v, scale, eta, zeta):
+        return gag_attention(q, k, v, scale, eta, zeta, method="auto")
+
+
+@pytest.mark.parametrize("kernel_looks_available", [False, True])
+def test_onnx_export_of_auto_has_no_custom_ops(monkeypatch, tmp_path, kernel_looks_available):
+    import onnx
+    import onnxruntime as ort
+
+    if kernel_looks_available:  # as on a GPU with Triton: export itself must pick the PyTorch path
+        monkeypatch.setattr(kernels, "_device_ok", lambda q, explicit: True)
+        monkeypatch.setattr(kernels, "_TRITON_OK", True)
+    q, k, v = _qkv(1, 2, 8, 77, 16, seed=2)
+    params = (torch.tensor(10.0), torch.tensor(15.0), torch.tensor(0.0))
+    path = tmp_path / "gag.onnx"
+    torch.onnx.export(_AutoGAG(), (q, k, v, *params), str(path), dynamo=True,
+                      input_names=["q", "k", "v", "gag_scale", "gag_eta", "gag_zeta"])
+    model = onnx.load(str(path))
+    domains = {n.domain for n in model.graph.node}
+    assert domains <= {"", "ai.onnx"}, f"custom-domain ops in the exported graph: {domains}"
+    assert not [n.op_type for n in model.graph.node if "gag" in n.op_type.lower()]
+    assert not [f.domain for f in model.functions if f.domain not in ("", "ai.onnx")]
+    monkeypatch.undo()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = dict(zip(["q", "k", "v", "gag_scale", "gag_eta", "gag_zeta"], (t.numpy() for t in (q, k, v, *params))))
+    got = torch.from_numpy(session.run(None, feed)[0])
+    torch.testing.assert_close(got, gag_attention(q, k, v, *params, method="bisect"), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ child process entry
+
+
+def _child(cases_path: str, out_path: str) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    cases = torch.load(cases_path)
+    torch.save(run_cases(cases, "cpu"), out_path)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2])
