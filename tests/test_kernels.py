@@ -310,6 +310,24 @@ def test_importing_guidance_and_kernels_does_not_import_triton():
     assert proc.stdout.strip() == "False"
 
 
+# ------------------------------------------------------------------ torch.compile of the GAG UNet
+
+
+@pytest.mark.parametrize("method", [pytest.param("sort", marks=pytest.mark.slow), "auto"])
+def test_tiny_gag_unet_traces_as_one_graph(method):
+    """torch.compile sees the whole GAG UNet as one graph: no graph break from the entmax loop,
+    TopK or the method dispatch (CPU: "auto" is the bisect path)."""
+    from conftest import tiny_sdxl_unet, unet_inputs
+
+    from gag_export.attention import apply_gag
+
+    unet = tiny_sdxl_unet()
+    apply_gag(unet, GAGConfig(method=method))
+    with torch.no_grad():
+        explained = torch._dynamo.explain(lambda kw: unet(**kw).sample)(unet_inputs())
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 # ------------------------------------------------------------------ export: no custom op in the graph
 
 

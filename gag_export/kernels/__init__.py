@@ -87,42 +87,51 @@ def fused_unsupported_reason(q, k, v, alpha, attn_mask, scale, eta, zeta, explic
         return InvalidInputError, "exporting (ONNX / torch.export) traces the PyTorch path, never the custom op"
     if not triton_available():
         return MissingDependencyError, "Triton is not importable (pip install 'gag-export[gpu]')"
+    reason = fused_shape_reason(q, k, v, alpha, attn_mask, scale, eta, zeta)
+    return None if reason is None else (InvalidInputError, reason)
+
+
+def fused_shape_reason(q, k, v, alpha, attn_mask, scale, eta, zeta) -> str | None:
+    """Checks 4-8 alone (shapes, dtypes, mask, parameters, autograd): None if they pass, else why.
+
+    Works on any device, meta tensors included (benchmarks use it to vet full-size shapes).
+    """
     if alpha != 1.5:
-        return InvalidInputError, f"the fused kernel computes 1.5-entmax only, got alpha={alpha}"
+        return f"the fused kernel computes 1.5-entmax only, got alpha={alpha}"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return InvalidInputError, "q, k, v must be 4-D [batch, heads, tokens, head_dim]"
+        return "q, k, v must be 4-D [batch, heads, tokens, head_dim]"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in FUSED_DTYPES:
-        return InvalidInputError, f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}"
+        return f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}"
     if not (q.device == k.device == v.device):
-        return InvalidInputError, "q, k, v must be on one device"
+        return "q, k, v must be on one device"
     B, H, Lq, d = q.shape
     Lk = k.shape[2]
     if k.shape != (B, H, Lk, d) or v.shape != (B, H, Lk, d):
-        return InvalidInputError, f"k/v shapes {tuple(k.shape)}, {tuple(v.shape)} do not match q {tuple(q.shape)}"
+        return f"k/v shapes {tuple(k.shape)}, {tuple(v.shape)} do not match q {tuple(q.shape)}"
     if d > MAX_HEAD_DIM or Lk < 1 or Lk > MAX_KEYS:
-        return InvalidInputError, f"fused kernel takes head_dim <= {MAX_HEAD_DIM} and 1..{MAX_KEYS} keys, got d={d}, Lk={Lk}"
+        return f"fused kernel takes head_dim <= {MAX_HEAD_DIM} and 1..{MAX_KEYS} keys, got d={d}, Lk={Lk}"
     tile = _next_pow2(max(Lk, 16)) * _next_pow2(max(d, 16)) * q.element_size()
     if tile > MAX_KV_TILE_BYTES:
-        return InvalidInputError, f"key/value tile of {Lk} keys x head_dim {d} in {q.dtype} exceeds {MAX_KV_TILE_BYTES} bytes"
+        return f"key/value tile of {Lk} keys x head_dim {d} in {q.dtype} exceeds {MAX_KV_TILE_BYTES} bytes"
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            return InvalidInputError, f"attention mask must be bool or floating, got {attn_mask.dtype}"
+            return f"attention mask must be bool or floating, got {attn_mask.dtype}"
         if attn_mask.device != q.device:
-            return InvalidInputError, "attention mask must be on q's device"
+            return "attention mask must be on q's device"
         try:
             if tuple(torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk))) != (B, H, Lq, Lk):
                 raise RuntimeError
         except RuntimeError:
-            return InvalidInputError, f"attention mask {tuple(attn_mask.shape)} does not broadcast to {(B, H, Lq, Lk)}"
+            return f"attention mask {tuple(attn_mask.shape)} does not broadcast to {(B, H, Lq, Lk)}"
     for name, value in (("scale", scale), ("eta", eta), ("zeta", zeta)):
         if isinstance(value, torch.Tensor):
             if value.dim() != 0:
-                return InvalidInputError, f"{name} must be a number or a 0-d tensor, got shape {tuple(value.shape)}"
+                return f"{name} must be a number or a 0-d tensor, got shape {tuple(value.shape)}"
         elif not isinstance(value, (int, float)):
-            return InvalidInputError, f"{name} must be a number or a 0-d tensor, got {type(value).__name__}"
+            return f"{name} must be a number or a 0-d tensor, got {type(value).__name__}"
     tensors = [q, k, v] + [p for p in (scale, eta, zeta) if isinstance(p, torch.Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return InvalidInputError, "the fused kernel has no backward; inputs require grad (use torch.no_grad or 'bisect')"
+        return "the fused kernel has no backward; inputs require grad (use torch.no_grad or 'bisect')"
     return None
 
 
