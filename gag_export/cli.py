@@ -99,6 +99,124 @@ def engine_command(graphs_dir: Path, out_dir: Path, precision, shapes, timing_ca
     Console().print(table)
 
 
+def _shape(shape_cls, height, width, batch, default):
+    """An ImageShape from options; unset ones fall back to `default` (InvalidInputError on bad values)."""
+    return shape_cls(height=height or default.height, width=width or default.width, batch=batch or default.batch)
+
+
+@cli.command("export")
+@click.option("--model", required=True, help="Registry name (`gag-export models`), e.g. tiny-sdxl, dmd2.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("graphs"),
+              show_default=True, help="Graphs root: <out>/<model>/<component>/model.onnx + manifest.json.")
+@click.option("--height", type=int, default=None, help="Image height in pixels [default: the model's].")
+@click.option("--width", type=int, default=None, help="Image width in pixels [default: the model's].")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size (the opt shape if --dynamic).")
+@click.option("--dynamic", is_flag=True, help="Symbolic batch/height/width; traced from a batch-2 example.")
+@click.option("--min-height", type=int, default=None, help="Dynamic range [default: --height].")
+@click.option("--min-width", type=int, default=None, help="Dynamic range [default: --width].")
+@click.option("--min-batch", type=int, default=None, help="Dynamic range [default: --batch].")
+@click.option("--max-height", type=int, default=None, help="Dynamic range [default: --height].")
+@click.option("--max-width", type=int, default=None, help="Dynamic range [default: --width].")
+@click.option("--max-batch", type=int, default=None, help="Dynamic range [default: --batch].")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Graph precision; GAG arithmetic and diffusers' upcasts stay fp32 inside.")
+@click.option("--no-gag", is_flag=True, help="Export the unmodified denoiser (the benchmark baseline).")
+@click.option("--gag-scale", type=float, default=10.0, show_default=True, help="Default gag_scale (manifest).")
+@click.option("--gag-eta", type=float, default=15.0, show_default=True, help="Default gag_eta (manifest).")
+@click.option("--gag-zeta", type=float, default=0.0, show_default=True, help="Default gag_zeta (manifest).")
+@click.option("--gag-layers", default="down,up", show_default=True, help="Layers to rewrite: down,up | all | mid | globs.")
+@click.option("--gag-method", type=click.Choice(["bisect", "sort"]), default="bisect", show_default=True,
+              help="Sparse branch: bisect (no TopK, TensorRT-friendly) or sort (TopK).")
+@click.option("--weights", type=click.Choice(["pretrained", "random", "tiny"]), default=None,
+              help="Pretrained (HF cache), random (full-size architecture) or tiny [default: tiny for tiny-*, else pretrained].")
+@click.option("--component", "components", multiple=True, metavar="NAME", help="Only this component (repeatable).")
+@click.option("--slim", is_flag=True, help="onnxslim each graph; kept only if parity still holds.")
+@click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (TensorRT 10.0 parses 9..20).")
+@click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
+@click.option("--no-check", is_flag=True, help="Skip `check` (checker, lint, parity) after export.")
+def export_command(model, out_dir, height, width, batch, dynamic, min_height, min_width, min_batch, max_height,
+                   max_width, max_batch, dtype, no_gag, gag_scale, gag_eta, gag_zeta, gag_layers, gag_method,
+                   weights, components, slim, opset, exporter, no_check) -> None:
+    """Export a model's components to ONNX, e.g. `gag-export export --model tiny-sdxl --dynamic`."""
+    from . import check, export
+    from .guidance import GAGConfig
+    from .models import ImageShape, get_entry, load_pipeline
+
+    entry = get_entry(model)
+    gag = None if no_gag else GAGConfig(scale=gag_scale, eta=gag_eta, zeta=gag_zeta, method=gag_method, layers=gag_layers)
+    shape = _shape(ImageShape, height, width, batch, ImageShape(entry.height, entry.width, 1))
+    ranged = dynamic and any(v is not None for v in (min_height, min_width, min_batch, max_height, max_width, max_batch))
+    config = export.ExportConfig(
+        model=model, out_dir=out_dir, shape=shape, dynamic=dynamic, precision=dtype, gag=gag, opset=opset,
+        exporter=exporter, slim=slim, weights=weights, components=components,
+        min_shape=_shape(ImageShape, min_height, min_width, min_batch, shape) if ranged else None,
+        max_shape=_shape(ImageShape, max_height, max_width, max_batch, shape) if ranged else None,
+    )
+    if not dynamic and any(v is not None for v in (min_height, min_width, min_batch, max_height, max_width, max_batch)):
+        raise click.UsageError("--min-*/--max-* need --dynamic")
+    with console.status(f"loading {model} ({weights or 'default'} weights)"):
+        pipe = load_pipeline(entry, weights=weights)
+    manifest = _export_with_progress(export, pipe, entry, config)
+    table = Table(title=f"{model} -> {manifest.graphs_dir}", show_header=True, header_style="bold")
+    for column in ("component", "nodes", "size", "time", "slim"):
+        table.add_column(column, justify="right" if column != "component" else "left")
+    for name, s in manifest.stats.items():
+        slim_note = "" if s.nodes_before_slim is None else (
+            f"{s.nodes_before_slim} -> {s.nodes}" if s.slimmed else f"rejected ({s.nodes_before_slim})")
+        table.add_row(name, str(s.nodes), _size(s.size_bytes), f"{s.seconds:.1f} s", slim_note)
+    Console().print(table)
+    if not no_check:
+        report = check.check_graphs(manifest.graphs_dir, parity=True, pipe=pipe, entry=entry)
+        _print_check_report(report)
+        report.raise_for_failures()
+
+
+def _export_with_progress(export, pipe, entry, config):
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task(f"exporting {config.model}", total=None)
+
+        def on_event(event):
+            progress.update(task, total=event.total, completed=event.index + (event.stage == "done"),
+                            description=f"{event.component}: {event.stage} {event.message}".strip())
+
+        return export.export_model(pipe, entry, config, progress=on_event)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _print_check_report(report) -> None:
+    table = Table(title=f"check {report.graphs_dir}", show_header=True, header_style="bold")
+    for column in ("component", "check", "result", "details"):
+        table.add_column(column)
+    style = {"passed": "green", "failed": "bold red", "skipped": "yellow"}
+    for r in report.results:
+        details = "\n".join([r.details, *map(str, r.findings), *map(str, r.parity)])
+        table.add_row(r.component, r.check, f"[{style[r.status]}]{r.status}[/]", details)
+    Console().print(table)
+
+
+@cli.command("check")
+@click.argument("graphs_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--no-parity", is_flag=True, help="Skip ORT-vs-torch parity (no pipeline is loaded).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the parity sample inputs.")
+def check_command(graphs_dir: Path, no_parity: bool, seed: int) -> None:
+    """Check exported graphs: checker, shape inference, TensorRT lint, parity (exit 4 on failure)."""
+    from . import check
+
+    with console.status(f"checking {graphs_dir}"):
+        report = check.check_graphs(graphs_dir, parity=not no_parity, seed=seed)
+    _print_check_report(report)
+    report.raise_for_failures()
+
+
 @cli.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def doctor_command(as_json: bool) -> None:
