@@ -230,6 +230,34 @@ def doctor_command(as_json: bool) -> None:
         Console().print(doctor.render(report))
 
 
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+def models_command(as_json: bool) -> None:
+    """List the models that can be exported and sampled by name."""
+    import json
+
+    from rich.table import Table
+
+    from .models import list_entries
+
+    entries = list_entries()
+    if as_json:
+        click.echo(json.dumps([{
+            "name": e.name, "family": e.family, "source": e.source.describe(), "height": e.height, "width": e.width,
+            "scheduler": e.scheduler.class_name, "steps": e.scheduler.default_steps, "cfg_scale": e.cfg_scale,
+            "description": e.description,
+        } for e in entries], indent=2))
+        return
+    table = Table(header_style="bold")
+    for column in ("model", "family", "size", "steps", "scheduler", "weights"):
+        table.add_column(column)
+    for e in entries:
+        steps = f"{e.scheduler.default_steps} ({e.scheduler.min_steps}-{e.scheduler.max_steps})"
+        cfg = "" if e.cfg_scale is None else f", cfg {e.cfg_scale:g}"
+        table.add_row(e.name, e.family, f"{e.width}x{e.height}", steps + cfg, e.scheduler.class_name, e.source.describe())
+    Console().print(table)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(obj={})

@@ -201,7 +201,10 @@ _ENTRIES = (
         source=WeightsSource(SDXL_BASE, "ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors", variant="fp16"),
         height=1024,
         width=1024,
-        scheduler=SchedulerSpec("EulerDiscreteScheduler", default_steps=4, kwargs={"timestep_spacing": "trailing"}),
+        # The card: use the checkpoint made for the step count (1, 2, 4 and 8-step files exist).
+        scheduler=SchedulerSpec(
+            "EulerDiscreteScheduler", default_steps=4, min_steps=4, kwargs={"timestep_spacing": "trailing"}
+        ),
     ),
     ModelEntry(
         name="lcm-sdxl",
