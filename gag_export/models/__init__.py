@@ -31,6 +31,7 @@ from .flux import (
     latent_image_ids,
 )
 from .loading import (
+    PIPELINE_FAMILIES,
     build_random_pipeline,
     denoiser_from_file,
     entry_configs,
@@ -44,14 +45,13 @@ from .sdxl import SDXLTextEncoder, SDXLTextEncoder2, SDXLUNet, SDXLVaeDecoder, s
 from .tiny import build_clip_tokenizer, build_t5_tokenizer, build_tiny_flux_pipeline, build_tiny_sdxl_pipeline
 from ..errors import InvalidInputError
 
-_PIPELINE_FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
 _ENTRY_NAMES = {entry.name for entry in list_entries()}
 
 
 def _family_of(pipe) -> str:
-    family = _PIPELINE_FAMILIES.get(type(pipe).__name__)
+    family = PIPELINE_FAMILIES.get(type(pipe).__name__)
     if family is None:
-        raise InvalidInputError(f"unsupported pipeline {type(pipe).__name__}; supported: {', '.join(_PIPELINE_FAMILIES)}")
+        raise InvalidInputError(f"unsupported pipeline {type(pipe).__name__}; supported: {', '.join(PIPELINE_FAMILIES)}")
     return family
 
 
