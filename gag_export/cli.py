@@ -230,6 +230,69 @@ def doctor_command(as_json: bool) -> None:
         Console().print(doctor.render(report))
 
 
+@cli.command("generate")
+@click.option("--model", required=True, help="Registry name (`gag-export models`), e.g. tiny-sdxl, dmd2, flux-schnell.")
+@click.option("--prompt", required=True, help="Text prompt (longer than the text encoder's limit: truncated, with a warning).")
+@click.option("--negative-prompt", default="", help="Negative prompt (only models with classifier-free guidance, e.g. sdxl).")
+@click.option("--steps", type=int, default=None, help="Denoising steps [default: the model's, e.g. 4 for DMD2].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial latents and scheduler noise.")
+@click.option("--backend", default="ort", show_default=True, help="torch | ort | tensorrt.")
+@click.option("--gag-scale", type=float, default=None, help="GAG scale (lambda) [default: the export's, else 10].")
+@click.option("--gag-eta", type=float, default=None, help="GAG norm cap eta [default: the export's, else 15].")
+@click.option("--gag-zeta", type=float, default=None, help="GAG orthogonal weight zeta [default: the export's, else 0].")
+@click.option("--no-gag", is_flag=True, help="The unmodified model (identity values fed to a GAG graph).")
+@click.option("--height", type=int, default=None, help="Image height in pixels [default: the graphs' or the model's].")
+@click.option("--width", type=int, default=None, help="Image width in pixels [default: the graphs' or the model's].")
+@click.option("--graphs", "graphs_root", type=click.Path(file_okay=False, path_type=Path), default=Path("graphs"),
+              show_default=True, help="Graphs root (<graphs>/<model>/manifest.json).")
+@click.option("--engines", "engines_root", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),
+              show_default=True, help="TensorRT engine cache root.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output PNG [default: <model>-<seed>.png].")
+@click.option("--no-build", is_flag=True, help="Fail when graphs/engines are missing instead of building them.")
+@click.option("--compile", "compile_torch", is_flag=True, help="torch backend: wrap components in torch.compile.")
+@click.option("--cuda-graph", is_flag=True, help="tensorrt backend: capture the denoiser step in a CUDA graph.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ort backend: intra-op threads (0: ONNX Runtime's default).")
+def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_scale, gag_eta, gag_zeta, no_gag, height,
+                     width, graphs_root, engines_root, out_path, no_build, compile_torch, cuda_graph, threads) -> None:
+    """Generate an image from exported graphs/engines, e.g.
+    `gag-export generate --model tiny-sdxl --prompt "a red fox" --backend ort`."""
+    from dataclasses import replace
+
+    from .models import get_entry
+    from .runtime import BackendOptions, GAGParams, GenerationConfig, Sampler, check_request, ensure_artifacts, parse_backend
+
+    backend = parse_backend(backend)
+    given = {k: v for k, v in (("scale", gag_scale), ("eta", gag_eta), ("zeta", gag_zeta)) if v is not None}
+    if no_gag and given:
+        raise click.UsageError("--no-gag cannot be combined with --gag-scale/--gag-eta/--gag-zeta")
+    GAGParams(**given)  # bad values fail here, before anything is built
+    request = GenerationConfig(prompt, seed=seed, steps=steps, height=height, width=width, gag=None,
+                               negative_prompt=negative_prompt)
+    check_request(get_entry(model), request)  # bad steps/size fail before anything is built
+    if not no_build:
+        with console.status(f"checking artifacts for {model} ({backend})") as status:
+            ensure_artifacts(model, backend, graphs=graphs_root, engines=engines_root, height=height, width=width,
+                             on_stage=status.update,
+                             on_export=lambda e: status.update(f"exporting {model}: {e.component} {e.stage} "
+                                                               f"({e.index + 1}/{e.total})"))
+    with console.status(f"loading {model} on {backend}"):
+        sampler = Sampler.load(model, backend, graphs=graphs_root, engines=engines_root,
+                               options=BackendOptions(compile=compile_torch, cuda_graph=cuda_graph, threads=threads))
+    gag = None if no_gag else sampler.gag_params(gag_scale, gag_eta, gag_zeta)
+    with sampler, console.status(f"generating with {model} on {backend}"):
+        result = sampler.generate(replace(request, gag=gag))
+    path = result.save(out_path or Path(f"{model}-{seed}.png"))
+    table = Table(title=f"{model} ({backend}) {result.width}x{result.height}", header_style="bold")
+    table.add_column("stage")
+    table.add_column("ms", justify="right")
+    for stage, seconds in result.timings.rows(result.timesteps):
+        table.add_row(stage, f"{seconds * 1000:.1f}")
+    Console().print(table)
+    click.echo(f"wrote {path}")
+
+
 @cli.command("models")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
 def models_command(as_json: bool) -> None:
