@@ -1,0 +1,52 @@
+"""Shared by test_runtime.py and test_sampler.py: tiny exports made once per session, thread limits.
+
+Exports are cached under pytest's session base temp folder, so the two modules (and every test in
+them) share one export of each tiny model without a conftest fixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gag_export.runtime import BackendOptions
+
+# One thread each: on a shared 2-core machine OpenMP spin-waiting makes multi-threaded tiny
+# models ~100x slower when other processes compete for the cores.
+ONE_THREAD = BackendOptions(threads=1)
+PROMPT = "a photo of a cat sitting on a wooden table"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def exported_graphs(tmp_path_factory, model: str) -> Path:
+    """The graphs root holding `<root>/<model>/manifest.json` (exported once per session, GAG bisect)."""
+    from gag_export.export import DEFAULT_EXPORT_GAG, ExportConfig, export_model
+    from gag_export.models import ImageShape, get_entry, load_pipeline
+
+    root = tmp_path_factory.getbasetemp() / "runtime-graphs"
+    if not (root / model / "manifest.json").is_file():
+        entry = get_entry(model)
+        with torch_threads(1):
+            export_model(load_pipeline(model), entry,
+                         ExportConfig(model, root, ImageShape(entry.height, entry.width), gag=DEFAULT_EXPORT_GAG))
+    return root
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def max_pixel_diff(a, b) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
