@@ -141,6 +141,11 @@ def test_cfg_doubles_the_batch_and_matches_diffusers(sdxl, sdxl_pipe, monkeypatc
     reference = pipe(PROMPT, num_inference_steps=2, guidance_scale=5.0, generator=torch.Generator().manual_seed(2),
                      height=64, width=64).images[0]
     assert max_pixel_diff(result.image, reference) <= SAME_IMAGE
+    negative = sampler.generate(GenerationConfig(PROMPT, seed=2, steps=2, gag=IDENTITY_GAG, negative_prompt="blurry, dark"))
+    reference = pipe(PROMPT, negative_prompt="blurry, dark", num_inference_steps=2, guidance_scale=5.0, height=64,
+                     width=64, generator=torch.Generator().manual_seed(2)).images[0]
+    assert max_pixel_diff(negative.image, reference) <= SAME_IMAGE
+    assert max_pixel_diff(negative.image, result.image) > SAME_IMAGE
     no_cfg = with_entry(sdxl, "sdxl", cfg_scale=None).generate(GenerationConfig(PROMPT, seed=2, steps=2, gag=IDENTITY_GAG))
     assert max_pixel_diff(no_cfg.image, result.image) > SAME_IMAGE
 

@@ -251,7 +251,8 @@ class Conditioning:
 
     def encode(self, config: GenerationConfig, shape: ImageShape) -> dict[str, np.ndarray]: ...
 
-    def initial_latents(self, shape: ImageShape, generator: torch.Generator) -> torch.Tensor: ...
+    def initial_latents(self, shape: ImageShape, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Seeded initial latents (before `init_noise_sigma`) and any denoiser inputs that follow from their layout."""
 
     def set_timesteps(self, scheduler, steps: int, fixed: tuple[int, ...] | None, latents: torch.Tensor) -> torch.Tensor:
         if fixed is not None:
@@ -306,7 +307,7 @@ class SDXLConditioning(Conditioning):
 
         channels = self.denoiser.input_spec("sample").shape[1]
         size = (shape.batch, channels, shape.height // self.vae_scale_factor, shape.width // self.vae_scale_factor)
-        return randn_tensor(size, generator=generator, dtype=torch.float32)
+        return randn_tensor(size, generator=generator, dtype=torch.float32), {}
 
     def _run(self, sample: torch.Tensor, t: torch.Tensor, cond: Mapping[str, np.ndarray], gag) -> torch.Tensor:
         batch = sample.shape[0]
@@ -354,8 +355,8 @@ class FluxConditioning(Conditioning):
         channels = self.denoiser.input_spec("hidden_states").shape[-1] // 4
         height, width = self._latent_hw(shape)
         latents = randn_tensor((shape.batch, channels, height, width), generator=generator, dtype=torch.float32)
-        self.img_ids = FluxPipeline._prepare_latent_image_ids(shape.batch, height // 2, width // 2, "cpu", torch.float32)
-        return FluxPipeline._pack_latents(latents, shape.batch, channels, height, width)
+        img_ids = FluxPipeline._prepare_latent_image_ids(shape.batch, height // 2, width // 2, "cpu", torch.float32)
+        return FluxPipeline._pack_latents(latents, shape.batch, channels, height, width), {"img_ids": img_ids}
 
     def set_timesteps(self, scheduler, steps, fixed, latents):
         if fixed is not None:
@@ -375,7 +376,6 @@ class FluxConditioning(Conditioning):
         feed = {
             "hidden_states": latents,
             "timestep": _fit(self.denoiser, "timestep", t / 1000, batch),  # the model multiplies by 1000
-            "img_ids": self.img_ids,
             **cond,
             **gag,
         }
@@ -511,6 +511,8 @@ class Sampler:
         fixed = spec.timesteps_for(steps)
         shape = self.resolve_shape(config)
         gag = self.gag_feed(config.gag)
+        if config.negative_prompt and not getattr(self.family, "cfg", False):
+            log.warning("%s samples without classifier-free guidance: the negative prompt is ignored", self.entry.name)
         generator = torch.Generator("cpu").manual_seed(config.seed)
 
         start = time.perf_counter()
@@ -518,7 +520,8 @@ class Sampler:
         text_seconds = time.perf_counter() - start
 
         scheduler = spec.build(self.assets.scheduler_config)
-        latents = self.family.initial_latents(shape, generator)
+        latents, layout_inputs = self.family.initial_latents(shape, generator)
+        cond = {**cond, **layout_inputs}
         timesteps = self.family.set_timesteps(scheduler, steps, fixed, latents)
         latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
         step_kwargs = _step_kwargs(scheduler, generator, spec.call_kwargs)
