@@ -275,12 +275,29 @@ def test_cli_generate_from_existing_graphs(sdxl_graphs, tmp_path):
     assert (meta["gag_scale"], meta["gag_eta"], meta["gag_zeta"]) == ("6.5", "15.0", "0.0")  # the rest: manifest defaults
 
 
-def test_cli_generate_builds_missing_graphs(tmp_path):
+def test_cli_generate_builds_missing_graphs(sdxl_graphs, tmp_path, monkeypatch):
+    """Absent graphs are exported first (export itself is test_export.py's; here a copy of the session
+    export stands in for it, and the call it received is checked)."""
+    from gag_export import export
+
+    calls = []
+
+    def fake_export(pipe, entry, config, progress=None):
+        calls.append(config)
+        shutil.copytree(sdxl_graphs / "tiny-sdxl", config.graphs_dir)
+        return export.Manifest.load(config.graphs_dir)
+
+    monkeypatch.setattr(export, "export_model", fake_export)
     graphs = tmp_path / "graphs"
     result = generate("--graphs", str(graphs), "--steps", "1", "--no-gag", "--out", str(tmp_path / "a.png"))
     assert result.exit_code == 0, result.output
-    assert (graphs / "tiny-sdxl" / "manifest.json").is_file()
+    [config] = calls
+    assert (config.model, config.out_dir, config.shape) == ("tiny-sdxl", graphs, ImageShape(64, 64))
+    assert config.gag is not None and config.gag.method == "bisect"  # one GAG graph serves GAG on and off
     assert read_png_metadata(tmp_path / "a.png")["gag"] == "off"
+    again = generate("--graphs", str(graphs), "--steps", "1", "--out", str(tmp_path / "b.png"))
+    assert again.exit_code == 0, again.output
+    assert len(calls) == 1  # present now: not exported again
 
 
 @pytest.mark.parametrize(
