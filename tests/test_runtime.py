@@ -192,6 +192,15 @@ def test_components_must_be_activated(sdxl_graphs):
     assert not encoder.is_active and encoder.session is None
 
 
+@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                    reason="onnxruntime-gpu is installed here")
+def test_an_unavailable_ort_provider_is_a_missing_dependency(sdxl_graphs):
+    options = dataclasses.replace(ONE_THREAD, ort_providers=("CUDAExecutionProvider",))
+    encoder = load_components("tiny-sdxl", "ort", graphs=sdxl_graphs, options=options)["text_encoder"]
+    with pytest.raises(MissingDependencyError, match=r"not \['CUDAExecutionProvider'\].*onnxruntime-gpu"):
+        encoder.activate()
+
+
 def test_unknown_backend():
     assert parse_backend(" ORT ") == "ort"
     with pytest.raises(InvalidInputError, match=r"unknown backend 'onnx': use one of torch, ort, tensorrt"):
