@@ -7,7 +7,6 @@ and the exit code documented in README (see `gag_export.errors.EXIT_CODES`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -65,120 +63,6 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
     ctx.obj["quiet"] = quiet
-
-
-@cli.command("build")
-@click.option("--model", required=True, help="Registry name (`gag-export models`) or a local diffusers folder.")
-@click.option("--weights", type=click.Choice(["pretrained", "random", "tiny"]), default=None,
-              help="pretrained (local HF cache), random (full-size architecture, no download) or tiny "
-                   "[default: tiny for tiny-*, else pretrained].")
-@click.option("--out", "graphs_root", type=click.Path(file_okay=False, path_type=Path), default=Path("graphs"),
-              show_default=True, help="Graphs root: <out>/<model>/<component>/model.onnx + manifest.json.")
-@click.option("--engines", "engines_root", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),
-              show_default=True, help="TensorRT engine cache root.")
-@click.option("--height", type=click.IntRange(min=1), default=None, help="Image height in pixels [default: the model's].")
-@click.option("--width", type=click.IntRange(min=1), default=None, help="Image width in pixels [default: the model's].")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size of the graphs.")
-@click.option("--dynamic", is_flag=True, help="Symbolic batch/height/width (opt shape: --batch/--height/--width).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Graph precision; GAG arithmetic stays fp32 inside.")
-@click.option("--no-gag", is_flag=True, help="Export the unmodified denoiser (the baseline).")
-@click.option("--gag-scale", type=float, default=None, help="GAG scale (lambda) [default: 10].")
-@click.option("--gag-eta", type=float, default=None, help="GAG norm cap eta, > 0 [default: 15].")
-@click.option("--gag-zeta", type=float, default=None, help="GAG orthogonal weight zeta, >= 0 [default: 0].")
-@click.option("--gag-layers", default="down,up", show_default=True, help="Layers to rewrite: down,up | all | mid | globs.")
-@click.option("--prompt", default=None, help="Prompt of the smoke image [default: a red fox in the snow].")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the smoke image and parity inputs.")
-@click.option("--image", "image_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Smoke image path [default: <model>-<seed>.png].")
-@click.option("--require-engine", is_flag=True, help="Fail (exit 3) instead of skipping engines when TensorRT is missing.")
-@click.option("--skip-smoke", is_flag=True, help="Do not generate the smoke image.")
-def build_command(model, weights, graphs_root, engines_root, height, width, batch, dynamic, dtype, no_gag, gag_scale,
-                  gag_eta, gag_zeta, gag_layers, prompt, seed, image_path, require_engine, skip_smoke) -> None:
-    """Everything for one model: load, GAG, export, check, TensorRT engines, one smoke image.
-
-    \b
-    Stages: load -> apply GAG -> export every component -> check (ONNX checker, shape inference,
-    TensorRT lint, ORT-vs-torch parity) -> TensorRT engines (skipped with the reason when
-    TensorRT is missing, unless --require-engine) -> one image with the best backend available
-    (tensorrt > ort-cuda > ort) -> a summary of artifacts, parity errors and timings.
-    Graphs are exported again on every run (same weights: identical files); engines are
-    reused from the cache when graph, TensorRT, GPU and settings match.
-
-    \b
-    Examples:
-      gag-export build --model tiny-sdxl                      # a minute or two on a laptop CPU
-      gag-export build --model dmd2 --dtype fp16              # real weights from the HF cache
-      gag-export build --model sdxl-turbo --weights random --skip-smoke
-    """
-    from .build import DEFAULT_PROMPT, BuildConfig, run_build
-    from .guidance import GAGConfig
-
-    given = {k: v for k, v in (("scale", gag_scale), ("eta", gag_eta), ("zeta", gag_zeta)) if v is not None}
-    if no_gag and given:
-        raise click.UsageError("--no-gag cannot be combined with --gag-scale/--gag-eta/--gag-zeta")
-    gag = None if no_gag else GAGConfig(**given, method="bisect", layers=gag_layers)
-    config = BuildConfig(
-        model=model, weights=weights, graphs_root=graphs_root, engines_root=engines_root, height=height, width=width,
-        batch=batch, dynamic=dynamic, precision=dtype, gag=gag, prompt=DEFAULT_PROMPT if prompt is None else prompt,
-        seed=seed, image=image_path, require_engine=require_engine, smoke=not skip_smoke,
-    )
-    with _build_progress(quiet=click.get_current_context().find_object(dict).get("quiet", False)) as on_event:
-        result = run_build(config, progress=on_event)
-    if result.check is not None and not result:
-        _print_check_report(result.check)
-    _print_build_summary(result)
-    result.raise_for_failures()
-
-
-@contextlib.contextmanager
-def _build_progress(quiet: bool):
-    """A rich progress display with one line per build stage; yields the BuildEvent callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, disable=quiet) as progress:
-        tasks: dict[str, int] = {}
-        marks = {"done": "[green]done[/]", "reused": "[green]reused[/]", "skipped": "[yellow]skipped[/]",
-                 "failed": "[bold red]failed[/]"}
-
-        def on_event(event) -> None:
-            if event.stage not in tasks:
-                tasks[event.stage] = progress.add_task(event.stage, total=None)
-            task = tasks[event.stage]
-            if event.state in marks:
-                total = progress.tasks[task].total or 1
-                progress.update(task, total=total, completed=total,
-                                description=f"{event.stage}: {marks[event.state]} {escape(event.message)}".rstrip())
-                progress.stop_task(task)
-            else:
-                progress.update(task, total=event.total, completed=event.completed or 0,
-                                description=f"{event.stage}: {escape(event.message)}")
-
-        yield on_event
-
-
-def _print_build_summary(result) -> None:
-    out = Console()
-    parity = result.parity()
-    graphs_dir = result.manifest.graphs_dir if result.manifest is not None else None
-    artifacts = Table(title=f"{result.entry.name}: artifacts", header_style="bold")
-    for column in ("kind", "name", "path", "size", "status", "parity max abs / rel"):
-        artifacts.add_column(column, justify="right" if column == "size" else "left")
-    for a in result.artifacts:
-        errors = parity.get(a.name) if a.kind == "graph" else None
-        artifacts.add_row(a.kind, a.name, str(a.path), _size(a.size_bytes), a.status,
-                          f"{errors[0]:.2g} / {errors[1]:.2g}" if errors else "")
-    out.print(artifacts)
-    stages = Table(title=f"{result.entry.name}: stages" + (f" ({graphs_dir})" if graphs_dir else ""), header_style="bold")
-    for column in ("stage", "status", "time", "details"):
-        stages.add_column(column, justify="right" if column == "time" else "left")
-    for s in result.stages:
-        stages.add_row(s.name, s.status, f"{s.seconds:.1f} s", escape(s.details))
-    stages.add_row("total", "", f"{result.total_seconds:.1f} s", "")
-    out.print(stages)
-    if result.image_path is not None:
-        click.echo(f"wrote {result.image_path} ({result.backend})")
 
 
 @cli.command("engine")
