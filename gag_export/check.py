@@ -352,15 +352,15 @@ def lint_graph(model, versions: Sequence[str] = TRT_VERSIONS) -> list[Finding]:
         for v in versions:
             table = trt_ops.SUPPORTED[v][2]
             if node.op_type not in table:
-                reason = ("is not supported" if node.op_type in trt_ops.UNSUPPORTED
-                          else "is not in the supported operator list")
-                add(node.op_type, name, f"{node.op_type} {reason} by TensorRT {v}.x",
+                reason = ("is marked unsupported in the operator list" if node.op_type in trt_ops.UNSUPPORTED
+                          else "is not in the operator list")
+                add(node.op_type, name, f"{node.op_type} {reason} of TensorRT's ONNX parser",
                     "rewrite the model code so that the exporter emits supported ops", v)
                 continue
             main = _main_type_input(node)
             kind = types.get(main) if main else None
             if kind and kind not in table[node.op_type] and kind not in trt_ops.TENSOR_TYPES_REJECTED:
-                add(node.op_type, name, f"{node.op_type} on {kind} is not supported by TensorRT {v}.x "
+                add(node.op_type, name, f"{node.op_type} on {kind} is not supported "
                     f"(supported: {', '.join(table[node.op_type])})", "cast to a supported type before this op", v)
         if node.op_type == "Cast":
             to = next((a.i for a in node.attribute if a.name == "to"), None)

@@ -313,7 +313,7 @@ def to_torch(a: np.ndarray) -> torch.Tensor:
     a = np.asarray(a)
     if str(a.dtype) == "bfloat16":
         return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
+    return torch.from_numpy(a.copy())  # C-contiguous, and 0-d stays 0-d (np.ascontiguousarray makes it 1-d)
 
 
 def sample_feed(descriptor, shape: ImageShape, precision: Precision, seed: int, gag: bool) -> "OrderedDict[str, np.ndarray]":
@@ -476,6 +476,27 @@ def promote_concat_inputs(model) -> int:
     return added
 
 
+def name_output_dims(model, output_specs) -> int:
+    """Give symbolic output dims the descriptor's names; return how many were renamed.
+
+    The exporter names an output dim by the expression it derived, e.g. the UNet's
+    `2*(((latent_height - 1)//2)) + 2` (it cannot know that the height is even); for every shape
+    the descriptor accepts (`dim_values` enforces the pixel multiple) that is `latent_height`.
+    Only dims that are symbolic in the graph and declared symbolic are renamed.
+    """
+    renamed = 0
+    for vi, spec in zip(model.graph.output, output_specs):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != len(spec.shape):
+            continue
+        for dim, want in zip(dims, spec.shape):
+            if isinstance(want, str) and not dim.HasField("dim_value") and dim.dim_param != want:
+                log.debug("output %s: dim %r named %r", vi.name, dim.dim_param, want)
+                dim.dim_param = want
+                renamed += 1
+    return renamed
+
+
 def save_graph(model, onnx_path: Path, external: bool) -> None:
     """Save a ModelProto, weights to `model.onnx.data` when `external`."""
     import onnx  # noqa: PLC0415
@@ -558,14 +579,17 @@ def _dynamic_shapes(descriptor, input_names: list[str]) -> tuple:
     return tuple(({int(a): str(n) for a, n in axes[name].items()} if axes.get(name) else None) for name in input_names)
 
 
-def _check_exported_io(descriptor, model, input_names, output_names, config: ExportConfig) -> None:
+def _check_exported_io(descriptor, model, specs: list, config: ExportConfig) -> None:
+    """The saved graph's I/O must be the descriptor's: names, order, dtypes, ranks, symbolic axes."""
     inputs, outputs = graph_io(model)
-    got_in, got_out = [i["name"] for i in inputs], [o["name"] for o in outputs]
-    if got_in != list(input_names) or got_out != list(output_names):
-        raise GagExportError(
-            f"{descriptor.name}: the exported graph has inputs {got_in} and outputs {got_out}; "
-            f"the descriptor declares {list(input_names)} and {list(output_names)}"
-        )
+    for got, want in ((inputs, specs[0]), (outputs, specs[1])):
+        got_io = [(g["name"], g["dtype"], len(g["shape"])) for g in got]
+        want_io = [(w.name, w.dtype, len(w.shape)) for w in want]
+        if got_io != want_io:
+            raise GagExportError(
+                f"{descriptor.name}: the exported graph's I/O (name, dtype, rank) {got_io} differs from the "
+                f"descriptor's {want_io}"
+            )
     if config.dynamic:
         axes = descriptor.dynamic_axes() or {}
         for spec in inputs:
@@ -627,8 +651,8 @@ def _export_one(descriptor, module: torch.nn.Module, config: ExportConfig, preci
     """Export one component to `dest` (model.onnx in the temp folder); return its node count."""
     import onnx  # noqa: PLC0415
 
-    input_names = [s.name for s in descriptor.inputs(precision, gag=gag)]
-    output_names = [s.name for s in descriptor.outputs(precision, gag=gag)]
+    specs = (descriptor.inputs(precision, gag=gag), descriptor.outputs(precision, gag=gag))
+    input_names, output_names = [s.name for s in specs[0]], [s.name for s in specs[1]]
     # Dynamic exports trace from a batch-2 example (EXPORT-NOTES: batch 1 specializes or breaks).
     trace_shape = dataclasses.replace(config.shape, batch=2) if config.dynamic else config.shape
     args = tuple(to_torch(v) for v in sample_feed(descriptor, trace_shape, precision, config.seed, gag).values())
@@ -638,15 +662,16 @@ def _export_one(descriptor, module: torch.nn.Module, config: ExportConfig, preci
         model = _trace(descriptor, module, args, config, input_names, output_names, dest, external)
     if model is None:  # saved by the exporter; repair (if needed) without loading the weights
         model = load_graph_structure(dest)
-        if promote_concat_inputs(model):
+        if promote_concat_inputs(model) + name_output_dims(model, specs[1]):
             onnx.save_model(model, str(dest))  # the initializers' external-data references are kept
     else:
         promote_concat_inputs(model)
+        name_output_dims(model, specs[1])
         save_graph(model, dest, external=external)
     if external and not data_path(dest).exists():
         raise GagExportError(f"{descriptor.name}: expected the external data file {data_path(dest).name} beside {dest}")
     structure = load_graph_structure(dest)
-    _check_exported_io(descriptor, structure, input_names, output_names, config)
+    _check_exported_io(descriptor, structure, specs, config)
     return len(structure.graph.node)
 
 

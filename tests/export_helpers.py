@@ -1,0 +1,64 @@
+"""Tiny exported graphs shared by test_export.py and test_check.py: each export runs once per session.
+
+pytest registers a fixture once per module that defines (or imports) it, so a session-scoped
+fixture imported into two test modules would run twice. The exports are cached here instead,
+keyed by name, in one temp folder per session (`graphs_root`).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from gag_export.export import ExportConfig, Manifest, export_model
+from gag_export.guidance import GAGConfig
+from gag_export.models import ImageShape, get_entry, load_pipeline
+
+BISECT = GAGConfig(method="bisect")
+# The dynamic export rewrites one block's attention only: symbolic shapes make every GAG op
+# cost several seconds of export time on 2 cores, and the shape handling is what it tests.
+ONE_BLOCK = GAGConfig(method="bisect", layers="up_blocks.0.attentions.0.*")
+
+EXPORTS = {
+    # name: (model, ExportConfig keyword arguments)
+    "sdxl": ("tiny-sdxl", {}),
+    "sdxl_nogag_unet": ("tiny-sdxl", {"gag": None, "components": ("unet",)}),
+    "flux": ("tiny-flux", {}),
+    "sdxl_dynamic_unet": ("tiny-sdxl", {
+        "dynamic": True, "gag": ONE_BLOCK, "components": ("unet",),
+        "min_shape": ImageShape(32, 32, 1), "max_shape": ImageShape(96, 128, 3),
+    }),
+    "sdxl_fp16": ("tiny-sdxl", {"precision": "fp16", "components": ("text_encoder", "unet", "vae_decoder")}),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def shared_root(tmp_path_factory) -> Path:
+    """One graphs folder for the whole session, whichever test module asks first."""
+    return tmp_path_factory.mktemp("graphs")
+
+
+@functools.lru_cache(maxsize=None)
+def pipeline(model: str):
+    return load_pipeline(get_entry(model))
+
+
+@functools.lru_cache(maxsize=None)
+def exported(name: str, root: Path) -> Manifest:
+    """Export `EXPORTS[name]` under `root/name` (once per session) and return its manifest."""
+    model, kwargs = EXPORTS[name]
+    entry = get_entry(model)
+    kwargs = {"gag": BISECT, **kwargs}
+    config = ExportConfig(model, root / name, ImageShape(entry.height, entry.width, 1), **kwargs)
+    return export_model(pipeline(model), entry, config)
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run(sess: ort.InferenceSession, feed: dict) -> list[np.ndarray]:
+    return sess.run(None, {k: np.asarray(v) for k, v in feed.items()})

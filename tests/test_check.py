@@ -1,0 +1,278 @@
+"""check.py: the TensorRT lint on hand-made graphs, damaged artifacts and failed checks through the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from gag_export import trt_ops
+from gag_export.check import CheckReport, CheckResult, check_graphs, lint_graph
+from gag_export.cli import cli
+from gag_export.errors import ArtifactError, CheckFailedError
+from gag_export.export import graph_sha256, save_graph
+
+from export_helpers import exported, shared_root
+
+
+@pytest.fixture(scope="session")
+def graphs_root(tmp_path_factory) -> Path:
+    return shared_root(tmp_path_factory)
+
+
+# --------------------------------------------------------------------------- lint on hand-made graphs
+
+X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5000])
+
+
+def graph(nodes, inputs=(X,), outputs=None, initializers=(), opset=20):
+    outputs = outputs or [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)]
+    g = helper.make_graph(nodes, "g", list(inputs), outputs, initializer=list(initializers))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def const_int64(name, values):
+    return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+
+def findings_for(model, op):
+    return [f for f in lint_graph(model) if f.op == op]
+
+
+def test_lint_passes_a_clean_graph_with_a_constant_small_topk():
+    model = graph([helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=-1, name="topk77"),
+                   helper.make_node("Relu", ["v"], ["y"], name="relu")],
+                  initializers=[const_int64("k", [77])])
+    assert lint_graph(model) == []
+
+
+def test_lint_flags_topk_with_runtime_k():
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "axis2"], ["k"], axis=0, name="gather"),
+        helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=-1, name="sort_keys"),
+    ]
+    model = graph(nodes, initializers=[const_int64("axis2", [2])],
+                  outputs=[helper.make_tensor_value_info("v", TensorProto.FLOAT, None)])
+    (finding,) = findings_for(model, "TopK")
+    assert finding.node == "sort_keys" and "run time" in finding.message
+    assert "method='bisect'" in finding.hint and finding.versions == ("10", "11")
+    assert "sort_keys" in str(finding) and "TensorRT 10.x/11.x" in str(finding)
+
+
+def test_lint_flags_topk_with_k_above_3840():
+    model = graph([helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=-1, name="sort_4096")],
+                  initializers=[const_int64("k", [4096])],
+                  outputs=[helper.make_tensor_value_info("v", TensorProto.FLOAT, None)])
+    (finding,) = findings_for(model, "TopK")
+    assert finding.node == "sort_4096" and "4096" in finding.message and "3840" in finding.message
+    assert "bisect" in finding.hint and finding.severity == "error"
+    # a K within the limit passes, through a Constant node rather than an initializer
+    ok = graph([helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array([3840], np.int64))),
+                helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=-1, name="sort_3840")],
+               outputs=[helper.make_tensor_value_info("v", TensorProto.FLOAT, None)])
+    assert findings_for(ok, "TopK") == []
+
+
+def test_lint_flags_double_tensors_and_casts():
+    nodes = [helper.make_node("Cast", ["x"], ["xd"], to=TensorProto.DOUBLE, name="to_double"),
+             helper.make_node("Add", ["xd", "bias"], ["yd"], name="add_double"),
+             helper.make_node("Cast", ["yd"], ["y"], to=TensorProto.FLOAT, name="back")]
+    bias = numpy_helper.from_array(np.zeros((1,), np.float64), "bias")
+    model = graph(nodes, initializers=[bias])
+    found = lint_graph(model)
+    cast = [f for f in found if f.node == "to_double"]
+    assert cast and all("float64" in f.message or "double" in f.message.lower() for f in cast)
+    assert any("rotary" in f.hint for f in cast)  # says what to do
+    assert any(f.node == "add_double" for f in found)  # the double Add's output
+    assert any(f.op == "initializer" and f.node == "bias" for f in found)
+
+
+def test_lint_flags_unsupported_and_custom_ops():
+    nodes = [helper.make_node("Unique", ["x"], ["u"], name="uniq"),
+             helper.make_node("FancyAttention", ["x"], ["y"], domain="com.example", name="fancy")]
+    model = graph(nodes, outputs=[helper.make_tensor_value_info("u", TensorProto.FLOAT, None),
+                                  helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    (unique,) = findings_for(model, "Unique")
+    assert unique.node == "uniq" and "unsupported" in unique.message and unique.hint
+    (custom,) = findings_for(model, "FancyAttention")
+    assert "com.example" in custom.message and "plugin" in custom.hint
+
+
+def test_lint_knows_version_differences():
+    # RMSNormalization arrived in TensorRT 10.15: not in a 10.0 parser, fine for 11.x
+    model = graph([helper.make_node("RMSNormalization", ["x", "scale"], ["y"], name="rms")],
+                  initializers=[numpy_helper.from_array(np.ones((5000,), np.float32), "scale")], opset=20)
+    (finding,) = findings_for(model, "RMSNormalization")
+    assert finding.versions == ("10",)
+    # opset 23 is beyond TensorRT 10.0's 20 but within 11.x's 24
+    (opset,) = findings_for(graph([helper.make_node("Relu", ["x"], ["y"])], opset=23), "opset")
+    assert opset.versions == ("10",) and "--opset 20" in opset.hint
+    assert trt_ops.SUPPORTED["11"][1] >= 24 and "Swish" in trt_ops.SUPPORTED["11"][2]
+
+
+def test_lint_flags_an_op_on_an_unsupported_type():
+    model = graph([helper.make_node("CumSum", ["i", "axis"], ["y"], name="cumsum_int")],
+                  inputs=[helper.make_tensor_value_info("i", TensorProto.INT64, [4])],
+                  initializers=[const_int64("axis", 0)],
+                  outputs=[helper.make_tensor_value_info("y", TensorProto.INT64, None)])
+    (finding,) = findings_for(model, "CumSum")
+    assert "int64" in finding.message and finding.node == "cumsum_int"
+
+
+def test_bisect_gag_unet_has_no_topk_and_lints_clean(graphs_root):
+    """The default (bisect) GAG export has no TopK at all, so no K limit applies at any resolution."""
+    manifest = exported("sdxl", graphs_root)
+    model = onnx.load(str(manifest.graph_path("unet")), load_external_data=False)
+    assert not [n for n in model.graph.node if n.op_type == "TopK"]  # bisect: no TopK at all
+    assert [f for f in lint_graph(model) if f.severity == "error"] == []
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def test_report_truthiness_follows_results():
+    ok = CheckResult("unet", "parity", "passed")
+    skipped = CheckResult("unet", "parity", "skipped", "no bf16 kernels")
+    failed = CheckResult("unet", "tensorrt_lint", "failed", "1 error")
+    assert ok and skipped and not failed
+    report = CheckReport(Path("g"), "m", [ok, skipped])
+    assert report
+    report.raise_for_failures()
+    report.results.append(failed)
+    assert not report and report.failures() == [failed]
+    with pytest.raises(CheckFailedError, match="unet/tensorrt_lint"):
+        report.raise_for_failures()
+
+
+# --------------------------------------------------------------------------- damaged artifacts via the CLI
+
+
+@pytest.fixture
+def graphs_copy(graphs_root, tmp_path) -> Path:
+    """A private copy of the tiny-sdxl export (the text encoder and UNet only), free to damage."""
+    source = exported("sdxl", graphs_root).graphs_dir
+    dest = tmp_path / "tiny-sdxl"
+    shutil.copytree(source, dest)
+    data = json.loads((dest / "manifest.json").read_text())
+    data["components"] = {k: v for k, v in data["components"].items() if k in ("text_encoder", "unet")}
+    (dest / "manifest.json").write_text(json.dumps(data))
+    return dest
+
+
+def invoke_check(path: Path, *extra):
+    return CliRunner().invoke(cli, ["check", str(path), *extra])
+
+
+def assert_one_line_error(result, code: int, *needles: str) -> None:
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_cli_check_passes_a_good_export_with_parity(graphs_copy):
+    result = invoke_check(graphs_copy)  # parity reloads tiny-sdxl through the registry
+    assert result.exit_code == 0, result.output
+    assert "parity" in result.stdout and "failed" not in result.stdout
+
+
+def test_cli_check_reports_corrupt_graph(graphs_copy):
+    path = graphs_copy / "unet/model.onnx"
+    blob = bytearray(path.read_bytes())
+    blob[100:4100] = b"\xff" * 4000
+    path.write_bytes(bytes(blob))
+    assert_one_line_error(invoke_check(graphs_copy, "--no-parity"), 5, "unet/model.onnx", "corrupt or truncated")
+
+
+def test_cli_check_reports_truncated_graph(graphs_copy):
+    path = graphs_copy / "text_encoder/model.onnx"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert_one_line_error(invoke_check(graphs_copy, "--no-parity"), 5, "text_encoder/model.onnx")
+
+
+def test_cli_check_reports_sha_mismatch(graphs_copy):
+    data = json.loads((graphs_copy / "manifest.json").read_text())
+    data["components"]["unet"]["sha256"] = "0" * 64
+    (graphs_copy / "manifest.json").write_text(json.dumps(data))
+    assert_one_line_error(invoke_check(graphs_copy, "--no-parity"), 5, "sha256", "re-export")
+
+
+def test_cli_check_reports_missing_and_short_external_data(graphs_copy):
+    graph_path = graphs_copy / "text_encoder/model.onnx"
+    save_graph(onnx.load(str(graph_path)), graph_path, external=True)
+    data_file = graph_path.with_name("model.onnx.data")
+    assert data_file.exists()
+    manifest = json.loads((graphs_copy / "manifest.json").read_text())
+    manifest["components"]["text_encoder"]["sha256"] = graph_sha256(graph_path)
+    (graphs_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert invoke_check(graphs_copy, "--no-parity").exit_code == 0  # external data is fine
+
+    data_file.write_bytes(data_file.read_bytes()[:1000])
+    assert_one_line_error(invoke_check(graphs_copy, "--no-parity"), 5, "truncated")
+    data_file.unlink()
+    assert_one_line_error(invoke_check(graphs_copy, "--no-parity"), 5, "model.onnx.data", "missing")
+
+
+def test_cli_check_reports_missing_manifest(tmp_path):
+    assert_one_line_error(invoke_check(tmp_path / "nothing-here"), 5, "export the model first")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke_check(tmp_path / "empty"), 5, "no manifest.json")
+
+
+def test_check_raises_artifact_error_in_the_api_too(graphs_copy):
+    (graphs_copy / "unet/model.onnx").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        check_graphs(graphs_copy, parity=False)
+
+
+# --------------------------------------------------------------------------- failed checks via the CLI
+
+
+def test_cli_check_fails_with_a_per_check_report(tmp_path):
+    """A denoiser graph with control flow, a runtime-K TopK and a double: exit 4, each check named."""
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then",
+                             [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 4, 5000])])
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+        helper.make_node("If", ["cond"], ["branch"], then_branch=then, else_branch=then, name="branchy"),
+        helper.make_node("Shape", ["branch"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "axis2"], ["k"], axis=0, name="gather"),
+        helper.make_node("TopK", ["branch", "k"], ["v", "i"], axis=-1, name="sort_keys"),
+        helper.make_node("Cast", ["v"], ["latent"], to=TensorProto.DOUBLE, name="to_double"),
+    ]
+    model = graph(nodes, initializers=[const_int64("axis2", [2]), numpy_helper.from_array(np.float32(0), "zero")],
+                  outputs=[helper.make_tensor_value_info("latent", TensorProto.DOUBLE, [1, 4, 5000])])
+    onnx.checker.check_model(model)
+    root = tmp_path / "bad"
+    (root / "unet").mkdir(parents=True)
+    onnx.save(model, str(root / "unet/model.onnx"))
+    manifest = {
+        "format_version": 1, "model": "tiny-sdxl", "dtype": "fp32", "shape": {"batch": 1, "height": 64, "width": 64},
+        "gag": {"enabled": False, "rewritten": []},
+        "components": {"unet": {
+            "role": "denoiser", "path": "unet/model.onnx", "external_data": None,
+            "sha256": graph_sha256(root / "unet/model.onnx"), "size_bytes": 0, "nodes": len(nodes),
+            "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4, 5000]}],
+            "outputs": [{"name": "latent", "dtype": "float64", "shape": [1, 4, 5000]}],
+            "profile": {}, "tolerance": {"atol": 1e-4, "rtol": 1e-4}}},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke_check(root, "--no-parity")
+    assert result.exit_code == 4, result.output
+    assert "unet/control_flow" in result.stderr and "unet/tensorrt_lint" in result.stderr
+    assert "branchy" in result.stderr and "sort_keys" in result.stderr and "to_double" in result.stderr
+    report = check_graphs(root, parity=False)
+    assert not report
+    assert report.get("unet", "onnx_checker").passed  # a valid ONNX graph, just not a TensorRT one
+    assert {r.check for r in report.failures()} == {"control_flow", "tensorrt_lint"}

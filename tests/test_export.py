@@ -1,0 +1,345 @@
+"""export.py on the tiny models: manifests, end-to-end checks, runtime guidance inputs, shapes,
+precision, atomic writes, external data, onnxslim."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+import gag_export.export as export_mod
+from gag_export.attention import apply_gag, remove_gag
+from gag_export.check import check_graphs, in_modules, node_module
+from gag_export.cli import cli
+from gag_export.errors import GagExportError, InvalidInputError, ResourceExhaustedError
+from gag_export.export import (
+    GAG_INPUTS,
+    ExportConfig,
+    Manifest,
+    export_model,
+    graph_sha256,
+    sample_feed,
+)
+from gag_export.models import ImageShape, Precision, descriptors_for, get_entry
+
+from export_helpers import BISECT, ONE_BLOCK, exported, pipeline, run, session, shared_root
+
+MANIFEST_KEYS = {"format_version", "model", "family", "source", "revision", "weights", "dtype", "dynamic", "opset",
+                 "exporter", "shape", "gag", "components", "versions"}
+COMPONENT_KEYS = {"role", "path", "external_data", "sha256", "size_bytes", "nodes", "inputs", "outputs", "profile",
+                  "tolerance"}
+IDENTITY = {"gag_scale": -1.0, "gag_eta": 1e9, "gag_zeta": 1.0}
+
+
+@pytest.fixture(scope="session")
+def graphs_root(tmp_path_factory) -> Path:
+    return shared_root(tmp_path_factory)
+
+
+def descriptor(model: str, name: str):
+    entry = get_entry(model)
+    return next(d for d in descriptors_for(entry, pipeline(model)) if d.name == name)
+
+
+def passed_checks(report) -> set[tuple[str, str]]:
+    return {(r.component, r.check) for r in report.results if r.passed}
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def test_manifest_records_graphs_as_written(graphs_root):
+    manifest = exported("sdxl", graphs_root)
+    data = json.loads((manifest.graphs_dir / "manifest.json").read_text())
+    assert data == manifest.data
+    assert set(data) == MANIFEST_KEYS
+    assert (data["model"], data["family"], data["dtype"], data["opset"], data["exporter"]) == (
+        "tiny-sdxl", "sdxl", "fp32", 20, "dynamo")
+    assert data["dynamic"] is False and data["shape"] == {"batch": 1, "height": 64, "width": 64}
+    assert data["gag"]["enabled"] and data["gag"]["method"] == "bisect"
+    assert data["gag"]["rewritten"] and all(n.endswith("attn2") for n in data["gag"]["rewritten"])
+    assert {"torch", "diffusers", "onnx", "transformers", "gag_export"} <= set(data["versions"])
+    assert list(data["components"]) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    for name, comp in data["components"].items():
+        assert set(comp) == COMPONENT_KEYS
+        path = manifest.graphs_dir / comp["path"]
+        assert comp["path"] == f"{name}/model.onnx" and comp["external_data"] is None
+        assert comp["sha256"] == graph_sha256(path) and comp["size_bytes"] == path.stat().st_size
+        graph = onnx.load(str(path), load_external_data=False).graph
+        assert comp["nodes"] == len(graph.node)
+        assert [i["name"] for i in comp["inputs"]] == [i.name for i in graph.input]
+        assert all(isinstance(d, int) for i in comp["inputs"] + comp["outputs"] for d in i["shape"])  # static
+        for spec in comp["inputs"]:
+            entry = comp["profile"][spec["name"]]
+            assert entry["min"] == entry["opt"] == entry["max"] == spec["shape"]
+        assert comp["tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
+    unet = data["components"]["unet"]
+    scalars = [i for i in unet["inputs"] if i["name"] in GAG_INPUTS]
+    assert scalars == [{"name": n, "dtype": "float32", "shape": []} for n in GAG_INPUTS]
+    assert unet["outputs"] == [{"name": "latent", "dtype": "float32", "shape": [1, 4, 8, 8]}]
+    assert not list(graphs_root.glob("sdxl/.*")), "temp folders left behind"
+
+
+def test_manifest_load_round_trip(graphs_root):
+    manifest = exported("sdxl", graphs_root)
+    loaded = Manifest.load(manifest.graphs_dir)
+    assert loaded.data == manifest.data and loaded.gag == BISECT
+    assert loaded.shape() == ImageShape(64, 64, 1) and loaded.precision is Precision.FP32
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("name,denoiser", [("sdxl", "unet"), ("flux", "transformer")])
+def test_end_to_end_checker_lint_parity_pass(graphs_root, name, denoiser):
+    manifest = exported(name, graphs_root)
+    model = manifest.model
+    report = check_graphs(manifest.graphs_dir, pipe=pipeline(model), entry=get_entry(model))
+    assert report, report.summary()
+    passed = passed_checks(report)
+    for component in manifest.components:
+        for check in ("artifact", "onnx_checker", "shape_inference", "tensorrt_lint", "parity"):
+            assert (component, check) in passed, (component, check, report.summary())
+    assert (denoiser, "control_flow") in passed
+    parity = report.get(denoiser, "parity").parity
+    assert parity and all(p.max_abs <= 1e-4 for p in parity)
+
+
+# --------------------------------------------------------------------------- guidance at run time
+
+
+def test_identity_guidance_gives_the_no_gag_graph_and_scale_changes_output(graphs_root):
+    gag_graph = exported("sdxl", graphs_root).graph_path("unet")
+    plain_graph = exported("sdxl_nogag_unet", graphs_root).graph_path("unet")
+    unet = descriptor("tiny-sdxl", "unet")
+    feed = sample_feed(unet, ImageShape(64, 64, 1), Precision.FP32, seed=3, gag=True)
+    plain_feed = {k: v for k, v in feed.items() if k not in GAG_INPUTS}
+    sess = session(gag_graph)
+    assert [i.name for i in sess.get_inputs()][-3:] == list(GAG_INPUTS)
+
+    def with_gag(scale, eta=15.0, zeta=0.0):
+        values = {"gag_scale": scale, "gag_eta": eta, "gag_zeta": zeta}
+        return run(sess, {**feed, **{k: np.array(v, dtype=np.float32) for k, v in values.items()}})[0]
+
+    plain = run(session(plain_graph), plain_feed)[0]
+    identity = with_gag(IDENTITY["gag_scale"], IDENTITY["gag_eta"], IDENTITY["gag_zeta"])
+    assert np.abs(identity - plain).max() <= 1e-4
+    at_10, at_2 = with_gag(10.0), with_gag(2.0)
+    assert np.abs(at_10 - plain).max() > 1e-3  # the guidance is really in the graph
+    assert np.abs(at_10 - at_2).max() > 1e-3  # and gag_scale steers it without a re-export
+    assert np.array_equal(with_gag(10.0), at_10)  # deterministic
+
+
+def test_no_gag_graph_has_no_guidance_inputs(graphs_root):
+    manifest = exported("sdxl_nogag_unet", graphs_root)
+    assert list(manifest.components) == ["unet"]
+    assert manifest.data["gag"] == {"enabled": False, "rewritten": []}
+    assert not {i["name"] for i in manifest.components["unet"]["inputs"]} & set(GAG_INPUTS)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def test_static_graph_runs_at_its_declared_shape_only(graphs_root):
+    manifest = exported("sdxl", graphs_root)
+    unet = descriptor("tiny-sdxl", "unet")
+    sess = session(manifest.graph_path("unet"))
+    feed = sample_feed(unet, ImageShape(64, 64, 1), Precision.FP32, seed=0, gag=True)
+    (out,) = run(sess, feed)
+    assert list(out.shape) == manifest.components["unet"]["outputs"][0]["shape"]
+    wrong = sample_feed(unet, ImageShape(96, 64, 1), Precision.FP32, seed=0, gag=True)
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        run(sess, wrong)
+
+
+def test_dynamic_graph_runs_at_two_sizes_against_eager(graphs_root):
+    manifest = exported("sdxl_dynamic_unet", graphs_root)
+    comp = manifest.components["unet"]
+    sample = next(i for i in comp["inputs"] if i["name"] == "sample")
+    assert sample["shape"] == ["batch", 4, "latent_height", "latent_width"]
+    assert comp["outputs"][0]["shape"] == ["batch", 4, "latent_height", "latent_width"]
+    assert comp["profile"]["sample"] == {"min": [1, 4, 4, 4], "opt": [1, 4, 8, 8], "max": [3, 4, 12, 16]}
+    assert comp["profile"]["gag_scale"] == {"min": [], "opt": [], "max": []}
+    assert manifest.data["dynamic"] is True
+
+    unet = descriptor("tiny-sdxl", "unet")
+    sess = session(manifest.graph_path("unet"))
+    pipe = pipeline("tiny-sdxl")
+    apply_gag(pipe.unet, ONE_BLOCK)
+    try:
+        module = unet.export_module(pipe)
+        for shape in (ImageShape(32, 48, 1), ImageShape(96, 128, 3)):
+            feed = sample_feed(unet, shape, Precision.FP32, seed=1, gag=True)
+            (out,) = run(sess, feed)
+            with torch.no_grad():
+                (ref,) = module(*(torch.from_numpy(v) for v in feed.values()))
+            assert out.shape == (shape.batch, 4, shape.height // 8, shape.width // 8)
+            assert np.abs(out - ref.numpy()).max() <= 1e-4
+    finally:
+        remove_gag(pipe.unet)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_fp16_graph_keeps_gag_in_fp32_and_passes_looser_parity(graphs_root):
+    manifest = exported("sdxl_fp16", graphs_root)
+    unet = manifest.components["unet"]
+    dtypes = {i["name"]: i["dtype"] for i in unet["inputs"]}
+    assert dtypes["sample"] == "float16" and all(dtypes[n] == "float32" for n in GAG_INPUTS)
+    assert unet["outputs"][0]["dtype"] == "float16"
+    assert unet["tolerance"]["rtol"] > 1e-4  # the stated, looser fp16 tolerance
+    # SDXL's VAE overflows in fp16: its descriptor exports it in fp32
+    assert manifest.components["vae_decoder"]["outputs"][0]["dtype"] == "float32"
+
+    # inspect the graph: the GAG attention's score MatMul and Softmax are float32, the rest fp16
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(manifest.graph_path("unet"))))
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.value_info}
+    rewritten = manifest.data["gag"]["rewritten"]
+    gag_softmax = [n for n in model.graph.node if n.op_type == "Softmax" and in_modules(node_module(n), rewritten)]
+    other_conv = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(gag_softmax) == len(rewritten)
+    assert all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in gag_softmax)
+    assert other_conv and all(types.get(n.output[0], onnx.TensorProto.FLOAT16) == onnx.TensorProto.FLOAT16
+                              for n in other_conv)
+
+    report = check_graphs(manifest.graphs_dir, pipe=pipeline("tiny-sdxl"), entry=get_entry("tiny-sdxl"))
+    assert report, report.summary()
+    assert report.get("unet", "precision").passed and report.get("text_encoder", "precision").passed
+    parity = report.get("unet", "parity").parity[0]
+    assert parity.max_abs > 1e-6  # really fp16 arithmetic, compared against fp32 eager
+    assert parity.passed and parity.rtol == unet["tolerance"]["rtol"]
+
+
+def test_promote_concat_inputs_inserts_the_cast_torch_implies():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["a", "b"], ["c"], axis=-1, name="cat")], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT16, [1, 2]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    with pytest.raises(Exception):
+        onnx.checker.check_model(model, full_check=True)
+    assert export_mod.promote_concat_inputs(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    cast = model.graph.node[0]
+    assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.FLOAT and cast.input == ["a"]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _text_encoder_config(root: Path, **kwargs) -> ExportConfig:
+    return ExportConfig("tiny-sdxl", root, ImageShape(64, 64, 1), components=("text_encoder",), **kwargs)
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), MemoryError()])
+def test_failed_export_leaves_no_half_written_graph(tmp_path, monkeypatch, failure):
+    previous = tmp_path / "tiny-sdxl"
+    previous.mkdir()
+    (previous / "manifest.json").write_text("{}")  # an earlier export stays as it was
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("exporter crashed") from failure
+
+    monkeypatch.setattr(export_mod, "_trace", fail)
+    with pytest.raises(ResourceExhaustedError, match="nothing half-written"):
+        export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"), _text_encoder_config(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-sdxl"]
+    assert [p.name for p in previous.iterdir()] == ["manifest.json"]
+
+
+def test_export_error_is_one_clear_line(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise ValueError("unsupported op aten::foo\n  long details")
+
+    monkeypatch.setattr(export_mod, "_trace", fail)
+    with pytest.raises(GagExportError, match=r"tiny-sdxl/text_encoder failed: ValueError: unsupported op aten::foo$"):
+        export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"), _text_encoder_config(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_large_weights_go_to_one_external_data_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod, "LARGE_WEIGHTS_BYTES", 0)  # as if it were a > 2 GB UNet
+    manifest = export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"), _text_encoder_config(tmp_path))
+    comp = manifest.components["text_encoder"]
+    graph, data = manifest.graph_path("text_encoder"), manifest.graphs_dir / "text_encoder/model.onnx.data"
+    assert sorted(p.name for p in graph.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert comp["external_data"]["path"] == "text_encoder/model.onnx.data"
+    assert comp["external_data"]["size_bytes"] == data.stat().st_size > graph.stat().st_size
+    assert comp["size_bytes"] == graph.stat().st_size + data.stat().st_size
+    assert comp["sha256"] == graph_sha256(graph) != export_mod._sha256_files([graph])
+    report = check_graphs(manifest.graphs_dir, pipe=pipeline("tiny-sdxl"), entry=get_entry("tiny-sdxl"))
+    assert report, report.summary()
+
+
+def test_slim_is_kept_when_parity_holds(tmp_path):
+    manifest = export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"), _text_encoder_config(tmp_path, slim=True))
+    stats = manifest.stats["text_encoder"]
+    assert stats.slimmed and stats.nodes_before_slim > stats.nodes == manifest.components["text_encoder"]["nodes"]
+    assert check_graphs(manifest.graphs_dir, pipe=pipeline("tiny-sdxl"), entry=get_entry("tiny-sdxl"))
+
+
+def test_slim_is_rejected_when_parity_breaks(tmp_path, monkeypatch, caplog):
+    def broken(onnx_path, module, feed, output_names, tolerance):
+        return [export_mod.OutputParity("pooled_embeds", 1.0, 1.0, 1.0, 1e-4, 1e-4, False)]
+
+    monkeypatch.setattr(export_mod, "compare_with_torch", broken)
+    with caplog.at_level(logging.WARNING, logger="gag_export.export"):
+        manifest = export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"), _text_encoder_config(tmp_path, slim=True))
+    stats = manifest.stats["text_encoder"]
+    assert not stats.slimmed and stats.nodes == stats.nodes_before_slim
+    assert "onnxslim result rejected" in caplog.text
+    assert not (manifest.graphs_dir / "text_encoder/slim.onnx").exists()
+
+
+# --------------------------------------------------------------------------- configuration and CLI
+
+
+def test_export_config_validates():
+    shape = ImageShape(64, 64, 1)
+    with pytest.raises(InvalidInputError, match="opset"):
+        ExportConfig("tiny-sdxl", Path("g"), shape, opset=21)
+    with pytest.raises(InvalidInputError, match="exporter"):
+        ExportConfig("tiny-sdxl", Path("g"), shape, exporter="jit")
+    with pytest.raises(InvalidInputError, match="--dynamic"):
+        ExportConfig("tiny-sdxl", Path("g"), shape, min_shape=shape)
+    with pytest.raises(InvalidInputError, match="min <= opt <= max"):
+        ExportConfig("tiny-sdxl", Path("g"), shape, dynamic=True, max_shape=ImageShape(32, 64, 1))
+    assert ExportConfig("tiny-sdxl", Path("g"), shape).gag.method == "bisect"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gag-eta", "nan"], "eta"),
+    (["--gag-eta", "-1"], "eta"),
+    (["--gag-zeta", "inf"], "zeta"),
+    (["--height", "-64"], "height"),
+    (["--height", "72"], "multiple of 16"),
+    (["--component", "nope"], "no component 'nope'"),
+    (["--dynamic", "--min-height", "128"], "min <= opt <= max"),
+])
+def test_cli_rejects_bad_values_with_exit_2(tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["export", "--model", "tiny-sdxl", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "tiny-sdxl").exists()
+
+
+def test_cli_export_prints_summary_and_checks(tmp_path):
+    result = CliRunner().invoke(cli, ["export", "--model", "tiny-sdxl", "--out", str(tmp_path),
+                                      "--component", "text_encoder", "--gag-scale", "4"])
+    assert result.exit_code == 0, result.output
+    assert "text_encoder" in result.stdout and "nodes" in result.stdout and "parity" in result.stdout
+    data = json.loads((tmp_path / "tiny-sdxl/manifest.json").read_text())
+    assert data["gag"]["scale"] == 4.0 and list(data["components"]) == ["text_encoder"]
+    assert not math.isnan(data["components"]["text_encoder"]["size_bytes"])
