@@ -326,6 +326,59 @@ def models_command(as_json: bool) -> None:
     Console().print(table)
 
 
+@cli.command("bench")
+@click.option("--model", required=True, help="Registry name, e.g. tiny-sdxl, tiny-flux, dmd2.")
+@click.option("--backends", default="torch,ort", show_default=True,
+              help="Comma-separated: torch, torch-compile, ort, tensorrt (unavailable ones are reported as skipped).")
+@click.option("--steps", type=int, default=None, help="Denoising steps of the end-to-end runs [default: the model's].")
+@click.option("--height", type=int, default=None, help="Image height in pixels [default: the model's].")
+@click.option("--width", type=int, default=None, help="Image width in pixels [default: the model's].")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch of the denoiser step (e2e needs 1).")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Untimed rounds after each variant's first call.")
+@click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed rounds.")
+@click.option("--gag", "gag_mode", flag_value="gag", help="Only the GAG graphs.")
+@click.option("--no-gag", "gag_mode", flag_value="no-gag", help="Only the plain (--no-gag) graphs.")
+@click.option("--both", "gag_mode", flag_value="both", default=True,
+              help="GAG and plain graphs interleaved: the GAG overhead [default].")
+@click.option("--weights", type=click.Choice(["tiny", "random", "pretrained"]), default=None,
+              help="tiny for tiny-*, random (full-size architecture) or pretrained [default: tiny for tiny-*, else pretrained].")
+@click.option("--e2e/--no-e2e", default=True, show_default=True,
+              help="Also time whole generations; --no-e2e loads and exports the denoiser alone.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="torch and ONNX Runtime intra-op threads (0: every CPU this process may use).")
+@click.option("--isolate", type=click.Choice(["none", "backend"]), default="none", show_default=True,
+              help="backend: a child process per backend (its own peak RSS; needed when all of them do not fit in RAM).")
+@click.option("--graphs", "graphs_root", type=click.Path(file_okay=False, path_type=Path), default=Path("graphs/bench"),
+              show_default=True, help="Cache of the benchmark's exports: <graphs>/{gag,no-gag}/<model>.")
+@click.option("--engines", "engines_root", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),
+              show_default=True, help="TensorRT engine cache root.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs and of the e2e runs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the Markdown tables.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG: latency per backend, GAG off/on.")
+def bench_command(model, backends, steps, height, width, batch, warmup, iters, gag_mode, weights, e2e, threads, isolate,
+                  graphs_root, engines_root, seed, json_path, markdown_path, plot_path) -> None:
+    """Time backends against PyTorch eager and GAG against the plain graph, in one run, e.g.
+    `gag-export bench --model tiny-sdxl --backends torch,ort --json out.json --plot out.png`."""
+    from . import bench
+
+    config = bench.BenchConfig(
+        model=model, backends=bench.parse_backends(backends), gag=gag_mode, steps=steps, height=height, width=width,
+        batch=batch, warmup=warmup, iters=iters, weights=weights, e2e=e2e, threads=threads, isolate=isolate,
+        seed=seed, graphs=graphs_root, engines=engines_root,
+    )
+    with console.status(f"benchmarking {model}") as status:
+        doc = bench.run_bench(config, progress=status.update)
+    for path, write in ((json_path, bench.write_json), (markdown_path, bench.write_markdown), (plot_path, bench.write_plot)):
+        if path is not None:
+            write(doc, path)
+            click.echo(f"wrote {path}", err=True)
+    click.echo(bench.render_markdown(doc))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(obj={})

@@ -1,0 +1,237 @@
+"""bench.py: statistics, ratios, the JSON schema, Markdown/PNG output, and `gag-export bench` on tiny-sdxl.
+
+Benchmark figures are never asserted: only that runs complete and their outputs are well formed.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gag_export import bench
+from gag_export.cli import cli
+from gag_export.errors import InvalidInputError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def test_summarize_known_samples():
+    stats = bench.summarize([i / 1000 for i in range(1, 11)])  # 1..10 ms, given in seconds
+    assert stats.n == 10
+    assert stats.mean_ms == pytest.approx(5.5)
+    assert stats.std_ms == pytest.approx(3.0276503540974917)  # sample std (ddof=1)
+    assert stats.p50_ms == pytest.approx(5.5)
+    assert stats.p90_ms == pytest.approx(9.1)  # linear interpolation between ranks
+    assert stats.p99_ms == pytest.approx(9.91)
+    assert (stats.min_ms, stats.max_ms) == (pytest.approx(1.0), pytest.approx(10.0))
+
+
+def test_summarize_matches_numpy_on_unsorted_samples():
+    rng = np.random.default_rng(0)
+    samples = rng.lognormal(-3, 0.5, size=37)
+    stats = bench.summarize(samples)
+    ms = samples * 1e3
+    assert stats.p90_ms == pytest.approx(np.percentile(ms, 90))
+    assert stats.p99_ms == pytest.approx(np.percentile(ms, 99))
+    assert stats.std_ms == pytest.approx(ms.std(ddof=1))
+
+
+def test_summarize_single_sample_and_errors():
+    one = bench.summarize([0.25])
+    assert (one.n, one.mean_ms, one.std_ms, one.p50_ms, one.p99_ms) == (1, 250.0, 0.0, 250.0, 250.0)
+    with pytest.raises(InvalidInputError, match="no timed samples"):
+        bench.summarize([])
+    with pytest.raises(InvalidInputError, match="NaN"):
+        bench.summarize([0.1, float("nan")])
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    assert bench.paired_ratio([2.0, 3.0, 10.0], [1.0, 1.0, 1.0]) == pytest.approx(3.0)
+    with pytest.raises(InvalidInputError):
+        bench.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_wall_timer_measures_the_call():
+    calls = []
+    seconds = bench.WallTimer().measure(lambda: calls.append(1))
+    assert calls == [1] and 0 <= seconds < 1
+    assert isinstance(bench.timer_for("cpu"), bench.WallTimer)
+
+
+# ------------------------------------------------------------------------------- configuration
+
+
+def test_parse_backends_and_config_validation():
+    assert bench.parse_backends("torch, ORT,torch") == ("torch", "ort")
+    with pytest.raises(InvalidInputError, match="tensort"):
+        bench.parse_backends("torch,tensort")
+    with pytest.raises(InvalidInputError, match="gag"):
+        bench.BenchConfig("tiny-sdxl", gag="sometimes")
+    with pytest.raises(InvalidInputError, match="iters"):
+        bench.BenchConfig("tiny-sdxl", iters=0)
+    config = bench.BenchConfig("tiny-sdxl", backends=("ort", "torch"), graphs="g")
+    assert bench.BenchConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_plan_checks_the_model_before_anything_heavy():
+    with pytest.raises(InvalidInputError, match="weights tiny"):
+        bench.plan(bench.BenchConfig("tiny-sdxl", weights="random"))
+    with pytest.raises(InvalidInputError, match="multiple"):
+        bench.plan(bench.BenchConfig("tiny-sdxl", height=60))
+    with pytest.raises(InvalidInputError, match="steps"):
+        bench.plan(bench.BenchConfig("tiny-sdxl", steps=9))
+    p = bench.plan(bench.BenchConfig("tiny-sdxl", batch=2))
+    assert not p.e2e and "batch 1" in p.e2e_skip
+    assert bench.plan(bench.BenchConfig("tiny-flux", e2e=False)).components == ("transformer",)
+
+
+# ------------------------------------------------------------------------------- ratios and schema
+
+
+def _series(samples_ms):
+    stats = bench.summarize([s / 1e3 for s in samples_ms]).to_dict()
+    return {"first_call_ms": 9.0, "stats": stats, "samples_ms": list(samples_ms)}
+
+
+def _row(backend, gag, samples_ms, status="ok", reason=""):
+    if status != "ok":
+        return bench._skipped_row(backend, gag, status, reason)
+    return {"backend": backend, "gag": gag, "status": "ok", "reason": "", "device": "cpu", "timer": "perf_counter",
+            "step": _series(samples_ms), "e2e": None,
+            "memory": {"rss_delta_mib": 1.0, "peak_rss_mib": None, "gpu_peak_mib": None, "gpu_used_mib": None}}
+
+
+def _doc(rows):
+    overhead, speedup = bench.ratios(rows, interleaved=True)
+    return {
+        "schema": bench.SCHEMA, "schema_version": bench.SCHEMA_VERSION, "created": "2025-01-01T00:00:00Z",
+        "config": {"model": "tiny-sdxl", "weights": "tiny", "batch": 1, "height": 64, "width": 64, "steps": 4,
+                   "warmup": 1, "iters": 3},
+        "e2e_skipped": "not requested (--no-e2e)",
+        "environment": {"cpu": {"model": "Test CPU", "available_to_process": 2}, "memory_gib": 8.0, "gpu": None,
+                        "versions": {"torch": "x", "onnxruntime": "y"}, "precision": "fp32",
+                        "threads": {"torch": 2, "ort": 2}},
+        "shapes": {}, "memory": {"method": "rss-delta", "pipeline_rss_mib": 3.0, "peak_rss_mib": 100.0},
+        "results": rows, "gag_overhead": overhead, "speedup": speedup,
+    }
+
+
+def test_ratios_gag_overhead_and_speedup_over_eager():
+    rows = [_row("torch", False, [10, 10, 10]), _row("torch", True, [11, 11, 11]),
+            _row("ort", False, [5, 5, 5]), _row("ort", True, [6, 6, 6]),
+            _row("tensorrt", False, [], status="skipped", reason="no TensorRT")]
+    overhead, speedup = bench.ratios(rows, interleaved=True)
+    by_backend = {o["backend"]: o for o in overhead}
+    assert by_backend["torch"]["ratio"] == pytest.approx(1.1) and by_backend["torch"]["percent"] == pytest.approx(10.0)
+    assert by_backend["ort"]["paired_p50"] == pytest.approx(1.2)
+    assert {(s["backend"], s["gag"]): s["ratio"] for s in speedup} == {
+        ("ort", False): pytest.approx(2.0), ("ort", True): pytest.approx(11 / 6, rel=1e-3)}
+    assert "tensorrt" not in by_backend
+
+
+def test_validate_result_names_the_broken_key():
+    doc = _doc([_row("torch", False, [1, 2, 3]), _row("tensorrt", True, [], status="skipped", reason="none")])
+    bench.validate_result(doc)
+    for broken, match in (
+        ({k: v for k, v in doc.items() if k != "environment"}, "environment"),
+        ({**doc, "schema_version": 99}, "v1"),
+        ({**doc, "results": [{**doc["results"][0], "gag": "yes"}]}, "gag"),
+        ({**doc, "results": [{**doc["results"][0], "status": "great"}]}, "status"),
+    ):
+        with pytest.raises(InvalidInputError, match=match):
+            bench.validate_result(broken)
+    stats = {k: v for k, v in doc["results"][0]["step"]["stats"].items() if k != "p99_ms"}
+    broken_row = {**doc["results"][0], "step": {**doc["results"][0]["step"], "stats": stats}}
+    with pytest.raises(InvalidInputError, match="p99_ms"):
+        bench.validate_result({**doc, "results": [broken_row]})
+
+
+def test_markdown_lists_measured_and_skipped_backends():
+    doc = _doc([_row("torch", False, [10, 12, 11]), _row("torch", True, [11, 13, 12]),
+                _row("tensorrt", False, [], status="skipped", reason="TensorRT is not available here")])
+    text = bench.render_markdown(doc)
+    assert "| backend | GAG | step p50 ms |" in text
+    assert "| torch | off | 11.0 |" in text
+    assert "skipped: TensorRT is not available here" in text
+    assert "| torch | step | 1.091 |" in text  # GAG / plain of the medians 12 / 11
+    assert "Test CPU" in text
+
+
+# ------------------------------------------------------------------------------- end to end
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_cli_bench_tiny_sdxl_writes_json_markdown_and_plot(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, [
+        "bench", "--model", "tiny-sdxl", "--backends", "torch,tensorrt", "--warmup", "1", "--iters", "2", "--both",
+        "--threads", "1", "--graphs", str(tmp_path / "graphs"), "--json", str(out / "bench.json"),
+        "--markdown", str(out / "bench.md"), "--plot", str(out / "bench.png"),
+    ], obj={})
+    assert result.exit_code == 0, result.output
+
+    doc = json.loads((out / "bench.json").read_text())
+    bench.validate_result(doc)
+    assert doc["config"]["iters"] == 2 and doc["config"]["warmup"] == 1 and doc["config"]["steps"] == 4
+    assert doc["environment"]["cpu"]["model"] and doc["environment"]["versions"]["torch"]
+    rows = {(r["backend"], r["gag"]): r for r in doc["results"]}
+    assert set(rows) == {("torch", False), ("torch", True), ("tensorrt", False), ("tensorrt", True)}
+    for gag in (False, True):
+        torch_row = rows[("torch", gag)]
+        assert torch_row["status"] == "ok", torch_row["reason"]
+        assert torch_row["step"]["stats"]["n"] == 2 and len(torch_row["step"]["samples_ms"]) == 2
+        assert torch_row["e2e"]["stats"]["n"] == 2 and set(torch_row["e2e"]["stages_ms"]) == set(bench.STAGES)
+        assert torch_row["step"]["first_call_ms"] is not None
+        assert rows[("tensorrt", gag)]["status"] in ("skipped", "failed") and rows[("tensorrt", gag)]["reason"]
+    assert {(o["backend"], o["measure"]) for o in doc["gag_overhead"]} == {("torch", "step"), ("torch", "e2e")}
+    assert not (tmp_path / "graphs").exists()  # torch alone exports nothing
+
+    markdown = (out / "bench.md").read_text()
+    assert "| backend | GAG | step p50 ms | step mean ± std | p90 | p99 | min | vs eager |" in markdown
+    assert "| torch | off |" in markdown and "| torch | on |" in markdown and "| tensorrt | off |" in markdown
+    assert "| backend | measure | GAG / plain (p50) |" in markdown
+
+    width, height = _png_size(out / "bench.png")
+    assert width > 300 and height > 200
+    assert "| backend | GAG |" in result.output  # the table is also printed
+
+
+def test_bench_ort_exports_the_denoiser_once_and_reuses_it(tmp_path):
+    config = bench.BenchConfig("tiny-sdxl", backends=("ort",), gag="gag", warmup=0, iters=2, e2e=False, threads=1,
+                               graphs=tmp_path / "graphs")
+    doc = bench.run_bench(config)
+    bench.validate_result(doc)
+    manifest = tmp_path / "graphs" / "gag" / "tiny-sdxl" / "manifest.json"
+    assert set(json.loads(manifest.read_text())["components"]) == {"unet"}  # step-only: the denoiser alone
+    (row,) = doc["results"]
+    assert row["status"] == "ok", row["reason"]
+    assert row["backend"] == "ort" and row["gag"] and row["step"]["stats"]["n"] == 2 and row["e2e"] is None
+    assert doc["e2e_skipped"]
+    stamp = manifest.stat().st_mtime_ns
+    assert bench.needs_export(config, bench.plan(config)) == {}
+    assert manifest.stat().st_mtime_ns == stamp
+
+
+def test_isolate_backend_runs_each_backend_in_its_own_process(tmp_path):
+    config = bench.BenchConfig("tiny-sdxl", backends=("torch",), gag="both", warmup=0, iters=1, e2e=False, threads=1,
+                               isolate="backend", graphs=tmp_path / "graphs")
+    doc = bench.run_bench(config)
+    bench.validate_result(doc)
+    assert doc["memory"]["method"] == "child-peak-rss"
+    for row in doc["results"]:
+        assert row["status"] == "ok", row["reason"]
+        assert row["memory"]["peak_rss_mib"] > 0
+    assert [o["measure"] for o in doc["gag_overhead"]] == ["step"]
