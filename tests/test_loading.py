@@ -198,17 +198,39 @@ def test_hub_cache_base_plus_single_file_unet(tmp_path, tiny_sdxl, other_unet_st
 
 
 def test_missing_weights_name_the_file_and_the_ways_out(tmp_path):
+    import shutil
+
+    download = loading.download_command()  # the installed Hub CLI's command, so the hint can be pasted
+    assert shutil.which(download.split()[0]) is not None
     with pytest.raises(WeightsNotFoundError) as info:
         load_pipeline("dmd2", cache_dir=tmp_path)
     message = str(info.value)
     assert info.value.exit_code == 6
-    for part in ("tianweiy/DMD2", "dmd2_sdxl_4step_unet_fp16.bin", "huggingface-cli download tianweiy/DMD2",
+    for part in ("tianweiy/DMD2", "dmd2_sdxl_4step_unet_fp16.bin", f"{download} tianweiy/DMD2",
                  "--weights random", "tiny-sdxl"):
         assert part in message
-    with pytest.raises(WeightsNotFoundError, match="huggingface-cli download black-forest-labs/FLUX.1-schnell.*tiny-flux"):
+    with pytest.raises(WeightsNotFoundError, match=f"{download} black-forest-labs/FLUX.1-schnell.*tiny-flux"):
         load_pipeline("flux-schnell", cache_dir=tmp_path, components=("vae",))
     with pytest.raises(WeightsNotFoundError, match="checkpoint file not found"):
         load_pipeline("tiny-sdxl", denoiser_path=tmp_path / "nope.safetensors")
+
+
+def test_weights_present_looks_at_the_cache_without_loading(tmp_path, tiny_sdxl):
+    assert loading.weights_present("tiny-sdxl") is None
+    assert loading.weights_present("dmd2", cache_dir=tmp_path) is False
+    base = fake_hub_repo(tmp_path, "stabilityai/stable-diffusion-xl-base-1.0")
+    (base / "model_index.json").write_text("{}")
+    assert loading.weights_present("sdxl", cache_dir=tmp_path) is False  # no UNet weights yet
+    (base / "unet").mkdir()
+    (base / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"x")
+    assert loading.weights_present("sdxl", cache_dir=tmp_path) is True
+    assert loading.weights_present("dmd2", cache_dir=tmp_path) is False  # its UNet file is another repo's
+    dmd2 = fake_hub_repo(tmp_path, "tianweiy/DMD2")
+    (dmd2 / "dmd2_sdxl_4step_unet_fp16.bin").write_bytes(b"x")
+    assert loading.weights_present("dmd2", cache_dir=tmp_path) is True
+    folder = tmp_path / "local"
+    tiny_sdxl.save_pretrained(folder)
+    assert loading.weights_present(str(folder)) is True
 
 
 # --------------------------------------------------------------------------- random weights

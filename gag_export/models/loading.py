@@ -226,20 +226,62 @@ def _pipeline_class(family: str):
     return StableDiffusionXLPipeline if family == "sdxl" else FluxPipeline
 
 
+def download_command() -> str:
+    """The Hub CLI's download command for the installed huggingface_hub: `hf download` from 0.34 on
+    (`huggingface-cli` was deprecated then and is absent from recent releases), else `huggingface-cli download`."""
+    import huggingface_hub
+    from packaging.version import Version
+
+    return "hf download" if Version(huggingface_hub.__version__).release >= (0, 34) else "huggingface-cli download"
+
+
 def _download_hint(entry: ModelEntry, missing: str) -> str:
     source = entry.source
+    download = download_command()
     commands = []
     if source.repo_id and not Path(source.repo_id).exists():
-        commands.append(f"huggingface-cli download {source.repo_id}")
+        commands.append(f"{download} {source.repo_id}")
     if source.denoiser_repo:
         file = f" {source.denoiser_file}" if source.denoiser_file else ""
-        commands.append(f"huggingface-cli download {source.denoiser_repo}{file}")
+        commands.append(f"{download} {source.denoiser_repo}{file}")
     tiny = f"tiny-{entry.family}"
     return (
         f"weights for {entry.name!r} are not available locally: {missing}. "
-        f"Download them with: {' && '.join(commands) or 'huggingface-cli download <repo>'}; "
+        f"Download them with: {' && '.join(commands) or f'{download} <repo>'}; "
         f"or run without them: --weights random (full-size architecture, random weights) or --model {tiny}"
     )
+
+
+def weights_present(entry: ModelEntry | str, cache_dir: str | os.PathLike | None = None) -> bool | None:
+    """Whether an entry's pretrained weights look present locally; None for built-in tiny models.
+
+    A cheap look at the Hugging Face cache (nothing is loaded or downloaded): the pipeline's
+    model_index.json and its denoiser's weights (the single file, the denoiser repo's config, or
+    the pipeline's own `unet/`/`transformer/` safetensors or shard index). A local folder entry is
+    present when its model_index.json is. Incomplete shards are found only by loading.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    entry = resolve_entry(entry) if isinstance(entry, str) else entry
+    source = entry.source
+    if source.repo_id is None:
+        return None
+    if Path(source.repo_id).is_dir():
+        return (Path(source.repo_id) / "model_index.json").is_file()
+
+    def cached(repo: str, *files: str) -> bool:
+        return any(isinstance(try_to_load_from_cache(repo, f, cache_dir=cache_dir), str) for f in files)
+
+    if not cached(source.repo_id, "model_index.json"):
+        return False
+    if source.denoiser_repo:
+        return cached(source.denoiser_repo, source.denoiser_file or "config.json")
+    sub = DENOISER[entry.family]
+    names = [f"{sub}/diffusion_pytorch_model{suffix}" for suffix in (".safetensors", ".safetensors.index.json")]
+    if source.variant:
+        names += [f"{sub}/diffusion_pytorch_model.{source.variant}{suffix}"
+                  for suffix in (".safetensors", ".safetensors.index.json")]
+    return cached(source.repo_id, *names)
 
 
 def _hub_file(repo_id: str, filename: str, entry: ModelEntry, local_files_only: bool, cache_dir) -> Path:
@@ -481,6 +523,8 @@ def build_random_pipeline(
 
 __all__ = [
     "load_pipeline",
+    "weights_present",
+    "download_command",
     "resolve_entry",
     "entry_configs",
     "shipped_config",
