@@ -7,39 +7,71 @@ and the exit code documented in README (see `gag_export.errors.EXIT_CODES`).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+import warnings
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import GagExportError
+from .errors import EXIT_CODES, GagExportError, ResourceExhaustedError
 
 console = Console(stderr=True)
 log = logging.getLogger("gag_export")
 
 
 class GagGroup(click.Group):
-    """A click group that turns `GagExportError` into one line and its exit code.
+    """A click group that turns every failure into one line and its documented exit code.
 
-    Done here rather than in `main` so that click's CliRunner (tests) sees the same exit codes.
+    `GagExportError`: its own code. Out of memory, or out of disk space (ENOSPC/EDQUOT) from any
+    layer: 7, like `ResourceExhaustedError`. Any other exception is a bug: 1, with the traceback
+    under --verbose. Click's usage errors keep click's code (2). Done here rather than in `main`
+    so that click's CliRunner (tests) sees the same exit codes.
     """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except GagExportError as exc:
-            if ctx.obj and ctx.obj.get("verbose"):
-                console.print_exception()
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            self._fail(ctx, str(exc), exc.exit_code)
+        except MemoryError:
+            self._fail(ctx, "out of memory (use a smaller model, dtype or shape, or a machine with more RAM)",
+                       ResourceExhaustedError.exit_code)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._fail(ctx, f"out of disk space: {exc}", ResourceExhaustedError.exit_code)
+            else:
+                self._fail(ctx, f"internal error: {type(exc).__name__}: {exc} {_BUG}", 1)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            self._fail(ctx, f"internal error: {type(exc).__name__}: {first} {_BUG}", 1)
+
+    @staticmethod
+    def _fail(ctx: click.Context, message: str, code: int):
+        if ctx.obj and ctx.obj.get("verbose"):
+            console.print_exception()
+        click.echo(f"error: {message}", err=True)
+        ctx.exit(code)
 
 
-@click.group(cls=GagGroup, context_settings={"help_option_names": ["-h", "--help"]})
+_BUG = "(a bug: please report it with the output of --verbose)"
+
+
+def _exit_codes_epilog() -> str:
+    return "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in sorted(EXIT_CODES.items()))
+
+
+@click.group(cls=GagGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_exit_codes_epilog())
 @click.version_option(__version__, prog_name="gag-export")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
@@ -60,9 +92,137 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
         force=True,
     )
+    if not verbose:  # library noise that says nothing about the user's run; --verbose shows it
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # "torchvision is not installed"
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        # read when those libraries are first imported (lazily, by the command): their import-time
+        # notices ("requires torchvision") and schedule remarks (DMD2's card timesteps) are not errors
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
     ctx.obj["quiet"] = quiet
+
+
+@cli.command("build")
+@click.option("--model", required=True, help="Registry name (`gag-export models`) or a local diffusers folder.")
+@click.option("--weights", type=click.Choice(["pretrained", "random", "tiny"]), default=None,
+              help="pretrained (local HF cache), random (full-size architecture, no download) or tiny "
+                   "[default: tiny for tiny-*, else pretrained].")
+@click.option("--out", "graphs_root", type=click.Path(file_okay=False, path_type=Path), default=Path("graphs"),
+              show_default=True, help="Graphs root: <out>/<model>/<component>/model.onnx + manifest.json.")
+@click.option("--engines", "engines_root", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),
+              show_default=True, help="TensorRT engine cache root.")
+@click.option("--height", type=click.IntRange(min=1), default=None, help="Image height in pixels [default: the model's].")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Image width in pixels [default: the model's].")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size of the graphs.")
+@click.option("--dynamic", is_flag=True, help="Symbolic batch/height/width (opt shape: --batch/--height/--width).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Graph precision; GAG arithmetic stays fp32 inside.")
+@click.option("--no-gag", is_flag=True, help="Export the unmodified denoiser (the baseline).")
+@click.option("--gag-scale", type=float, default=None, help="GAG scale (lambda) [default: 10].")
+@click.option("--gag-eta", type=float, default=None, help="GAG norm cap eta, > 0 [default: 15].")
+@click.option("--gag-zeta", type=float, default=None, help="GAG orthogonal weight zeta, >= 0 [default: 0].")
+@click.option("--gag-layers", default="down,up", show_default=True, help="Layers to rewrite: down,up | all | mid | globs.")
+@click.option("--prompt", default=None, help="Prompt of the smoke image [default: a red fox in the snow].")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the smoke image and parity inputs.")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Smoke image path [default: <model>-<seed>.png].")
+@click.option("--require-engine", is_flag=True, help="Fail (exit 3) instead of skipping engines when TensorRT is missing.")
+@click.option("--skip-smoke", is_flag=True, help="Do not generate the smoke image.")
+def build_command(model, weights, graphs_root, engines_root, height, width, batch, dynamic, dtype, no_gag, gag_scale,
+                  gag_eta, gag_zeta, gag_layers, prompt, seed, image_path, require_engine, skip_smoke) -> None:
+    """Everything for one model: load, GAG, export, check, TensorRT engines, one smoke image.
+
+    \b
+    Stages: load -> apply GAG -> export every component -> check (ONNX checker, shape inference,
+    TensorRT lint, ORT-vs-torch parity) -> TensorRT engines (skipped with the reason when
+    TensorRT is missing, unless --require-engine) -> one image with the best backend available
+    (tensorrt > ort-cuda > ort) -> a summary of artifacts, parity errors and timings.
+    Graphs are exported again on every run (same weights: identical files); engines are
+    reused from the cache when graph, TensorRT, GPU and settings match.
+
+    \b
+    Examples:
+      gag-export build --model tiny-sdxl                      # a minute or two on a laptop CPU
+      gag-export build --model dmd2 --dtype fp16              # real weights from the HF cache
+      gag-export build --model sdxl-turbo --weights random --skip-smoke
+    """
+    from .build import DEFAULT_PROMPT, BuildConfig, run_build
+    from .guidance import GAGConfig
+
+    given = {k: v for k, v in (("scale", gag_scale), ("eta", gag_eta), ("zeta", gag_zeta)) if v is not None}
+    if no_gag and given:
+        raise click.UsageError("--no-gag cannot be combined with --gag-scale/--gag-eta/--gag-zeta")
+    gag = None if no_gag else GAGConfig(**given, method="bisect", layers=gag_layers)
+    config = BuildConfig(
+        model=model, weights=weights, graphs_root=graphs_root, engines_root=engines_root, height=height, width=width,
+        batch=batch, dynamic=dynamic, precision=dtype, gag=gag, prompt=DEFAULT_PROMPT if prompt is None else prompt,
+        seed=seed, image=image_path, require_engine=require_engine, smoke=not skip_smoke,
+    )
+    with _build_progress(quiet=click.get_current_context().find_object(dict).get("quiet", False)) as on_event:
+        result = run_build(config, progress=on_event)
+    if result.check is not None and not result:
+        _print_check_report(result.check)
+    _print_build_summary(result)
+    result.raise_for_failures()
+
+
+@contextlib.contextmanager
+def _build_progress(quiet: bool):
+    """A rich progress display with one line per build stage; yields the BuildEvent callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, disable=quiet, transient=True)
+    tasks: dict[str, int] = {}
+    marks = {"done": "[green]done[/]", "reused": "[green]reused[/]", "skipped": "[yellow]skipped[/]",
+             "failed": "[bold red]failed[/]"}
+    try:
+        def on_event(event) -> None:
+            progress.start()  # on the first event: option errors found before any stage print no empty display
+            if event.stage not in tasks:
+                tasks[event.stage] = progress.add_task(event.stage, total=None)
+            task = tasks[event.stage]
+            if event.state in marks:
+                total = progress.tasks[task].total or 1
+                progress.update(task, total=total, completed=total,
+                                description=f"{event.stage}: {marks[event.state]} {escape(event.message)}".rstrip())
+                progress.stop_task(task)
+            else:
+                progress.update(task, total=event.total, completed=event.completed or 0,
+                                description=f"{event.stage}: {escape(event.message)}")
+
+        yield on_event
+    finally:
+        progress.stop()
+
+
+def _print_build_summary(result) -> None:
+    out = Console()
+    parity = result.parity()
+    graphs_dir = result.manifest.graphs_dir if result.manifest is not None else None
+    title = f"{result.entry.name}: artifacts" + (f" (graphs in {graphs_dir})" if graphs_dir else "")
+    artifacts = Table(title=title, header_style="bold")
+    artifacts.add_column("path", overflow="fold")
+    artifacts.add_column("size", justify="right", no_wrap=True)
+    artifacts.add_column("status")
+    artifacts.add_column("parity max abs / rel err", overflow="fold")
+    for a in result.artifacts:
+        errors = parity.get(a.name) if a.kind == "graph" else None
+        path = a.path.relative_to(graphs_dir) if graphs_dir and a.path.is_relative_to(graphs_dir) else a.path
+        artifacts.add_row(str(path), _size(a.size_bytes), a.status,
+                          f"{errors[0]:.1e} / {errors[1]:.1e}" if errors else "")
+    out.print(artifacts)
+    stages = Table(title=f"{result.entry.name}: stages", header_style="bold")
+    for column in ("stage", "status", "time", "details"):
+        stages.add_column(column, justify="right" if column == "time" else "left")
+    for s in result.stages:
+        stages.add_row(s.name, s.status, f"{s.seconds:.1f} s", escape(s.details))
+    stages.add_row("total", "", f"{result.total_seconds:.1f} s", "")
+    out.print(stages)
+    if result.image_path is not None:
+        click.echo(f"wrote {result.image_path} ({result.backend})")
 
 
 @cli.command("engine")
@@ -83,7 +243,13 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 @click.option("--component", "components", multiple=True, metavar="NAME", help="Only this component (repeatable).")
 def engine_command(graphs_dir: Path, out_dir: Path, precision, shapes, timing_cache, workspace_gb, opt_level,
                    weakly_typed: bool, rebuild: bool, components: tuple[str, ...]) -> None:
-    """Build (or reuse) TensorRT engines for an exported model, e.g. `gag-export engine graphs/tiny-sdxl`."""
+    """Build (or reuse) TensorRT engines for an exported model (exit 3 without TensorRT).
+
+    \b
+    Examples:
+      gag-export engine graphs/tiny-sdxl
+      gag-export engine graphs/dmd2 --dynamic --timing-cache trt.cache
+    """
     from . import engine
 
     options = engine.EngineOptions(
@@ -105,7 +271,7 @@ def _shape(shape_cls, height, width, batch, default):
 
 
 @cli.command("export")
-@click.option("--model", required=True, help="Registry name (`gag-export models`), e.g. tiny-sdxl, dmd2.")
+@click.option("--model", required=True, help="Registry name (`gag-export models`), e.g. tiny-sdxl, dmd2, or a local diffusers folder.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("graphs"),
               show_default=True, help="Graphs root: <out>/<model>/<component>/model.onnx + manifest.json.")
 @click.option("--height", type=int, default=None, help="Image height in pixels [default: the model's].")
@@ -137,17 +303,23 @@ def _shape(shape_cls, height, width, batch, default):
 def export_command(model, out_dir, height, width, batch, dynamic, min_height, min_width, min_batch, max_height,
                    max_width, max_batch, dtype, no_gag, gag_scale, gag_eta, gag_zeta, gag_layers, gag_method,
                    weights, components, slim, opset, exporter, no_check) -> None:
-    """Export a model's components to ONNX, e.g. `gag-export export --model tiny-sdxl --dynamic`."""
+    """Export a model's components to ONNX with GAG inside the denoiser, then check them.
+
+    \b
+    Examples:
+      gag-export export --model tiny-sdxl
+      gag-export export --model dmd2 --dtype fp16 --dynamic --max-height 1536 --max-width 1536
+    """
     from . import check, export
     from .guidance import GAGConfig
-    from .models import ImageShape, get_entry, load_pipeline
+    from .models import ImageShape, load_pipeline, resolve_entry
 
-    entry = get_entry(model)
+    entry = resolve_entry(model)  # a registry name or a local diffusers folder
     gag = None if no_gag else GAGConfig(scale=gag_scale, eta=gag_eta, zeta=gag_zeta, method=gag_method, layers=gag_layers)
     shape = _shape(ImageShape, height, width, batch, ImageShape(entry.height, entry.width, 1))
     ranged = dynamic and any(v is not None for v in (min_height, min_width, min_batch, max_height, max_width, max_batch))
     config = export.ExportConfig(
-        model=model, out_dir=out_dir, shape=shape, dynamic=dynamic, precision=dtype, gag=gag, opset=opset,
+        model=entry.name, out_dir=out_dir, shape=shape, dynamic=dynamic, precision=dtype, gag=gag, opset=opset,
         exporter=exporter, slim=slim, weights=weights, components=components,
         min_shape=_shape(ImageShape, min_height, min_width, min_batch, shape) if ranged else None,
         max_shape=_shape(ImageShape, max_height, max_width, max_batch, shape) if ranged else None,
@@ -208,7 +380,13 @@ def _print_check_report(report) -> None:
 @click.option("--no-parity", is_flag=True, help="Skip ORT-vs-torch parity (no pipeline is loaded).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the parity sample inputs.")
 def check_command(graphs_dir: Path, no_parity: bool, seed: int) -> None:
-    """Check exported graphs: checker, shape inference, TensorRT lint, parity (exit 4 on failure)."""
+    """Check exported graphs: checker, shape inference, TensorRT lint, parity (exit 4 on failure).
+
+    \b
+    Examples:
+      gag-export check graphs/tiny-sdxl
+      gag-export check graphs/dmd2 --no-parity     # no pipeline loaded: structure only
+    """
     from . import check
 
     with console.status(f"checking {graphs_dir}"):
@@ -220,7 +398,13 @@ def check_command(graphs_dir: Path, no_parity: bool, seed: int) -> None:
 @cli.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def doctor_command(as_json: bool) -> None:
-    """What this machine can run (GPU, TensorRT, ONNX Runtime providers...) and how to get the rest."""
+    """What this machine can run (GPU, TensorRT, ONNX Runtime providers...) and how to get the rest.
+
+    \b
+    Examples:
+      gag-export doctor
+      gag-export doctor --json
+    """
     from . import doctor
 
     report = doctor.diagnose()
@@ -260,8 +444,13 @@ def doctor_command(as_json: bool) -> None:
 def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_scale, gag_eta, gag_zeta, no_gag, height,
                      width, graphs_root, engines_root, out_path, no_build, compile_torch, cuda_graph, threads,
                      ort_providers) -> None:
-    """Generate an image from exported graphs/engines, e.g.
-    `gag-export generate --model tiny-sdxl --prompt "a red fox" --backend ort`."""
+    """Generate an image from exported graphs or engines (exported or built first when missing).
+
+    \b
+    Examples:
+      gag-export generate --model tiny-sdxl --prompt "a red fox" --backend ort
+      gag-export generate --model dmd2 --prompt "a red fox" --backend tensorrt --gag-scale 5
+    """
     from dataclasses import replace
 
     from .models import get_entry
@@ -301,28 +490,39 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
 @cli.command("models")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
 def models_command(as_json: bool) -> None:
-    """List the models that can be exported and sampled by name."""
-    import json
+    """List the models that can be exported and sampled by name.
 
-    from rich.table import Table
+    \b
+    Columns: family, default steps (range) and CFG scale, scheduler, resolution, weights source,
+    and whether the pretrained weights are in the local Hugging Face cache ("built in" for
+    tiny-*; every model also builds with --weights random, no download).
 
+    \b
+    Examples:
+      gag-export models
+      gag-export models --json
+    """
     from .models import list_entries
+    from .models.loading import weights_present
 
     entries = list_entries()
+    local = {e.name: weights_present(e) for e in entries}
     if as_json:
         click.echo(json.dumps([{
             "name": e.name, "family": e.family, "source": e.source.describe(), "height": e.height, "width": e.width,
             "scheduler": e.scheduler.class_name, "steps": e.scheduler.default_steps, "cfg_scale": e.cfg_scale,
-            "description": e.description,
+            "description": e.description, "weights_present": local[e.name],
         } for e in entries], indent=2))
         return
     table = Table(header_style="bold")
-    for column in ("model", "family", "size", "steps", "scheduler", "weights"):
+    for column in ("model", "family", "size", "steps", "scheduler", "weights", "local"):
         table.add_column(column)
     for e in entries:
         steps = f"{e.scheduler.default_steps} ({e.scheduler.min_steps}-{e.scheduler.max_steps})"
         cfg = "" if e.cfg_scale is None else f", cfg {e.cfg_scale:g}"
-        table.add_row(e.name, e.family, f"{e.width}x{e.height}", steps + cfg, e.scheduler.class_name, e.source.describe())
+        present = {None: "built in", True: "yes", False: "no"}[local[e.name]]
+        table.add_row(e.name, e.family, f"{e.width}x{e.height}", steps + cfg, e.scheduler.class_name,
+                      e.source.describe(), present)
     Console().print(table)
 
 
