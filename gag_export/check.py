@@ -67,6 +67,7 @@ _LAYOUT_OPS = frozenset({
     "Identity", "Constant", "ConstantOfShape", "Split", "Expand", "Flatten", "Size", "Range",
 })
 _HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+_PRECISION_OF = {"float32": Precision.FP32, "float16": Precision.FP16, "bfloat16": Precision.BF16}
 _REDUCE_OPS = frozenset({
     "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
     "ReduceProd", "ReduceSum", "ReduceSumSquare",
@@ -437,8 +438,9 @@ def precision_findings(model, reduced: str, gag_modules: Sequence[str]) -> tuple
                 problems.append(f"{node.op_type} node {node.name} computes in {float_outs[0]}, not {reduced}")
     if gag_modules and gag_ops == 0:
         problems.append("no GAG attention nodes found in the graph (name scopes missing?)")
-    summary = (f"{gag_ops} GAG arithmetic nodes in float32; {heavy_reduced}/{heavy} Conv/MatMul/Gemm "
-               f"nodes elsewhere in {reduced}")
+    summary = f"{heavy_reduced}/{heavy} Conv/MatMul/Gemm nodes in {reduced}"
+    if gag_modules:
+        summary = f"{gag_ops} GAG attention arithmetic nodes in float32; {summary} outside them"
     return problems, summary
 
 
@@ -453,14 +455,13 @@ def _reference_pipeline(manifest: Manifest):
     from .models import get_entry, load_pipeline  # noqa: PLC0415
 
     entry = get_entry(manifest.model)
-    return entry, load_pipeline(entry, weights=manifest.data.get("weights"))
+    return entry, load_pipeline(entry, weights=manifest.data.get("weights"), components=list(manifest.components))
 
 
 def _parity(manifest: Manifest, component: str, descriptor, reference_pipe, seed: int) -> CheckResult:
     entry = manifest.components[component]
-    precision = Precision.parse(next((o["dtype"] for o in entry["outputs"] if o["dtype"] in
-                                      ("float32", "float16", "bfloat16")), "float32")
-                                .replace("float32", "fp32").replace("float16", "fp16").replace("bfloat16", "bf16"))
+    floats = [o["dtype"] for o in entry["outputs"] if o["dtype"] in _PRECISION_OF]
+    precision = _PRECISION_OF[floats[0]] if floats else Precision.FP32  # the component's own precision
     if precision is Precision.BF16:
         return CheckResult(component, "parity", "skipped",
                            "ONNX Runtime's CPU provider has no bfloat16 Conv/MatMul kernels; check on a GPU (TensorRT)")

@@ -327,7 +327,7 @@ def export_command(model, out_dir, height, width, batch, dynamic, min_height, mi
     if not dynamic and any(v is not None for v in (min_height, min_width, min_batch, max_height, max_width, max_batch)):
         raise click.UsageError("--min-*/--max-* need --dynamic")
     with console.status(f"loading {model} ({weights or 'default'} weights)"):
-        pipe = load_pipeline(entry, weights=weights)
+        pipe = load_pipeline(entry, weights=weights, components=list(components) or None)
     manifest = _export_with_progress(export, pipe, entry, config)
     table = Table(title=f"{model} -> {manifest.graphs_dir}", show_header=True, header_style="bold")
     for column in ("component", "nodes", "size", "time", "slim"):

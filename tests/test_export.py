@@ -219,6 +219,29 @@ def test_fp16_graph_keeps_gag_in_fp32_and_passes_looser_parity(graphs_root):
     assert parity.passed and parity.rtol == unet["tolerance"]["rtol"]
 
 
+def test_bf16_graph_is_typed_bf16_and_parity_is_skipped_with_a_reason(tmp_path):
+    manifest = export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"),
+                            _text_encoder_config(tmp_path, precision="bf16"))
+    comp = manifest.components["text_encoder"]
+    assert manifest.data["dtype"] == "bf16"
+    assert [o["dtype"] for o in comp["outputs"]] == ["bfloat16", "bfloat16"]
+    assert comp["inputs"][0]["dtype"] == "int64"
+    report = check_graphs(manifest.graphs_dir, pipe=pipeline("tiny-sdxl"), entry=get_entry("tiny-sdxl"))
+    assert report, report.summary()
+    assert report.get("text_encoder", "precision").passed
+    parity = report.get("text_encoder", "parity")
+    assert parity.status == "skipped" and "bfloat16" in parity.details
+
+
+def test_legacy_exporter_is_an_option(tmp_path):
+    manifest = export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"),
+                            _text_encoder_config(tmp_path, exporter="legacy"))
+    assert manifest.data["exporter"] == "legacy"
+    assert sorted(p.name for p in manifest.graph_path("text_encoder").parent.iterdir()) == ["model.onnx"]
+    report = check_graphs(manifest.graphs_dir, pipe=pipeline("tiny-sdxl"), entry=get_entry("tiny-sdxl"))
+    assert report and report.get("text_encoder", "parity").passed, report.summary()
+
+
 def test_promote_concat_inputs_inserts_the_cast_torch_implies():
     from onnx import TensorProto, helper
 
