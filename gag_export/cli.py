@@ -489,7 +489,8 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
 
 @cli.command("models")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
-def models_command(as_json: bool) -> None:
+@click.option("--markdown", "as_markdown", is_flag=True, help="Print README's supported-models table (Markdown).")
+def models_command(as_json: bool, as_markdown: bool) -> None:
     """List the models that can be exported and sampled by name.
 
     \b
@@ -506,6 +507,9 @@ def models_command(as_json: bool) -> None:
     from .models.loading import weights_present
 
     entries = list_entries()
+    if as_markdown:
+        click.echo(_models_markdown(entries))
+        return
     local = {e.name: weights_present(e) for e in entries}
     if as_json:
         click.echo(json.dumps([{
@@ -524,6 +528,31 @@ def models_command(as_json: bool) -> None:
         table.add_row(e.name, e.family, f"{e.width}x{e.height}", steps + cfg, e.scheduler.class_name,
                       e.source.describe(), present)
     Console().print(table)
+
+
+def _models_markdown(entries) -> str:
+    """The registry as README's table: one row per entry, nothing that depends on this machine."""
+    rows = ["| model | family | steps: default (range) | scheduler | resolution | guidance | weights (Hugging Face) |",
+            "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        spec = e.scheduler
+        steps = f"{spec.default_steps} ({spec.min_steps}-{spec.max_steps})" if spec.min_steps != spec.max_steps \
+            else f"{spec.default_steps}"
+        fixed = spec.timesteps.get(spec.default_steps)
+        options = [f"{k}={v}" for k, v in {**spec.kwargs, **spec.call_kwargs}.items()]
+        if fixed:
+            options.append(f"t = {', '.join(map(str, fixed))}")
+        schedule = spec.class_name + (f" ({'; '.join(options)})" if options else "")
+        if e.cfg_scale is not None:
+            guidance = f"CFG {e.cfg_scale:g} + GAG"
+        elif e.embedded_guidance is not None:
+            guidance = f"GAG (no CFG; w-embedding {e.embedded_guidance:g})"
+        else:
+            guidance = "GAG (no CFG)"
+        denoiser = " + UNet " if e.family == "sdxl" else " + transformer "
+        source = "built in code" if e.is_tiny else e.source.describe().replace(" + ", denoiser)
+        rows.append(f"| `{e.name}` | {e.family} | {steps} | {schedule} | {e.width}x{e.height} | {guidance} | {source} |")
+    return "\n".join(rows)
 
 
 @cli.command("bench")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import json
+import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -64,7 +66,8 @@ def test_every_command_help_has_a_description_and_an_example(command):
     assert result.exit_code == 0
     description = result.output.split("\n\n")[1].strip()
     assert description and not description.startswith("Options"), result.output
-    assert f"gag-export {command}" in result.output, f"{command} --help has no example"
+    text = re.sub(r"-\s+", "-", re.sub(r"\s+", " ", result.output))  # undo click's line wrapping
+    assert f"gag-export {command} " in text, f"{command} --help has no example"
 
 
 def test_version_and_global_flags():
@@ -282,6 +285,36 @@ def test_unexpected_exceptions_exit_1_with_one_line_and_a_traceback_under_verbos
     assert "Traceback" not in result.output
     verbose = invoke("--verbose", "build", "--model", MODEL, "--out", tmp_path / "graphs")
     assert verbose.exit_code == 1 and "Traceback" in verbose.output
+
+
+# --------------------------------------------------------------------------- README and CI stay in sync
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_setup_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Set up on a fresh machine", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_setup_commands_and_ci():
+    build_cmd, test_cmd = readme_setup_commands()
+    assert build_cmd == ("python -m pip install torch==2.13.0 && python -m pip install -e . && "
+                         "gag-export build --model tiny-sdxl")
+    assert test_cmd == 'python -m pip install torch==2.13.0 && python -m pip install -e ".[dev]" && python -m pytest'
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_cmd in ci.splitlines(), ".ci/run must run README's command 2 exactly"
+    assert "-eq 5" in ci, ".ci/run must fail when pytest collects no tests (exit 5)"
+
+
+def test_readme_tables_match_the_registry_and_exit_codes():
+    readme = (ROOT / "README.md").read_text()
+    table = invoke("models", "--markdown").output.strip()
+    assert table in readme, "README's supported-models table is stale: paste `gag-export models --markdown`"
+    for code, text in EXIT_CODES.items():
+        assert f"| {code} | {text} |" in readme
 
 
 def test_every_documented_exit_code_is_asserted_here():
