@@ -1,0 +1,177 @@
+"""Requests to a served `pipeline` with `tritonclient`, over HTTP or gRPC.
+
+    with PipelineClient("http://127.0.0.1:8000") as client:
+        image = client.generate(PipelineRequest("a red fox", seed=1))     # uint8 HxWx3
+        client.defaults                                                    # from the pipeline's config
+
+`url`: `http://host:port`, `grpc://host:port`, or `host:port` with `protocol`. Values a request
+leaves out (steps, GAG parameters) come from the `pipeline` model's config parameters, which
+`gag-export triton` writes from the export (default steps, the export's GAG values). A refused
+request raises `InvalidInputError` with the server's message; an unreachable server
+`GagExportError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ..errors import GagExportError, InvalidInputError, MissingDependencyError
+from .repository import PIPELINE
+
+PROTOCOLS = ("http", "grpc")
+GAG_INPUTS = ("gag_scale", "gag_eta", "gag_zeta")
+CLIENT_INSTALL = "pip install 'tritonclient[http,grpc]'"
+
+
+@dataclass(frozen=True)
+class PipelineRequest:
+    """One image request; None: the served model's default."""
+
+    prompt: str
+    seed: int = 0
+    steps: int | None = None
+    gag_scale: float | None = None
+    gag_eta: float | None = None
+    gag_zeta: float | None = None
+
+
+def parse_url(url: str, protocol: str | None = None) -> tuple[str, str]:
+    """(protocol, "host:port") from a URL with or without scheme."""
+    text = url.strip()
+    scheme = None
+    if "://" in text:
+        scheme, text = text.split("://", 1)
+        scheme = {"https": "http"}.get(scheme.lower(), scheme.lower())
+        if scheme not in PROTOCOLS:
+            raise InvalidInputError(f"--url: use http://host:port or grpc://host:port, got {url!r}")
+    text = text.rstrip("/")
+    if not text or "/" in text:
+        raise InvalidInputError(f"--url: expected host:port, got {url!r}")
+    if protocol is not None and scheme is not None and protocol != scheme:
+        raise InvalidInputError(f"--url says {scheme} but --protocol says {protocol}")
+    chosen = protocol or scheme or "http"
+    if chosen not in PROTOCOLS:
+        raise InvalidInputError(f"protocol: use one of {', '.join(PROTOCOLS)}, got {chosen!r}")
+    return chosen, text
+
+
+def _module(protocol: str):
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as module  # noqa: PLC0415
+        else:
+            import tritonclient.http as module  # noqa: PLC0415
+    except ImportError as exc:
+        raise MissingDependencyError(f"tritonclient ({protocol}) is not importable ({exc}): `{CLIENT_INSTALL}`") from None
+    return module
+
+
+class PipelineClient:
+    """A connection to one server's `pipeline` model (close it, or use it as a context manager)."""
+
+    def __init__(self, url: str, protocol: str | None = None, model: str = PIPELINE, timeout: float = 600.0):
+        self.protocol, self.address = parse_url(url, protocol)
+        self.model = model
+        self.timeout = timeout
+        self._tc = _module(self.protocol)
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        self._error = InferenceServerException
+        if self.protocol == "http":
+            self._client = self._tc.InferenceServerClient(self.address, connection_timeout=timeout,
+                                                          network_timeout=timeout)
+        else:
+            self._client = self._tc.InferenceServerClient(self.address)
+        self._defaults: dict[str, str] | None = None
+        self._inputs: list[str] | None = None
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "PipelineClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except self._error as exc:
+            message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+            status = str(exc.status() or "") if callable(getattr(exc, "status", None)) else ""
+            if "INVALID_ARG" in status or status == "400" or "INVALID_ARGUMENT" in status:
+                raise InvalidInputError(f"the server refused the request: {message}") from None
+            raise GagExportError(f"{what} failed at {self.protocol}://{self.address}: {message}") from None
+        except OSError as exc:
+            raise GagExportError(f"cannot reach {self.protocol}://{self.address} ({exc}); is the server running "
+                                 "(`gag-export serve`)?") from None
+
+    def _config(self) -> dict:
+        if self.protocol == "grpc":
+            response = self._call("reading the model config", self._client.get_model_config, self.model, as_json=True)
+            return response["config"]
+        return self._call("reading the model config", self._client.get_model_config, self.model)
+
+    @property
+    def defaults(self) -> dict[str, str]:
+        """The pipeline config's parameters (model, default/min/max steps, default GAG values)."""
+        if self._defaults is None:
+            config = self._config()
+            self._defaults = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+            self._inputs = [i["name"] for i in config.get("input", [])]
+        return self._defaults
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client.is_model_ready(self.model))
+        except (self._error, OSError):
+            return False
+
+    def resolve(self, request: PipelineRequest) -> PipelineRequest:
+        """`request` with every None replaced by the served model's default."""
+        defaults = self.defaults
+        filled: dict[str, Any] = {}
+        if request.steps is None:
+            filled["steps"] = int(defaults.get("default_steps", "1"))
+        for name in GAG_INPUTS:
+            if name not in self._inputs:
+                if getattr(request, name) is not None:
+                    raise InvalidInputError(f"{name}: the served model was exported without GAG")
+            elif getattr(request, name) is None:
+                filled[name] = float(defaults[f"default_{name}"])
+        return replace(request, **filled)
+
+    def _values(self, request: PipelineRequest) -> dict[str, np.ndarray]:
+        values: dict[str, Any] = {
+            "prompt": np.array([request.prompt.encode("utf-8")], dtype=np.object_),
+            "seed": np.array([request.seed], dtype=np.int64),
+            "steps": np.array([request.steps], dtype=np.int32),
+        }
+        for name in GAG_INPUTS:
+            if name in self._inputs:
+                values[name] = np.array([getattr(request, name)], dtype=np.float32)
+        return values
+
+    def generate(self, request: PipelineRequest) -> np.ndarray:
+        """The image (uint8 HxWx3) for one request."""
+        if not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
+            raise InvalidInputError(f"seed: must be an integer in [0, 2**63 - 1], got {request.seed!r}")
+        values = self._values(self.resolve(request))
+        inputs = []
+        for name, array in values.items():
+            datatype = "BYTES" if array.dtype == np.object_ else {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32",
+                                                                 np.dtype(np.float32): "FP32"}[array.dtype]
+            tensor = self._tc.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        outputs = [self._tc.InferRequestedOutput("image")]
+        kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        result = self._call("the request", self._client.infer, self.model, inputs, outputs=outputs, **kwargs)
+        image = result.as_numpy("image")
+        if image is None or image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise GagExportError(f"the server returned no HxWx3 uint8 image (got {None if image is None else image.shape})")
+        return image

@@ -1,0 +1,158 @@
+"""What a `pipeline` request may contain, checked before any graph runs.
+
+The served pipeline takes one value per input (Triton shape [1]): `prompt` (UTF-8 bytes), `seed`
+(int64), `steps` (int32) and, for a GAG export, `gag_scale`, `gag_eta`, `gag_zeta` (fp32). A value
+outside the limits below is refused with one line naming the input, the bound and the value; the
+sampler model turns that into a Triton error response and goes on serving.
+
+| input | accepted |
+|-------|----------|
+| prompt | valid UTF-8, at most `max_prompt_chars` characters (1000), no NUL; longer than the text encoder's token limit: truncated as `generate` does |
+| seed | integer in [0, 2**63 - 1] |
+| steps | the model's step range (`gag-export models`), e.g. 1..4 for DMD2 |
+| gag_scale | finite, in [-1, 100] (-1 with zeta 1 and a huge eta is the unguided model) |
+| gag_eta | in (0, 1e9] (1e9: practically no norm cap) |
+| gag_zeta | finite, in [0, 10] |
+
+The limits travel in the sampler's `config.pbtxt` as parameters (`limit_*`), so a deployment can
+narrow or widen them without code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from ..runtime.sampler import GAGParams, GenerationConfig
+
+SEED_MAX = 2**63 - 1
+GAG_REQUEST_INPUTS = ("gag_scale", "gag_eta", "gag_zeta")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds of one request; `min_steps`/`max_steps` come from the model's scheduler spec."""
+
+    min_steps: int
+    max_steps: int
+    max_prompt_chars: int = 1000
+    min_scale: float = -1.0
+    max_scale: float = 100.0
+    max_eta: float = 1e9
+    max_zeta: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise InvalidInputError(f"steps limits: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if self.max_prompt_chars < 1:
+            raise InvalidInputError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
+        if not (math.isfinite(self.min_scale) and math.isfinite(self.max_scale) and self.min_scale <= self.max_scale):
+            raise InvalidInputError(f"scale limits must be finite with min <= max, got {self.min_scale}, {self.max_scale}")
+        if not (math.isfinite(self.max_eta) and self.max_eta > 0):
+            raise InvalidInputError(f"max_eta must be finite and > 0, got {self.max_eta}")
+        if not (math.isfinite(self.max_zeta) and self.max_zeta >= 0):
+            raise InvalidInputError(f"max_zeta must be finite and >= 0, got {self.max_zeta}")
+
+    @classmethod
+    def for_entry(cls, entry, **overrides) -> "RequestLimits":
+        spec = entry.scheduler
+        return cls(min_steps=spec.min_steps, max_steps=spec.max_steps, **overrides)
+
+    def to_parameters(self) -> dict[str, str]:
+        """`{"limit_<field>": "<value>"}`, as written into the sampler's config.pbtxt."""
+        return {f"limit_{f.name}": repr(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> "RequestLimits":
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f"limit_{f.name}"
+            if key in parameters:
+                kind = int if f.type in ("int", int) else float
+                try:
+                    kwargs[f.name] = kind(parameters[key])
+                except ValueError:
+                    raise InvalidInputError(f"config parameter {key}: not a number: {parameters[key]!r}") from None
+        return cls(**kwargs)
+
+    def describe(self) -> str:
+        return (f"prompt <= {self.max_prompt_chars} chars, seed 0..2**63-1, steps {self.min_steps}..{self.max_steps}, "
+                f"gag_scale [{self.min_scale:g}, {self.max_scale:g}], gag_eta (0, {self.max_eta:g}], "
+                f"gag_zeta [0, {self.max_zeta:g}]")
+
+
+def _one(values: Mapping[str, np.ndarray], name: str) -> Any:
+    if name not in values:
+        raise InvalidInputError(f"{name}: missing from the request")
+    array = np.asarray(values[name])
+    if array.size != 1:
+        raise InvalidInputError(f"{name}: send exactly one value (shape [1]), got shape {list(array.shape)}")
+    return array.reshape(-1)[0]
+
+
+def _integer(values, name: str, dtype_kinds: str = "iu") -> int:
+    value = _one(values, name)
+    if np.asarray(value).dtype.kind not in dtype_kinds:
+        raise InvalidInputError(f"{name}: must be an integer, got {np.asarray(value).dtype} value {value!r}")
+    return int(value)
+
+
+def _number(values, name: str, low: float, high: float, low_open: bool = False) -> float:
+    raw = _one(values, name)
+    if np.asarray(raw).dtype.kind not in "iuf":
+        raise InvalidInputError(f"{name}: must be a number, got {np.asarray(raw).dtype} value {raw!r}")
+    value = float(raw)
+    inside = (low < value if low_open else low <= value) and value <= high
+    if not math.isfinite(value) or not inside:
+        bracket = "(" if low_open else "["
+        raise InvalidInputError(f"{name}: must be a finite number in {bracket}{low:g}, {high:g}], got {value!r}")
+    return value
+
+
+def _prompt(values, limits: RequestLimits) -> str:
+    raw = _one(values, "prompt")
+    if isinstance(raw, (bytes, np.bytes_)):
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"prompt: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    elif isinstance(raw, str):
+        text = raw
+    else:
+        raise InvalidInputError(f"prompt: must be a string (Triton BYTES), got {type(raw).__name__}")
+    if "\x00" in text:
+        raise InvalidInputError("prompt: contains a NUL character")
+    if len(text) > limits.max_prompt_chars:
+        raise InvalidInputError(f"prompt: {len(text)} characters, the server accepts at most {limits.max_prompt_chars}")
+    return text
+
+
+def parse_request(values: Mapping[str, np.ndarray], limits: RequestLimits, gag: bool) -> GenerationConfig:
+    """A `GenerationConfig` from one request's input arrays, or `InvalidInputError` naming the first bad input.
+
+    `gag`: whether the served denoiser takes GAG inputs (the request must then carry all three).
+    """
+    prompt = _prompt(values, limits)
+    seed = _integer(values, "seed")
+    if not 0 <= seed <= SEED_MAX:
+        raise InvalidInputError(f"seed: must be an integer in [0, 2**63 - 1], got {seed}")
+    steps = _integer(values, "steps")
+    if not limits.min_steps <= steps <= limits.max_steps:
+        allowed = f"{limits.min_steps}" if limits.min_steps == limits.max_steps else f"{limits.min_steps}..{limits.max_steps}"
+        raise InvalidInputError(f"steps: this model samples with {allowed} steps, got {steps}")
+    params = None
+    if gag:
+        params = GAGParams(
+            scale=_number(values, "gag_scale", limits.min_scale, limits.max_scale),
+            eta=_number(values, "gag_eta", 0.0, limits.max_eta, low_open=True),
+            zeta=_number(values, "gag_zeta", 0.0, limits.max_zeta),
+        )
+    else:
+        extra = [name for name in GAG_REQUEST_INPUTS if name in values]
+        if extra:
+            raise InvalidInputError(f"{', '.join(extra)}: this model was exported without GAG and takes no guidance inputs")
+    return GenerationConfig(prompt, seed=seed, steps=steps, gag=params)
