@@ -354,7 +354,7 @@ def compile_section(args, t_start: float) -> dict:
             cmd = [sys.executable, __file__, *_child_argv(args), "--compile-child", variant, "--child-out", str(out_path)]
             t0 = time.perf_counter()
             try:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+                proc = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
                 results[variant] = {"timed_out_after_s": round(time.perf_counter() - t0, 1),
                                     "note": "compile + timed steps did not finish: compile time is at least this"}
@@ -400,16 +400,16 @@ def core_section(args, device, timer) -> dict:
         g = torch.Generator(device="cpu").manual_seed(heads * lq)
         q, k, v = (torch.randn(args.batch, heads, n, d, generator=g).to(device, dtype) for n in (lq, lk, lk))
         fns = {
-            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-            "gag-sort": lambda: gag_attention(q, k, v, *p, method="sort"),
-            "gag-bisect": lambda: gag_attention(q, k, v, *p, method="bisect"),
+            "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+            "gag-sort": lambda q=q, k=k, v=v: gag_attention(q, k, v, *p, method="sort"),
+            "gag-bisect": lambda q=q, k=k, v=v: gag_attention(q, k, v, *p, method="bisect"),
         }
         if not args.no_core_compile:
             bisect_compiled = torch.compile(lambda q, k, v: gag_attention(q, k, v, *p, method="bisect"), fullgraph=True)
-            fns["gag-bisect-compiled"] = lambda: bisect_compiled(q, k, v)
+            fns["gag-bisect-compiled"] = lambda q=q, k=k, v=v, f=bisect_compiled: f(q, k, v)
         fused_why = variant_skip_reason("gag-fused", args) or kernels.fused_shape_reason(q, k, v, 1.5, None, *p)
         if fused_why is None:
-            fns["gag-fused"] = lambda: gag_attention(q, k, v, *p, method="fused")
+            fns["gag-fused"] = lambda q=q, k=k, v=v: gag_attention(q, k, v, *p, method="fused")
         shape = f"B{args.batch} H{heads} Lq{lq} Lk{lk} d{d} {args.dtype}"
         entry = {}
         inner = 20 if device == "cuda" else 2
@@ -445,7 +445,9 @@ def fused_sweep(q, k, v, p, timer) -> dict:
     out = {"default": {"block_m": default[0], "num_warps": default[3]}}
     for block_m in (16, 32, 64, 128):
         for warps in (2, 4, 8):
-            fn = lambda: triton_gag.launch(q, k, v, None, *p, None, *iters, block_m=block_m, num_warps=warps)  # noqa: E731
+            def fn(block_m=block_m, warps=warps):
+                return triton_gag.launch(q, k, v, None, *p, None, *iters, block_m=block_m, num_warps=warps)
+
             try:
                 fn()
                 timer.sync()
@@ -462,7 +464,7 @@ def dry_run(args) -> dict:
     """The plan, and the GAG core shapes of one full-size forward traced on the meta device."""
     from gag_export import attention
 
-    cfg, source = sdxl_unet_config()
+    _, source = sdxl_unet_config()
     plan = {"model": "tiny" if args.tiny else source, "resolution": args.resolution, "latent": args.resolution // 8,
             "batch": args.batch, "dtype": args.dtype, "eager_variants": args.variants,
             "compile_variants": args.compile_variants, "core_shapes": args.core_shapes, "steps": args.steps,
