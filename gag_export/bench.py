@@ -34,6 +34,9 @@ Memory, per variant, in bytes converted to MiB:
   still interleaved inside it); `peak_rss_mib` is that child's own high-water mark, so it holds
   everything the backend needed (Python and libraries included). Speed-ups then compare
   children that ran one after the other (`interleaved: false`).
+- `isolate="variant"`: a child process per backend and GAG setting, for when even one
+  backend's two variants do not fit in memory together; GAG overheads then compare children
+  that ran one after the other too (`interleaved: false`).
 - GPU: `torch.cuda.max_memory_allocated` over the variant's loading and first call, and the
   process's used GPU memory from NVML when nvidia-ml-py is installed.
 
@@ -63,6 +66,7 @@ import abc
 import contextlib
 import copy
 import datetime as _dt
+import gc
 import json
 import logging
 import math
@@ -86,7 +90,7 @@ SCHEMA = "gag-export-bench"
 SCHEMA_VERSION = 1
 BENCH_BACKENDS = ("torch", "torch-compile", "ort", "tensorrt")
 GAG_MODES = {"gag": (True,), "no-gag": (False,), "both": (False, True)}
-ISOLATE_MODES = ("none", "backend")
+ISOLATE_MODES = ("none", "backend", "variant")
 WEIGHTS = ("tiny", "random", "pretrained")
 BASELINE = "torch"
 DEFAULT_PROMPT = "a photo of a cat sitting on a wooden table"
@@ -266,7 +270,8 @@ class BenchConfig:
     threads: torch intra-op threads and ONNX Runtime intra-op threads (0: every CPU available).
     graphs: cache of the exported graphs: `<graphs>/gag/<model>` and `<graphs>/no-gag/<model>`;
         reused when their manifest matches the run (shape, weights, GAG, components), else exported.
-    isolate: "none" (one process) or "backend" (a child process per backend; see module docstring).
+    isolate: "none" (one process), "backend" (a child process per backend) or "variant" (per backend
+        and GAG setting); see the module docstring.
     """
 
     model: str
@@ -704,8 +709,6 @@ def measure(config: BenchConfig, p: Plan, pipe=None, pipeline_rss: int | None = 
     Returns {"results": [...], "memory": {...}}. The pipeline is loaded here for torch
     variants when not given; graphs must already exist for ort/tensorrt (see `prepare`).
     """
-    import gc  # noqa: PLC0415
-
     notify = progress or (lambda message: None)
     rows: list[dict] = []
     variants: list[Variant] = []
@@ -744,7 +747,7 @@ def measure(config: BenchConfig, p: Plan, pipe=None, pipeline_rss: int | None = 
         for variant in variants:
             variant.sampler.components.deactivate()
     peak = peak_rss_bytes()
-    rows += [_variant_row(v, p, peak if config.isolate == "backend" else None) for v in variants]
+    rows += [_variant_row(v, p, peak if config.isolate != "none" else None) for v in variants]
     order = {(b, g): i for i, (b, g) in enumerate((b, g) for b in config.backends for g in config.gag_settings)}
     rows.sort(key=lambda row: order[(row["backend"], row["gag"])])
     return {"results": rows, "memory": {"pipeline_rss_mib": _mib(pipeline_rss), "peak_rss_mib": _mib(peak)}}
@@ -808,8 +811,12 @@ def _p50(row: dict, measure_name: str) -> float | None:
     return None if series is None else series["stats"]["p50_ms"]
 
 
-def ratios(rows: Sequence[dict], interleaved: bool) -> tuple[list[dict], list[dict]]:
-    """(gag_overhead, speedup) rows from the result rows of one run (see the schema)."""
+def ratios(rows: Sequence[dict], interleaved: bool, gag_interleaved: bool = True) -> tuple[list[dict], list[dict]]:
+    """(gag_overhead, speedup) rows from the result rows of one run (see the schema).
+
+    `interleaved`: whether the backends were timed in the same rounds; `gag_interleaved`: whether
+    the GAG and plain variants of a backend were.
+    """
     by_key = {(r["backend"], r["gag"]): r for r in rows if r["status"] == "ok"}
     overhead, speedup = [], []
     for measure_name in ("step", "e2e"):
@@ -821,8 +828,7 @@ def ratios(rows: Sequence[dict], interleaved: bool) -> tuple[list[dict], list[di
                     "backend": backend, "measure": measure_name, "ratio": round(ratio, 4),
                     "percent": round(100 * (ratio - 1), 2),
                     "paired_p50": round(paired_ratio(on[measure_name]["samples_ms"], off[measure_name]["samples_ms"]), 4),
-                    # gag and no-gag of one backend always share a process and its rounds
-                    "interleaved": True,
+                    "interleaved": gag_interleaved,
                 })
         for (backend, gag), row in by_key.items():
             base = by_key.get((BASELINE, gag))
@@ -902,15 +908,23 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     p = plan(config)
     load_at_start = load_average()
     created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    if config.isolate == "backend":
+    gag_interleaved = True
+    if config.isolate != "none":
         if needs_export(config, p):
             notify(f"exporting {p.entry.name}")
             prepare(config, p)  # the pipeline is dropped before any child starts
-        parts = [_run_child(replace(config, backends=(backend,)), notify) for backend in config.backends]
+            gc.collect()
+        if config.isolate == "backend":
+            children = [replace(config, backends=(backend,)) for backend in config.backends]
+        else:
+            children = [replace(config, backends=(backend,), gag="gag" if gag else "no-gag")
+                        for backend in config.backends for gag in config.gag_settings]
+            gag_interleaved = len(config.gag_settings) == 1
+        parts = [_run_child(child, notify) for child in children]
         rows = [row for part in parts for row in part["results"]]
         memory = {"method": "child-peak-rss", "pipeline_rss_mib": None,
                   "peak_rss_mib": max((part["memory"]["peak_rss_mib"] or 0 for part in parts), default=None)}
-        interleaved = len(config.backends) == 1
+        interleaved = len(children) == 1
     else:
         pipe, pipeline_rss = None, None
         if uses_torch(config):
@@ -922,7 +936,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         part = measure(config, p, pipe=pipe, pipeline_rss=pipeline_rss, progress=notify)
         rows, memory = part["results"], {"method": "rss-delta", **part["memory"]}
         interleaved = True
-    overhead, speedup = ratios(rows, interleaved)
+    overhead, speedup = ratios(rows, interleaved, gag_interleaved)
     env = {**environment(config), "load_average_at_start": load_at_start}
     return {
         "schema": SCHEMA,
@@ -942,7 +956,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
 
 def _run_child(config: BenchConfig, notify: Callable[[str], None]) -> dict:
     """`measure` for one backend in a fresh Python process; its part of the document."""
-    notify(f"{config.backends[0]}: child process")
+    notify(f"{config.backends[0]} ({config.gag}): child process")
     with tempfile.TemporaryDirectory(prefix="gag-bench-") as tmp:
         config_path, out_path = Path(tmp) / "config.json", Path(tmp) / "out.json"
         config_path.write_text(json.dumps(config.to_dict()))
@@ -1063,12 +1077,12 @@ def render_markdown(doc: Mapping) -> str:
     mem_header = "peak RSS MiB" if isolated else "RSS + MiB"
     lines = [f"_{environment_line(doc)}_", "",
              f"| backend | GAG | step p50 ms | step mean ± std | p90 | p99 | min | vs eager | e2e p50 ms | e2e mean ± std "
-             f"| e2e vs eager | {mem_header} |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| e2e vs eager | first call ms | {mem_header} |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         gag = "on" if r["gag"] else "off"
         if r["status"] != "ok":
-            lines.append(f"| {r['backend']} | {gag} | {r['status']}: {r['reason']} | | | | | | | | | |")
+            lines.append(f"| {r['backend']} | {gag} | {r['status']}: {r['reason']} | | | | | | | | | | |")
             continue
         st = r["step"]["stats"]
         e2e = r["e2e"]["stats"] if r["e2e"] else None
@@ -1081,7 +1095,8 @@ def render_markdown(doc: Mapping) -> str:
             f"| {'1.00x (baseline)' if r['backend'] == BASELINE else (f'{up:.2f}x' if up else '-')} "
             f"| {_fmt(e2e['p50_ms'], ed) if e2e else '-'} "
             f"| {(_fmt(e2e['mean_ms'], ed) + ' ± ' + _fmt(e2e['std_ms'], ed)) if e2e else '-'} "
-            f"| {'1.00x' if e2e and r['backend'] == BASELINE else (f'{eup:.2f}x' if eup else '-')} | {_fmt(mem, 0)} |"
+            f"| {'1.00x' if e2e and r['backend'] == BASELINE else (f'{eup:.2f}x' if eup else '-')} "
+            f"| {_fmt(r['step']['first_call_ms'], 0)} | {_fmt(mem, 0)} |"
         )
     if doc["gag_overhead"]:
         lines += ["", "| backend | measure | GAG / plain (p50) | overhead | paired per-round median |",
@@ -1091,7 +1106,10 @@ def render_markdown(doc: Mapping) -> str:
     notes = []
     if doc.get("e2e_skipped"):
         notes.append(f"e2e not measured: {doc['e2e_skipped']}.")
-    if isolated:
+    if isolated and doc["config"].get("isolate") == "variant":
+        notes.append("Each backend and GAG setting ran in its own process (peak RSS is that process's); speed-ups and "
+                     "GAG overheads compare processes run one after the other.")
+    elif isolated:
         notes.append("Each backend ran in its own process (peak RSS is that process's); speed-ups compare processes "
                      "run one after the other, GAG on/off were interleaved inside each.")
     else:
@@ -1160,7 +1178,7 @@ def write_plot(doc: Mapping, dest: Path) -> Path:
     return Path(dest)
 
 
-if __name__ == "__main__":  # the child process of isolate="backend"
+if __name__ == "__main__":  # the child process of isolate="backend"/"variant"
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         _worker(Path(sys.argv[2]), Path(sys.argv[3]))
