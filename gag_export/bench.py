@@ -44,11 +44,15 @@ JSON schema (`schema_version` 1; times in milliseconds, memory in MiB, null when
 
     {"schema": "gag-export-bench", "schema_version": 1, "created": "2025-01-01T00:00:00Z",
      "config": {"model", "backends": [...], "gag": "gag|no-gag|both", "steps", "height", "width",
-                "batch", "warmup", "iters", "weights", "e2e", "threads", "isolate", "seed", "prompt"},
+                "batch", "warmup", "iters", "weights", "e2e", "threads", "isolate", "seed", "prompt",
+                "graphs", "engines", "reexport"},
+     "e2e_skipped": null | "why e2e was not measured",
      "environment": {"cpu": {"model", "physical_cores", "logical_cores"}, "memory_gib", "gpu": null |
                      {"name", "sm", "memory_gib"}, "platform", "python", "versions": {...},
-                     "precision": "fp32", "threads": {"torch", "ort"}},
+                     "precision": "fp32", "threads": {"torch", "ort"}, "thread_env", "load_average",
+                     "load_average_at_start"},
      "shapes": {"batch", "height", "width", "steps", "denoiser": {input: [dims]}},
+     "graphs": {"gag"|"no-gag": {"path", "denoiser_sha256", "nodes", "exported"}},  (graph backends only)
      "memory": {"method", "pipeline_rss_mib", "peak_rss_mib"},
      "results": [{"backend", "gag": bool, "status": "ok|skipped|failed", "reason", "device", "timer",
                   "step": null | {"first_call_ms", "stats": STATS, "samples_ms": [...]},
@@ -269,7 +273,8 @@ class BenchConfig:
         then only the denoiser is loaded and exported (what a full-size CPU run can afford).
     threads: torch intra-op threads and ONNX Runtime intra-op threads (0: every CPU available).
     graphs: cache of the exported graphs: `<graphs>/gag/<model>` and `<graphs>/no-gag/<model>`;
-        reused when their manifest matches the run (shape, weights, GAG, components), else exported.
+        reused when their manifest matches the run (shape, weights, GAG, components), else exported;
+        `reexport` exports them again regardless (e.g. after a change to the GAG code).
     isolate: "none" (one process), "backend" (a child process per backend) or "variant" (per backend
         and GAG setting); see the module docstring.
     """
@@ -291,6 +296,7 @@ class BenchConfig:
     prompt: str = DEFAULT_PROMPT
     graphs: Path = DEFAULT_GRAPHS
     engines: Path = Path("engines")
+    reexport: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backends", parse_backends(self.backends))
@@ -432,7 +438,7 @@ def needs_export(config: BenchConfig, p: Plan) -> dict[bool, str]:
         return {}
     missing = {}
     for gag in config.gag_settings:
-        reason = _manifest_mismatch(config, p, gag)
+        reason = "--reexport" if config.reexport else _manifest_mismatch(config, p, gag)
         if reason is not None:
             missing[gag] = reason
     return missing
@@ -894,6 +900,26 @@ def load_average() -> list[float] | None:
         return None
 
 
+def graphs_used(config: BenchConfig, p: Plan) -> dict:
+    """{"gag"/"no-gag": {"path", "sha256" of the denoiser graph, "exported" time}} of the cached graphs used."""
+    from .export import Manifest  # noqa: PLC0415
+
+    if not any(b in ("ort", "tensorrt") for b in config.backends):
+        return {}
+    used = {}
+    for gag in config.gag_settings:
+        graphs_dir = graphs_root(config, gag) / p.entry.name
+        with contextlib.suppress(GagExportError, StopIteration):
+            manifest = Manifest.load(graphs_dir)
+            denoiser = next(c for c in manifest.components.values() if c["role"] == "denoiser")
+            stamp = _dt.datetime.fromtimestamp(manifest.path.stat().st_mtime, _dt.timezone.utc)
+            used["gag" if gag else "no-gag"] = {
+                "path": str(graphs_dir), "denoiser_sha256": denoiser["sha256"], "nodes": denoiser.get("nodes"),
+                "exported": stamp.replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+            }
+    return used
+
+
 def _shapes(p: Plan) -> dict:
     descriptor = next(d for d in _descriptors(p.entry) if d.role == "denoiser")
     return {
@@ -947,6 +973,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         "e2e_skipped": p.e2e_skip or None,
         "environment": env,
         "shapes": _shapes(p),
+        "graphs": graphs_used(config, p),
         "memory": memory,
         "results": rows,
         "gag_overhead": overhead,
@@ -982,7 +1009,7 @@ def _worker(config_path: Path, out_path: Path) -> None:
 
 _REQUIRED = {
     "schema": str, "schema_version": int, "created": str, "config": dict, "environment": dict, "shapes": dict,
-    "memory": dict, "results": list, "gag_overhead": list, "speedup": list,
+    "graphs": dict, "memory": dict, "results": list, "gag_overhead": list, "speedup": list,
 }
 _ROW_REQUIRED = {"backend": str, "gag": bool, "status": str, "reason": (str, type(None)), "step": (dict, type(None)),
                  "e2e": (dict, type(None)), "memory": dict}

@@ -584,13 +584,14 @@ def _models_markdown(entries) -> str:
 @click.option("--engines", "engines_root", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),
               show_default=True, help="TensorRT engine cache root.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs and of the e2e runs.")
+@click.option("--reexport", is_flag=True, help="Export the graphs again even if the cache matches (e.g. after a GAG code change).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the Markdown tables.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG: latency per backend, GAG off/on.")
 def bench_command(model, backends, steps, height, width, batch, warmup, iters, gag_mode, weights, e2e, threads, isolate,
-                  graphs_root, engines_root, seed, json_path, markdown_path, plot_path) -> None:
+                  graphs_root, engines_root, seed, reexport, json_path, markdown_path, plot_path) -> None:
     """Time backends against PyTorch eager and GAG against the plain graph, in one run, e.g.
     `gag-export bench --model tiny-sdxl --backends torch,ort --json out.json --plot out.png`."""
     from . import bench
@@ -598,7 +599,7 @@ def bench_command(model, backends, steps, height, width, batch, warmup, iters, g
     config = bench.BenchConfig(
         model=model, backends=bench.parse_backends(backends), gag=gag_mode, steps=steps, height=height, width=width,
         batch=batch, warmup=warmup, iters=iters, weights=weights, e2e=e2e, threads=threads, isolate=isolate,
-        seed=seed, graphs=graphs_root, engines=engines_root,
+        seed=seed, graphs=graphs_root, engines=engines_root, reexport=reexport,
     )
     with console.status(f"benchmarking {model}") as status:
         doc = bench.run_bench(config, progress=status.update)

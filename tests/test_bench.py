@@ -119,7 +119,7 @@ def _doc(rows):
         "environment": {"cpu": {"model": "Test CPU", "available_to_process": 2}, "memory_gib": 8.0, "gpu": None,
                         "versions": {"torch": "x", "onnxruntime": "y"}, "precision": "fp32",
                         "threads": {"torch": 2, "ort": 2}},
-        "shapes": {}, "memory": {"method": "rss-delta", "pipeline_rss_mib": 3.0, "peak_rss_mib": 100.0},
+        "shapes": {}, "graphs": {}, "memory": {"method": "rss-delta", "pipeline_rss_mib": 3.0, "peak_rss_mib": 100.0},
         "results": rows, "gag_overhead": overhead, "speedup": speedup,
     }
 
@@ -220,6 +220,7 @@ def test_bench_ort_exports_the_denoiser_once_and_reuses_it(tmp_path):
     assert row["status"] == "ok", row["reason"]
     assert row["backend"] == "ort" and row["gag"] and row["step"]["stats"]["n"] == 2 and row["e2e"] is None
     assert doc["e2e_skipped"]
+    assert doc["graphs"]["gag"]["denoiser_sha256"] == json.loads(manifest.read_text())["components"]["unet"]["sha256"]
     stamp = manifest.stat().st_mtime_ns
     assert bench.needs_export(config, bench.plan(config)) == {}
     assert manifest.stat().st_mtime_ns == stamp
