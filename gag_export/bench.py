@@ -600,9 +600,11 @@ def load_variant(config: BenchConfig, p: Plan, backend: str, gag: bool, pipe=Non
         else:
             if backend == "tensorrt":
                 _ensure_engines(config, p, gag)
+            else:
+                _check_memory_for_graphs(config, p, gag)
             sampler = Sampler.load(p.entry.name, "ort" if backend == "ort" else "tensorrt",
                                    graphs=graphs_root(config, gag), engines=config.engines, options=options)
-            device = "cuda" if backend == "tensorrt" else _ort_device(sampler)
+            device = "cuda" if backend == "tensorrt" else "cpu"  # ort: settled once its sessions exist
     except MissingDependencyError as exc:
         raise Skip(str(exc)) from None
     except ImportError as exc:
@@ -616,6 +618,24 @@ def load_variant(config: BenchConfig, p: Plan, backend: str, gag: bool, pipe=Non
     request = GenerationConfig(config.prompt, seed=config.seed, steps=p.steps, height=p.shape.height,
                                width=p.shape.width, gag=gag_values)
     return Variant(backend, gag, sampler, feed, request, timer_for(device), device)
+
+
+# An ONNX Runtime CPU session holds about its graph's weights; leave a margin for activations.
+ORT_MEMORY_FACTOR = 1.15
+
+
+def _check_memory_for_graphs(config: BenchConfig, p: Plan, gag: bool) -> None:
+    """`Skip` instead of running the machine out of memory when an ORT session will not fit."""
+    import psutil  # noqa: PLC0415
+
+    from .runtime.backends import load_manifest_for  # noqa: PLC0415
+
+    manifest = load_manifest_for(p.entry.name, graphs_root(config, gag))
+    need = ORT_MEMORY_FACTOR * sum(int(c.get("size_bytes") or 0) for c in manifest.components.values())
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise Skip(f"not enough memory: the ONNX Runtime session needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB "
+                   "is available; run each variant in its own process (--isolate variant) or free memory")
 
 
 def _ort_device(sampler) -> str:
@@ -674,6 +694,9 @@ def _activate_and_first_call(variant: Variant, call: str) -> None:
     """Activate (if needed) and call once, recording the cold time; errors mark the variant failed."""
     try:
         variant.sampler.components.activate()
+        if variant.backend == "ort" and variant.first_step_s is None:
+            variant.device = _ort_device(variant.sampler)
+            variant.timer = timer_for(variant.device)
         seconds = variant.timer.measure(getattr(variant, call))
     except Exception as exc:
         variant.error = f"first {call} failed: {_first_line(exc)}"
