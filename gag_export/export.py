@@ -3,7 +3,7 @@
 Layer 4. Reads the component descriptors of `models/` and never imports `check.py`, the engine
 builder, the runtime or the CLI.
 
-    config = ExportConfig("tiny-sdxl", Path("graphs"), ImageShape(1, 64, 64), gag=GAGConfig(method="bisect"))
+    config = ExportConfig("tiny-sdxl", Path("graphs"), ImageShape(64, 64), gag=GAGConfig(method="bisect"))
     manifest = export_model(pipe, entry, config)            # graphs/tiny-sdxl/{<component>/model.onnx, manifest.json}
 
 What is written (DESIGN.md "Manifest"):
