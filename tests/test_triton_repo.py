@@ -402,3 +402,25 @@ def test_parse_url_refuses_conflicts():
         parse_url("http://a:1", "grpc")
     with pytest.raises(InvalidInputError):
         parse_url("http://a:1/v2/models")
+
+
+def test_flux_standin_over_bls_equals_the_local_runtime(tmp_path_factory, tmp_path):
+    """FLUX: the transformer's id grids have no batch dim, so Triton may not batch it; same image."""
+    from gag_export.runtime import GAGParams, GenerationConfig, Sampler
+
+    root = exported_graphs(tmp_path_factory, "tiny-flux")
+    out = tmp_path / "tiny-flux"
+    build_repository(root / "tiny-flux", out, RepositoryOptions(cpu_standin=True))
+    configs = _check_layout(out)
+    _check_ensemble(configs)
+    assert configs["transformer"].max_batch_size == 0 and configs["vae_decoder"].max_batch_size == 8
+    with torch_threads(1):
+        triton = FakeTriton(out)
+        try:
+            response = triton.pipeline(**request_values(seed=5, steps=2))
+        finally:
+            triton.finalize()
+        with Sampler.load("tiny-flux", "ort", graphs=root, options=ONE_THREAD) as sampler:
+            local = sampler.generate(GenerationConfig(PROMPT, seed=5, steps=2, gag=GAGParams(10.0, 15.0, 0.0))).image
+    assert not response.has_error(), response.error() and response.error().message()
+    assert max_pixel_diff(response.output_tensors[0].as_numpy(), local) == 0

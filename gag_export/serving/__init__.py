@@ -11,7 +11,7 @@
 - `environment.py`: the Python environment the server's Python models run in.
 - `client.py`: requests over HTTP or gRPC with `tritonclient`.
 
-Layer 8 by position: imports export, engine, models and runtime; never bench or the CLI.
+Above the runtime (layer 7): imports errors, export, engine, models and runtime; never bench or the CLI.
 """
 
 from .repository import RepositoryOptions, RepositoryReport, build_repository
