@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -101,7 +102,7 @@ def phase_export(args, gag: bool) -> dict:
             feed = sample_feed(unet, shape, Precision.FP32, 0, with_gag)
             inputs = [to_torch(v) for v in feed.values()]
             with torch.no_grad():
-                out[label + "_s"] = _time_steps(lambda: module(*inputs), args.steps, args.warmup)
+                out[label + "_s"] = _time_steps(lambda m=module, x=inputs: m(*x), args.steps, args.warmup)
         out["eager_peak_rss_gib"] = peak_rss_gib()
     return out
 
@@ -127,7 +128,7 @@ def phase_ort(args, graphs: dict[str, str]) -> dict:
         out[f"ort_{label}_session_s"] = time.perf_counter() - start
         gag = label == "gag"
         feed = dict(sample_feed(unet, shape, Precision.FP32, 0, gag))
-        out[f"ort_{label}_s"] = _time_steps(lambda: sess.run(None, feed), args.steps, args.warmup)
+        out[f"ort_{label}_s"] = _time_steps(lambda s=sess, f=feed: s.run(None, f), args.steps, args.warmup)
         del sess
         gc.collect()
     out["ort_peak_rss_gib"] = peak_rss_gib()
@@ -141,7 +142,7 @@ def run_phase(args, phase: str, extra: dict | None = None) -> dict:
         cmd += ["--phase-extra", json.dumps(extra)]
     print(f"[bench_export] {phase}: {' '.join(cmd[2:])}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd)
+    proc = subprocess.run(cmd, check=False)
     if proc.returncode != 0:
         return {"failed": f"exit {proc.returncode}", "wall_s": time.perf_counter() - start}
     result = json.loads(result_file.read_text())
@@ -168,7 +169,7 @@ def summarize(results: dict, args) -> str:
     for label in ("gag", "plain"):
         eager, ortt = _median(a.get(f"eager_{label}_s", [])), _median(o.get(f"ort_{label}_s", []))
         rows.append((f"step {args.size}x{args.size} {label}: eager / ORT (s)", f"{eager:.3g} / {ortt:.3g}"))
-        rows.append((f"ORT/eager ratio {label}", f"{ortt / eager:.2f}" if eager == eager and ortt == ortt else "n/a"))
+        rows.append((f"ORT/eager ratio {label}", f"{ortt / eager:.2f}" if not (math.isnan(eager) or math.isnan(ortt)) else "n/a"))
     rows.append(("ORT session create GAG / plain (s)",
                  f"{o.get('ort_gag_session_s', float('nan')):.0f} / {o.get('ort_plain_session_s', float('nan')):.0f}"))
     rows.append(("ORT peak RSS (GiB)", f"{o.get('ort_peak_rss_gib', float('nan')):.1f}"))
@@ -205,9 +206,9 @@ def main() -> None:
     if args.ort_prepack:
         args.forward.append("--ort-prepack")
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    import onnxruntime
     import psutil
     import torch
-    import onnxruntime
 
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "torch": torch.__version__,

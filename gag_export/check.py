@@ -32,9 +32,9 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -47,13 +47,13 @@ from .export import (
     OutputParity,
     ParityError,
     compare_with_torch,
-    data_path,
+    denoiser_module,
     dtype_name,
     graph_sha256,
     load_graph_structure,
     sample_feed,
 )
-from .models import ImageShape, Precision
+from .models import Precision
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class CheckReport:
 
 def _external_locations(model) -> dict[str, int]:
     """{location: bytes needed} over the initializers stored as external data."""
-    from onnx import TensorProto  # noqa: PLC0415
+    from onnx import TensorProto
 
     needed: dict[str, int] = {}
     for tensor in model.graph.initializer:
@@ -174,7 +174,7 @@ def verify_artifact(manifest: Manifest, component: str):
     Raises `ArtifactError` with one line for a missing, truncated or corrupt graph, a missing or
     short external data file, or a sha256 that differs from the manifest.
     """
-    from google.protobuf.message import DecodeError  # noqa: PLC0415
+    from google.protobuf.message import DecodeError
 
     entry = manifest.components[component]
     path = manifest.graph_path(component)
@@ -212,22 +212,22 @@ def _first_line(exc: BaseException) -> str:
 
 
 def run_onnx_checker(path: Path) -> tuple[bool, str]:
-    import onnx  # noqa: PLC0415
+    import onnx
 
     try:
         onnx.checker.check_model(str(path))
-    except Exception as exc:  # onnx raises ValidationError, and others for broken graphs
+    except Exception as exc:  # noqa: BLE001  (onnx raises ValidationError, InferenceError, RuntimeError...)
         return False, _first_line(exc)
     return True, "onnx.checker.check_model passed"
 
 
 def run_shape_inference(path: Path) -> tuple[bool, str]:
-    import onnx  # noqa: PLC0415
+    import onnx
 
     with tempfile.TemporaryDirectory(prefix="gag-shape-inference-") as scratch:
         try:
             onnx.shape_inference.infer_shapes_path(str(path), str(Path(scratch) / "inferred.onnx"), strict_mode=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (a failed check, reported with its first line)
             return False, _first_line(exc)
     return True, "infer_shapes_path (strict) passed"
 
@@ -247,11 +247,11 @@ def control_flow_nodes(model) -> list[str]:
 
 def _tensor_types(model) -> dict[str, str]:
     """Tensor name -> numpy dtype name, from shape inference over the graph without its weights."""
-    import onnx  # noqa: PLC0415
+    import onnx
 
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # lint what can be typed; the shape-inference check reports the failure
+    except Exception:  # noqa: BLE001  (lint what can be typed; the shape-inference check reports the failure)
         inferred = model
     g = inferred.graph
     types = {vi.name: dtype_name(vi.type.tensor_type.elem_type)
@@ -271,7 +271,7 @@ class _Constants:
     _PASS_THROUGH = frozenset({"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze"})
 
     def __init__(self, model):
-        from onnx import TensorProto, numpy_helper  # noqa: PLC0415
+        from onnx import TensorProto, numpy_helper
 
         self._values: dict[str, np.ndarray | None] = {}
         self._known: set[str] = set()
@@ -452,7 +452,7 @@ def precision_findings(model, reduced: str, gag_modules: Sequence[str]) -> tuple
 def _reference_pipeline(manifest: Manifest):
     """The torch pipeline the graphs were exported from, loaded again through the registry
     (tiny and random weights are seeded, so this gives the same weights as at export)."""
-    from .models import get_entry, load_pipeline  # noqa: PLC0415
+    from .models import get_entry, load_pipeline
 
     entry = get_entry(manifest.model)
     return entry, load_pipeline(entry, weights=manifest.data.get("weights"), components=list(manifest.components))
@@ -544,21 +544,21 @@ def check_graphs(graphs_dir: Path, parity: bool = True, *, pipe=None, entry=None
 
 
 def _run_parity(manifest: Manifest, report: CheckReport, pipe, entry, gag_cfg, seed: int, notify) -> None:
-    from .export import _denoiser_module  # noqa: PLC0415
-    from .models import descriptors_for  # noqa: PLC0415
+    from .models import descriptors_for
 
     if pipe is None:
         entry, pipe = _reference_pipeline(manifest)
     elif entry is None:
-        from .models import get_entry  # noqa: PLC0415
+        from .models import get_entry
 
         entry = get_entry(manifest.model)
     descriptors = {d.name: d for d in descriptors_for(entry, pipe)}
-    denoiser = _denoiser_module(pipe)
-    if gag_cfg is not None:
-        apply_gag(denoiser, gag_cfg)
-    else:
-        remove_gag(denoiser)
+    denoiser = denoiser_module(pipe)
+    if denoiser is not None:
+        if gag_cfg is not None:
+            apply_gag(denoiser, gag_cfg)
+        else:
+            remove_gag(denoiser)
     try:
         for name in manifest.components:
             notify(name, "parity")
@@ -568,5 +568,6 @@ def _run_parity(manifest: Manifest, report: CheckReport, pipe, entry, gag_cfg, s
                 continue
             report.results.append(_parity(manifest, name, descriptor, pipe, seed))
     finally:
-        remove_gag(denoiser)
+        if denoiser is not None:
+            remove_gag(denoiser)
 

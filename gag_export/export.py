@@ -47,9 +47,10 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +63,12 @@ from polygraphy.logger import G_LOGGER
 
 from . import __version__
 from .attention import apply_gag, is_gag_applied, remove_gag
-from .errors import ArtifactError, GagExportError, InvalidInputError, ResourceExhaustedError
+from .errors import (
+    ArtifactError,
+    GagExportError,
+    InvalidInputError,
+    ResourceExhaustedError,
+)
 from .guidance import GAGConfig
 from .models import ImageShape, Precision, descriptors_for
 
@@ -213,7 +219,7 @@ class Manifest:
         return ImageShape(batch=s["batch"], height=s["height"], width=s["width"])
 
     @classmethod
-    def load(cls, graphs_dir: Path) -> "Manifest":
+    def load(cls, graphs_dir: Path) -> Manifest:
         """Read `graphs_dir/manifest.json`; `ArtifactError` (one line) when missing or unreadable."""
         graphs_dir = Path(graphs_dir)
         path = graphs_dir / MANIFEST_NAME
@@ -288,7 +294,7 @@ def graph_io(model) -> tuple[list[dict], list[dict]]:
 
 def load_graph_structure(onnx_path: Path):
     """The graph without its weights (cheap even for a 10 GB UNet)."""
-    import onnx  # noqa: PLC0415
+    import onnx
 
     return onnx.load(str(onnx_path), load_external_data=False)
 
@@ -302,7 +308,7 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A tensor as numpy; bfloat16 becomes `ml_dtypes.bfloat16` (what ONNX Runtime takes)."""
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes  # noqa: PLC0415  (installed with onnx)
+        import ml_dtypes
 
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
@@ -316,7 +322,7 @@ def to_torch(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a.copy())  # C-contiguous, and 0-d stays 0-d (np.ascontiguousarray makes it 1-d)
 
 
-def sample_feed(descriptor, shape: ImageShape, precision: Precision, seed: int, gag: bool) -> "OrderedDict[str, np.ndarray]":
+def sample_feed(descriptor, shape: ImageShape, precision: Precision, seed: int, gag: bool) -> OrderedDict[str, np.ndarray]:
     """The descriptor's sample inputs at `shape` as a name -> array feed, in graph order and types."""
     tensors = descriptor.sample_inputs(shape, precision, seed, gag=gag)
     return OrderedDict((spec.name, to_numpy(tensors[spec.name])) for spec in descriptor.inputs(precision, gag=gag))
@@ -431,7 +437,7 @@ class ParityError(GagExportError):
 
 
 def _tensor_types(model) -> dict[str, int]:
-    import onnx  # noqa: PLC0415
+    import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     g = inferred.graph
@@ -451,7 +457,7 @@ def promote_concat_inputs(model) -> int:
     `aten.cat` promotes (fp16 + fp32 -> fp32); the dynamo exporter emits a plain `Concat`, which
     ONNX rejects. Returns how many casts were inserted (the model is edited in place).
     """
-    from onnx import helper  # noqa: PLC0415
+    from onnx import helper
 
     types = _tensor_types(model)
     added, nodes = 0, []
@@ -499,7 +505,7 @@ def name_output_dims(model, output_specs) -> int:
 
 def save_graph(model, onnx_path: Path, external: bool) -> None:
     """Save a ModelProto, weights to `model.onnx.data` when `external`."""
-    import onnx  # noqa: PLC0415
+    import onnx
 
     if external:
         onnx.save_model(model, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -510,7 +516,7 @@ def save_graph(model, onnx_path: Path, external: bool) -> None:
 
 def slim_graph(onnx_path: Path, dest: Path) -> tuple[int, int]:
     """onnxslim `onnx_path` into `dest` (same external-data layout); return (nodes before, after)."""
-    import onnxslim  # noqa: PLC0415
+    import onnxslim
 
     before = len(load_graph_structure(onnx_path).graph.node)
     slimmed = onnxslim.slim(str(onnx_path))
@@ -536,12 +542,25 @@ def _resource_error(exc: BaseException) -> ResourceExhaustedError | None:
     return None
 
 
-def _denoiser_module(pipe) -> torch.nn.Module:
+def denoiser_module(pipe) -> torch.nn.Module | None:
+    """The pipeline's UNet or transformer, or None when it was loaded without one."""
     for attr in ("unet", "transformer"):
         module = getattr(pipe, attr, None)
         if isinstance(module, torch.nn.Module):
             return module
-    raise InvalidInputError(f"{type(pipe).__name__} has no `unet` or `transformer` to apply GAG to")
+    return None
+
+
+def _set_gag(pipe, gag: GAGConfig | None) -> list[str]:
+    """Apply `gag` to the pipeline's denoiser (or remove GAG for None); the rewritten layers."""
+    denoiser = denoiser_module(pipe)
+    if denoiser is None:
+        return []
+    if gag is not None:
+        return apply_gag(denoiser, gag)
+    if is_gag_applied(denoiser):
+        remove_gag(denoiser)
+    return []
 
 
 def _weights_bytes(module: torch.nn.Module) -> int:
@@ -618,7 +637,7 @@ def _quiet_loggers(*names: str):
 def _trace(descriptor, module: torch.nn.Module, args: tuple, config: ExportConfig, input_names, output_names,
            dest: Path, external: bool):
     """Run the exporter; return the ModelProto, or None when it was saved straight to `dest` (large)."""
-    import onnx  # noqa: PLC0415
+    import onnx
 
     if config.exporter == "dynamo":
         with _quiet_loggers("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
@@ -649,7 +668,7 @@ def _trace(descriptor, module: torch.nn.Module, args: tuple, config: ExportConfi
 def _export_one(descriptor, module: torch.nn.Module, config: ExportConfig, precision: Precision, gag: bool,
                 dest: Path) -> int:
     """Export one component to `dest` (model.onnx in the temp folder); return its node count."""
-    import onnx  # noqa: PLC0415
+    import onnx
 
     specs = (descriptor.inputs(precision, gag=gag), descriptor.outputs(precision, gag=gag))
     input_names, output_names = [s.name for s in specs[0]], [s.name for s in specs[1]]
@@ -701,7 +720,7 @@ def _component_entry(descriptor, config: ExportConfig, precision: Precision, com
 
 
 def versions() -> dict:
-    import importlib.metadata as md  # noqa: PLC0415
+    import importlib.metadata as md
 
     out = {"gag_export": __version__, "torch": torch.__version__}
     for dist in ("diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "onnxslim", "polygraphy"):
@@ -751,9 +770,7 @@ def _selected(descriptors, config: ExportConfig) -> list:
 
 def _reduced_copy(pipe, dtype: torch.dtype):
     """A copy of the pipeline in `dtype`; the caller's fp32 pipeline stays the parity reference."""
-    denoiser = _denoiser_module(pipe)
-    if is_gag_applied(denoiser):
-        remove_gag(denoiser)  # applied again on the copy: a deep-copied forward hook would point back here
+    _set_gag(pipe, None)  # applied again on the copy: a deep-copied forward hook would point back here
     work = copy.deepcopy(pipe)
     for module in dict(getattr(work, "components", {})).values():
         if isinstance(module, torch.nn.Module):
@@ -793,13 +810,11 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
         descriptors = _selected(descriptors_for(entry, pipe), config)
         if config.precision is not Precision.FP32:
             work = _reduced_copy(pipe, config.precision.torch_dtype)
-        rewritten: list[str] = []
-        for target in {id(p): p for p in (work, pipe)}.values():
-            denoiser = _denoiser_module(target)
-            if config.gag is not None:
-                rewritten = apply_gag(denoiser, config.gag)
-            elif is_gag_applied(denoiser):
-                remove_gag(denoiser)
+        if any(d.role == "denoiser" for d in descriptors) and denoiser_module(pipe) is None:
+            raise InvalidInputError(f"the {config.model} pipeline was loaded without its denoiser")
+        rewritten = _set_gag(pipe, config.gag)
+        if work is not pipe:
+            _set_gag(work, config.gag)
         manifest = _manifest_head(entry, config, rewritten)
         for index, descriptor in enumerate(descriptors):
             gag = config.gag is not None and descriptor.role == "denoiser"
@@ -845,8 +860,7 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if config.gag is not None:
-            remove_gag(_denoiser_module(pipe))
+        _set_gag(pipe, None)
     log.info("exported %s (%d components) to %s", config.model, len(stats), config.graphs_dir)
     return Manifest(config.graphs_dir, manifest, stats)
 

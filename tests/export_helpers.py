@@ -35,18 +35,22 @@ EXPORTS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+_ROOT: list[Path] = []
+
+
 def shared_root(tmp_path_factory) -> Path:
     """One graphs folder for the whole session, whichever test module asks first."""
-    return tmp_path_factory.mktemp("graphs")
+    if not _ROOT:
+        _ROOT.append(tmp_path_factory.mktemp("graphs"))
+    return _ROOT[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pipeline(model: str):
     return load_pipeline(get_entry(model))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exported(name: str, root: Path) -> Manifest:
     """Export `EXPORTS[name]` under `root/name` (once per session) and return its manifest."""
     model, kwargs = EXPORTS[name]

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from export_helpers import exported, shared_root
 from onnx import TensorProto, helper, numpy_helper
 
 from gag_export import trt_ops
@@ -17,8 +18,6 @@ from gag_export.check import CheckReport, CheckResult, check_graphs, lint_graph
 from gag_export.cli import cli
 from gag_export.errors import ArtifactError, CheckFailedError
 from gag_export.export import graph_sha256, save_graph
-
-from export_helpers import exported, shared_root
 
 
 @pytest.fixture(scope="session")
