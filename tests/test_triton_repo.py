@@ -363,7 +363,10 @@ def test_cli_serve_and_client_errors(tmp_path, monkeypatch):
     port = free_port()
     result = CliRunner().invoke(cli, ["client", "--url", f"http://127.0.0.1:{port}", "--prompt", "p", "--timeout", "5"],
                                 obj={})
-    assert result.exit_code == 1 and "cannot reach" in result.output
+    assert result.exit_code == 2 and "cannot reach" in result.output
+    result = CliRunner().invoke(cli, ["client", "--url", f"grpc://127.0.0.1:{port}", "--prompt", "p", "--timeout", "5"],
+                                obj={})
+    assert result.exit_code == 2 and "cannot reach" in result.output
 
 
 def test_no_server_found_names_the_setup_command(standin_repo, tmp_path, monkeypatch):

@@ -7,8 +7,8 @@
 `url`: `http://host:port`, `grpc://host:port`, or `host:port` with `protocol`. Values a request
 leaves out (steps, GAG parameters) come from the `pipeline` model's config parameters, which
 `gag-export triton` writes from the export (default steps, the export's GAG values). A refused
-request raises `InvalidInputError` with the server's message; an unreachable server
-`GagExportError`.
+request raises `InvalidInputError` with the server's message (exit code 2), and so does a URL where nothing
+answers; any other server failure is a `GagExportError`.
 """
 
 from __future__ import annotations
@@ -105,10 +105,13 @@ class PipelineClient:
             status = str(exc.status() or "") if callable(getattr(exc, "status", None)) else ""
             if "INVALID_ARG" in status or status == "400" or "INVALID_ARGUMENT" in status:
                 raise InvalidInputError(f"the server refused the request: {message}") from None
+            if "UNAVAILABLE" in status or "failed to connect" in message:
+                raise InvalidInputError(f"--url: cannot reach {self.protocol}://{self.address} ({message}); is the "
+                                        "server running (`gag-export serve`) and is the URL right?") from None
             raise GagExportError(f"{what} failed at {self.protocol}://{self.address}: {message}") from None
         except OSError as exc:
-            raise GagExportError(f"cannot reach {self.protocol}://{self.address} ({exc}); is the server running "
-                                 "(`gag-export serve`)?") from None
+            raise InvalidInputError(f"--url: cannot reach {self.protocol}://{self.address} ({exc}); is the server "
+                                    "running (`gag-export serve`) and is the URL right?") from None
 
     def _config(self) -> dict:
         if self.protocol == "grpc":
