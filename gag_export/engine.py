@@ -25,7 +25,6 @@ and GPU and the plan's bytes against the sidecar before anything is deserialized
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import enum
 import errno
@@ -362,29 +361,16 @@ def derive_profile(manifest: Mapping, component_name: str, mode: ShapeMode, *, g
 # --------------------------------------------------------------------------------------------
 
 
-def _innermost_module(node) -> str | None:
-    """The module path an ONNX node was traced in: dynamo's name scopes, or a legacy `/a/b/Op` name."""
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = ast.literal_eval(prop.value)  # a Python list repr: "['', 'blocks.0', 'mul_2']"
-            except (ValueError, SyntaxError):
-                return None
-            return scopes[-2] if len(scopes) >= 2 else None  # the last scope is the op itself
-    if node.name.startswith("/"):
-        parts = node.name.strip("/").split("/")
-        return ".".join(parts[:-1]) or None
-    return None
-
-
 def gag_node_names(onnx_path: Path, modules: Iterable[str]) -> tuple[str, ...]:
     """Names of the ONNX nodes computed directly by the given attention modules (not by their
     projections `to_q`/`to_out`/norms, which are child modules): the GAG attention core."""
     import onnx  # noqa: PLC0415
 
-    wanted = set(modules)
+    from .check import in_modules, node_module  # noqa: PLC0415  (torch-heavy; only this path needs it)
+
+    wanted = tuple(modules)
     model = onnx.load(str(onnx_path), load_external_data=False)
-    return tuple(n.name for n in model.graph.node if n.name and _innermost_module(n) in wanted)
+    return tuple(n.name for n in model.graph.node if n.name and in_modules(node_module(n), wanted))
 
 
 def layer_from_nodes(layer_name: str, node_names: frozenset[str]) -> bool:
@@ -743,7 +729,9 @@ def component_specs(
         if not onnx_path.is_file():
             raise ArtifactError(f"{onnx_path} is missing (listed in {graphs_dir / MANIFEST_NAME}): re-export the model")
         recorded = entry.get("sha256")
-        actual = _sha256_file(onnx_path)
+        from .export import graph_sha256  # noqa: PLC0415
+
+        actual = graph_sha256(onnx_path)  # the manifest's definition: model.onnx + its external data
         if recorded != actual:
             raise ArtifactError(
                 f"{onnx_path} does not match its manifest (sha256 {actual[:12]}..., manifest says "

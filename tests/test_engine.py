@@ -740,3 +740,36 @@ def test_tensorrt_weakly_typed_fp16_on_trt10(tiny_graphs, tmp_path):
         with pytest.raises(InvalidInputError, match="needs TensorRT 10.x"):
             eng.build(tiny_graphs["fp32"], tmp_path / "engines", EngineOptions(precision="fp16", weakly_typed=True))
 
+
+
+def test_graph_with_external_data_matches_manifest_sha(tmp_path):
+    """The manifest's sha256 covers model.onnx and model.onnx.data (export.graph_sha256)."""
+    from gag_export.export import graph_sha256
+
+    graphs = write_graphs(tmp_path, dtype="fp32")
+    (graphs / "unet" / "model.onnx.data").write_bytes(b"weights" * 100)
+    manifest = json.loads((graphs / "manifest.json").read_text())
+    manifest["components"]["unet"]["sha256"] = graph_sha256(graphs / "unet" / "model.onnx")
+    (graphs / "manifest.json").write_text(json.dumps(manifest))
+    (spec,) = eng.component_specs(graphs, eng.load_manifest(graphs), EngineOptions(), TRT10)
+    assert spec.onnx_sha256 == manifest["components"]["unet"]["sha256"]
+    (graphs / "unet" / "model.onnx.data").write_bytes(b"other" * 100)
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
+        eng.component_specs(graphs, eng.load_manifest(graphs), EngineOptions(), TRT10)
+
+
+def test_gag_nodes_found_under_the_export_wrapper_prefix(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    """Dynamo scopes carry the wrapper's attribute (`model.down_blocks...`); names are relative."""
+    attn = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    node = helper.make_node("Softmax", ["x"], ["y"], name="node_softmax")
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(["", f"model.{attn}", "softmax"]))
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    assert eng.gag_node_names(tmp_path / "m.onnx", [attn]) == ("node_softmax",)
+    assert eng.gag_node_names(tmp_path / "m.onnx", ["up_blocks.0.attentions.0.transformer_blocks.0.attn2"]) == ()
