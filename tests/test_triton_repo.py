@@ -427,3 +427,18 @@ def test_flux_standin_over_bls_equals_the_local_runtime(tmp_path_factory, tmp_pa
             local = sampler.generate(GenerationConfig(PROMPT, seed=5, steps=2, gag=GAGParams(10.0, 15.0, 0.0))).image
     assert not response.has_error(), response.error() and response.error().message()
     assert max_pixel_diff(response.output_tensors[0].as_numpy(), local) == 0
+
+
+def test_bundled_server_refuses_a_repository_needing_other_backends(standin_repo, graphs, tmp_path):
+    """The nvidia-pytriton server has only the Python backend: an ONNX repository is refused up front."""
+    from gag_export.serving.server import check_backends, required_backends
+
+    backends = tmp_path / "backends"
+    (backends / "python").mkdir(parents=True)
+    assert set(required_backends(standin_repo).values()) == {"python"}
+    check_backends(standin_repo, backends)
+    onnx_repo = tmp_path / "onnx"
+    build_repository(graphs, onnx_repo, RepositoryOptions(backend="onnx"))
+    assert required_backends(onnx_repo)["unet"] == "onnxruntime" and "pipeline" not in required_backends(onnx_repo)
+    with pytest.raises(MissingDependencyError, match="text_encoder \\(onnxruntime\\).*--cpu-standin"):
+        check_backends(onnx_repo, backends)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -138,6 +139,35 @@ def _is_bundled(binary: Path) -> bool:
     return binary.parent.parent.name == "tritonserver" and binary.parent.parent.parent.name == "pytriton"
 
 
+PLATFORM_BACKENDS = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch"}
+
+
+def required_backends(repository: Path) -> dict[str, str]:
+    """{model: backend} for every model of a repository that needs a backend (ensembles need none)."""
+    needed = {}
+    for config in sorted(Path(repository).glob("*/config.pbtxt")):
+        text = config.read_text()
+        backend = re.search(r'^backend:\s*"([^"]+)"', text, re.M)
+        platform = re.search(r'^platform:\s*"([^"]+)"', text, re.M)
+        if backend:
+            needed[config.parent.name] = backend.group(1)
+        elif platform and platform.group(1) != "ensemble":
+            needed[config.parent.name] = PLATFORM_BACKENDS.get(platform.group(1), platform.group(1))
+    return needed
+
+
+def check_backends(repository: Path, backends_dir: Path) -> None:
+    """MissingDependencyError when the server lacks a backend the repository's models need."""
+    available = {p.name for p in Path(backends_dir).iterdir() if p.is_dir()} if Path(backends_dir).is_dir() else set()
+    missing = {model: backend for model, backend in required_backends(repository).items() if backend not in available}
+    if missing:
+        listed = ", ".join(f"{model} ({backend})" for model, backend in missing.items())
+        raise MissingDependencyError(
+            f"this Triton server has the {', '.join(sorted(available)) or 'no'} backend(s), but {listed} need others: "
+            "the server bundled in nvidia-pytriton runs Python models only; serve this repository in the official "
+            "container (nvcr.io/nvidia/tritonserver), or regenerate it with `gag-export triton ... --cpu-standin`")
+
+
 def _pythonpath_dir(workspace: Path) -> Path:
     """A folder holding only a link to the running `gag_export` package, for the server's PYTHONPATH."""
     package = Path(__file__).resolve().parents[1]
@@ -224,6 +254,8 @@ class TritonServer:
         self.workspace = Path(tempfile.mkdtemp(prefix="gag-export-triton-"))
         try:
             backends = _prepare_backends(self.launch, self.workspace) if self.launch.bundled else None
+            if backends is not None:
+                check_backends(repository, backends)
             env = server_environment(self.launch, self.workspace)
             command = self.command(backends)
             log.info("starting %s", " ".join(command))
