@@ -61,6 +61,7 @@ from polygraphy.comparator import Comparator
 from polygraphy.comparator.compare import SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
+from .atomic import swap_into_place
 from . import __version__
 from .attention import apply_gag, is_gag_applied, remove_gag
 from .errors import (
@@ -778,16 +779,6 @@ def _reduced_copy(pipe, dtype: torch.dtype):
     return work
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Move the finished temp folder to `final`; a previous export there is replaced."""
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        os.replace(final, old / final.name)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
 
 def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEvent], None] | None = None) -> Manifest:
     """Export every component of `entry` from `pipe` into `config.graphs_dir`; return the manifest.
@@ -849,7 +840,7 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
                                size_bytes=entry_json["size_bytes"], seconds=stats[descriptor.name].seconds))
             del module
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _swap_into_place(tmp, config.graphs_dir)
+        swap_into_place(tmp, config.graphs_dir)
     except GagExportError:
         raise
     except BaseException as exc:  # KeyboardInterrupt included: the temp folder goes in `finally`

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..atomic import swap_into_place
 from ..errors import GagExportError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -189,13 +190,7 @@ def ensure_environment(path: Path | None = None, *, rebuild: bool = False,
             venv.EnvBuilder(with_pip=True, symlinks=True).create(tmp)
             _pip(tmp / "bin" / "python", reqs, notify)
             (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-                os.replace(path, old / path.name)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            swap_into_place(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..atomic import swap_into_place
 from ..errors import ArtifactError, InvalidInputError, ResourceExhaustedError
 from ..export import Manifest, data_path
 from . import pbtxt
@@ -523,15 +524,6 @@ def _populate(root: Path, manifest: Manifest, entry, options: RepositoryOptions,
     return records, notes
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        os.replace(final, old / final.name)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
 
 def build_repository(graphs_dir: Path, out_dir: Path, options: RepositoryOptions = RepositoryOptions(),
                      engines_dir: Path | None = None) -> RepositoryReport:
@@ -559,7 +551,7 @@ def build_repository(graphs_dir: Path, out_dir: Path, options: RepositoryOptions
         raise ArtifactError(f"cannot write {out_dir}: {exc}") from None
     try:
         records, notes = _populate(tmp, manifest, entry, options, engines_dir, assets)
-        _swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
