@@ -54,12 +54,17 @@ def _shifted(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     return x.clamp(min=_NEVER_IN_SUPPORT)
 
 
+def _sum_of_squares(r: torch.Tensor) -> torch.Tensor:
+    # One fused reduction (ReduceL2 in ONNX) instead of a square pass and a sum pass.
+    return torch.linalg.vector_norm(r, dim=-1, keepdim=True).square()
+
+
 def _tau_from_support(x: torch.Tensor, in_support: torch.Tensor) -> torch.Tensor:
     """Exact 1.5-entmax threshold given the support set (Peters et al. 2019, eq. for tau)."""
-    mask = in_support.to(x.dtype)
-    k = mask.sum(dim=-1, keepdim=True).clamp(min=1.0)
-    mean = (x * mask).sum(dim=-1, keepdim=True) / k
-    mean_sq = (x * x * mask).sum(dim=-1, keepdim=True) / k
+    k = in_support.sum(dim=-1, keepdim=True).to(x.dtype).clamp(min=1.0)  # float: TensorRT has no int64 Clip
+    x_in = torch.where(in_support, x, 0.0)
+    mean = x_in.sum(dim=-1, keepdim=True) / k
+    mean_sq = _sum_of_squares(x_in) / k
     delta = (1.0 - k * (mean_sq - mean * mean)) / k
     return mean - delta.clamp(min=0.0).sqrt()
 
@@ -94,12 +99,20 @@ def _entmax_threshold_bisect(x: torch.Tensor, alpha: float, iters: int) -> torch
 
 
 def _entmax15_bisect(x: torch.Tensor) -> torch.Tensor:
-    tau = _entmax_threshold_bisect(x, 1.5, _BISECT_ITERS)
+    n = x.shape[-1]
+    lo = torch.full_like(x[..., :1], -1.0)  # the bracket of `_entmax_threshold_bisect`, squares fused
+    hi = torch.full_like(lo, -((1.0 / n) ** 0.5))
+    for _ in range(_BISECT_ITERS):
+        mid = 0.5 * (lo + hi)
+        above = _sum_of_squares((x - mid).relu_()) >= 1.0  # in place: no second temporary
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    tau = lo
     for _ in range(_NEWTON_ITERS):  # Newton on sum((x - tau)_+^2) = 1, staying below the root
-        r = (x - tau).clamp(min=0.0)
-        tau = tau + ((r * r).sum(dim=-1, keepdim=True) - 1.0) / (2.0 * r.sum(dim=-1, keepdim=True))
+        r = (x - tau).relu_()
+        tau = tau + (_sum_of_squares(r) - 1.0) / (2.0 * r.sum(dim=-1, keepdim=True))
     tau = _tau_from_support(x, x > tau)
-    p = (x - tau).clamp(min=0.0).square()
+    p = (x - tau).relu_().square_()
     return p / p.sum(dim=-1, keepdim=True)
 
 
