@@ -26,14 +26,18 @@ with a synchronize before reading them (`Timer`). Every backend returns host arr
 call is complete when timed.
 
 Memory, per variant, in bytes converted to MiB:
-- `isolate="none"` (default): all variants share one process. `rss_delta_mib` is the growth of
+- `isolate="none"`: all variants share one process. `rss_delta_mib` is the growth of
   the process RSS (psutil) across the variant's loading, activation and first call (for torch:
   the pipeline's weights are loaded once and counted in `pipeline_rss_mib`, not per variant);
   `peak_rss_mib` is the process's high-water mark (`ru_maxrss`) at the end, shared by all.
-- `isolate="backend"`: each backend runs in its own child process (its GAG and plain variants
-  still interleaved inside it); `peak_rss_mib` is that child's own high-water mark, so it holds
-  everything the backend needed (Python and libraries included). Speed-ups then compare
-  children that ran one after the other (`interleaved: false`).
+- `isolate="backend"` (default): each backend runs in its own child process (its GAG and plain variants
+  still interleaved inside it, unless their ONNX Runtime sessions would not fit in memory
+  together: then one child each); `peak_rss_mib` is that child's own high-water mark, so it
+  holds everything the backend needed (Python and libraries included). Speed-ups then compare
+  children that ran one after the other (`interleaved: false`). This is the default because
+  runtimes sharing a process disturb each other: ONNX Runtime's intra-op threads spin between
+  calls and steal the cores from PyTorch's OpenMP threads (tiny-sdxl on 2 cores: torch eager
+  step p50 6.6 ms in its own process, 28 ms interleaved with ORT in one process).
 - `isolate="variant"`: a child process per backend and GAG setting, for when even one
   backend's two variants do not fit in memory together; GAG overheads then compare children
   that ran one after the other too (`interleaved: false`).
@@ -58,7 +62,8 @@ JSON schema (`schema_version` 1; times in milliseconds, memory in MiB, null when
                   "step": null | {"first_call_ms", "stats": STATS, "samples_ms": [...]},
                   "e2e": null | {"first_call_ms", "stats": STATS, "samples_ms": [...],
                                  "stages_ms": {"text_encode", "denoise", "vae_decode"}},
-                  "memory": {"rss_delta_mib", "peak_rss_mib", "gpu_peak_mib", "gpu_used_mib"}}],
+                  "memory": {"rss_delta_mib", "peak_rss_mib", "gpu_peak_mib", "gpu_used_mib"},
+                  "load_average_after": [1, 5, 15-minute load] when its process finished timing}],
      "gag_overhead": [{"backend", "measure": "step|e2e", "ratio", "percent", "paired_p50", "interleaved"}],
      "speedup": [{"backend", "gag", "measure", "baseline": "torch", "ratio", "interleaved"}]}
     STATS = {"n", "mean_ms", "std_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "max_ms"}
@@ -291,7 +296,7 @@ class BenchConfig:
     weights: str | None = None
     e2e: bool = True
     threads: int = 0
-    isolate: str = "none"
+    isolate: str = "backend"
     seed: int = 0
     prompt: str = DEFAULT_PROMPT
     graphs: Path = DEFAULT_GRAPHS
@@ -620,8 +625,10 @@ def load_variant(config: BenchConfig, p: Plan, backend: str, gag: bool, pipe=Non
     return Variant(backend, gag, sampler, feed, request, timer_for(device), device)
 
 
-# An ONNX Runtime CPU session holds about its graph's weights; leave a margin for activations.
-ORT_MEMORY_FACTOR = 1.15
+# Peak RSS of a process running an ONNX Runtime CPU session, per byte of graph: measured 1.40 on the
+# SDXL UNet at 1024x1024 (9.6 GiB graph, 13.4 GiB peak: weights, prepacked GEMM weights being swapped
+# in, activations, Python and torch). A guard against running the machine out of memory, not a model.
+ORT_MEMORY_FACTOR = 1.4
 
 
 def _check_memory_for_graphs(config: BenchConfig, p: Plan, gag: bool) -> None:
@@ -776,7 +783,10 @@ def measure(config: BenchConfig, p: Plan, pipe=None, pipeline_rss: int | None = 
         for variant in variants:
             variant.sampler.components.deactivate()
     peak = peak_rss_bytes()
+    load = load_average()
     rows += [_variant_row(v, p, peak if config.isolate != "none" else None) for v in variants]
+    for row in rows:
+        row["load_average_after"] = load
     order = {(b, g): i for i, (b, g) in enumerate((b, g) for b in config.backends for g in config.gag_settings)}
     rows.sort(key=lambda row: order[(row["backend"], row["gag"])])
     return {"results": rows, "memory": {"pipeline_rss_mib": _mib(pipeline_rss), "peak_rss_mib": _mib(peak)}}
@@ -840,11 +850,11 @@ def _p50(row: dict, measure_name: str) -> float | None:
     return None if series is None else series["stats"]["p50_ms"]
 
 
-def ratios(rows: Sequence[dict], interleaved: bool, gag_interleaved: bool = True) -> tuple[list[dict], list[dict]]:
+def ratios(rows: Sequence[dict], interleaved: bool, gag_split: Sequence[str] = ()) -> tuple[list[dict], list[dict]]:
     """(gag_overhead, speedup) rows from the result rows of one run (see the schema).
 
-    `interleaved`: whether the backends were timed in the same rounds; `gag_interleaved`: whether
-    the GAG and plain variants of a backend were.
+    `interleaved`: whether the backends were timed in the same rounds; `gag_split`: backends whose
+    GAG and plain variants ran in separate processes (not interleaved).
     """
     by_key = {(r["backend"], r["gag"]): r for r in rows if r["status"] == "ok"}
     overhead, speedup = [], []
@@ -857,7 +867,7 @@ def ratios(rows: Sequence[dict], interleaved: bool, gag_interleaved: bool = True
                     "backend": backend, "measure": measure_name, "ratio": round(ratio, 4),
                     "percent": round(100 * (ratio - 1), 2),
                     "paired_p50": round(paired_ratio(on[measure_name]["samples_ms"], off[measure_name]["samples_ms"]), 4),
-                    "interleaved": gag_interleaved,
+                    "interleaved": backend not in gag_split,
                 })
         for (backend, gag), row in by_key.items():
             base = by_key.get((BASELINE, gag))
@@ -957,20 +967,27 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     p = plan(config)
     load_at_start = load_average()
     created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    gag_interleaved = True
+    gag_split: list[str] = []
     if config.isolate != "none":
         if needs_export(config, p):
             notify(f"exporting {p.entry.name}")
             prepare(config, p)  # the pipeline is dropped before any child starts
             gc.collect()
-        if config.isolate == "backend":
-            children = [replace(config, backends=(backend,)) for backend in config.backends]
-        else:
-            children = [replace(config, backends=(backend,), gag="gag" if gag else "no-gag")
-                        for backend in config.backends for gag in config.gag_settings]
-            gag_interleaved = len(config.gag_settings) == 1
+        children, skipped = [], []
+        for backend in config.backends:
+            reason = unavailable(backend)
+            if reason is not None:  # no child process just to say so
+                skipped += [_skipped_row(backend, gag, "skipped", reason) for gag in config.gag_settings]
+            elif len(config.gag_settings) == 2 and (config.isolate == "variant" or not _variants_fit(config, p, backend)):
+                gag_split.append(backend)
+                children += [replace(config, backends=(backend,), gag="gag" if gag else "no-gag")
+                             for gag in config.gag_settings]
+            else:
+                children.append(replace(config, backends=(backend,)))
         parts = [_run_child(child, notify) for child in children]
-        rows = [row for part in parts for row in part["results"]]
+        rows = [row for part in parts for row in part["results"]] + skipped
+        order = {b: i for i, b in enumerate(config.backends)}
+        rows.sort(key=lambda row: (order[row["backend"]], row["gag"]))
         memory = {"method": "child-peak-rss", "pipeline_rss_mib": None,
                   "peak_rss_mib": max((part["memory"]["peak_rss_mib"] or 0 for part in parts), default=None)}
         interleaved = len(children) == 1
@@ -985,7 +1002,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         part = measure(config, p, pipe=pipe, pipeline_rss=pipeline_rss, progress=notify)
         rows, memory = part["results"], {"method": "rss-delta", **part["memory"]}
         interleaved = True
-    overhead, speedup = ratios(rows, interleaved, gag_interleaved)
+    overhead, speedup = ratios(rows, interleaved, gag_split)
     env = {**environment(config), "load_average_at_start": load_at_start}
     return {
         "schema": SCHEMA,
@@ -1002,6 +1019,29 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         "gag_overhead": overhead,
         "speedup": speedup,
     }
+
+
+def _variants_fit(config: BenchConfig, p: Plan, backend: str) -> bool:
+    """Whether the GAG and plain ONNX Runtime sessions of `backend` fit in memory together (always
+    true for torch, whose two variants share the weights, and for TensorRT, on the GPU)."""
+    import psutil  # noqa: PLC0415
+
+    from .runtime.backends import load_manifest_for  # noqa: PLC0415
+
+    if backend != "ort" or unavailable(backend) is not None:
+        return True
+    try:
+        need = ORT_MEMORY_FACTOR * sum(
+            int(c.get("size_bytes") or 0)
+            for gag in config.gag_settings
+            for c in load_manifest_for(p.entry.name, graphs_root(config, gag)).components.values()
+        )
+    except GagExportError:
+        return True  # the child reports the missing graphs
+    fits = need <= psutil.virtual_memory().available
+    if not fits:
+        log.info("%s: GAG and plain sessions need ~%.1f GiB together: one process each", backend, need / 2**30)
+    return fits
 
 
 def _run_child(config: BenchConfig, notify: Callable[[str], None]) -> dict:
@@ -1156,12 +1196,15 @@ def render_markdown(doc: Mapping) -> str:
     notes = []
     if doc.get("e2e_skipped"):
         notes.append(f"e2e not measured: {doc['e2e_skipped']}.")
+    split = sorted({o["backend"] for o in doc["gag_overhead"] if not o["interleaved"]})
     if isolated and doc["config"].get("isolate") == "variant":
         notes.append("Each backend and GAG setting ran in its own process (peak RSS is that process's); speed-ups and "
                      "GAG overheads compare processes run one after the other.")
     elif isolated:
         notes.append("Each backend ran in its own process (peak RSS is that process's); speed-ups compare processes "
-                     "run one after the other, GAG on/off were interleaved inside each.")
+                     "run one after the other, GAG on/off were interleaved inside each"
+                     + (f" except for {', '.join(split)}, whose GAG and plain variants did not fit in memory together "
+                        "and ran in processes of their own" if split else "") + ".")
     else:
         notes.append("All variants ran interleaved in one process; 'RSS +' is the RSS growth while loading a variant "
                      "and running it once (the torch pipeline's weights, loaded once for all torch variants, are not in it).")

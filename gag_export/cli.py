@@ -576,9 +576,9 @@ def _models_markdown(entries) -> str:
               help="Also time whole generations; --no-e2e loads and exports the denoiser alone.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="torch and ONNX Runtime intra-op threads (0: every CPU this process may use).")
-@click.option("--isolate", type=click.Choice(["none", "backend", "variant"]), default="none", show_default=True,
-              help="backend: a child process per backend (its own peak RSS; for models that do not fit in RAM twice); "
-                   "variant: per backend and GAG setting.")
+@click.option("--isolate", type=click.Choice(["none", "backend", "variant"]), default="backend", show_default=True,
+              help="backend: a child process per backend (runtimes in one process disturb each other's threads; "
+                   "own peak RSS); variant: per backend and GAG setting; none: one process, all interleaved.")
 @click.option("--graphs", "graphs_root", type=click.Path(file_okay=False, path_type=Path), default=Path("graphs/bench"),
               show_default=True, help="Cache of the benchmark's exports: <graphs>/{gag,no-gag}/<model>.")
 @click.option("--engines", "engines_root", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),

@@ -198,6 +198,8 @@ def test_cli_bench_tiny_sdxl_writes_json_markdown_and_plot(tmp_path):
         assert rows[("tensorrt", gag)]["status"] in ("skipped", "failed") and rows[("tensorrt", gag)]["reason"]
     assert {(o["backend"], o["measure"]) for o in doc["gag_overhead"]} == {("torch", "step"), ("torch", "e2e")}
     assert not (tmp_path / "graphs").exists()  # torch alone exports nothing
+    assert doc["config"]["isolate"] == "backend" and doc["memory"]["method"] == "child-peak-rss"  # the default
+    assert rows[("torch", True)]["memory"]["peak_rss_mib"] > 0 and rows[("torch", True)]["load_average_after"]
 
     markdown = (out / "bench.md").read_text()
     assert "| backend | GAG | step p50 ms | step mean ± std | p90 | p99 | min | vs eager |" in markdown
@@ -211,28 +213,17 @@ def test_cli_bench_tiny_sdxl_writes_json_markdown_and_plot(tmp_path):
 
 def test_bench_ort_exports_the_denoiser_once_and_reuses_it(tmp_path):
     config = bench.BenchConfig("tiny-sdxl", backends=("ort",), gag="gag", warmup=0, iters=2, e2e=False, threads=1,
-                               graphs=tmp_path / "graphs")
+                               isolate="none", graphs=tmp_path / "graphs")
     doc = bench.run_bench(config)
     bench.validate_result(doc)
     manifest = tmp_path / "graphs" / "gag" / "tiny-sdxl" / "manifest.json"
     assert set(json.loads(manifest.read_text())["components"]) == {"unet"}  # step-only: the denoiser alone
     (row,) = doc["results"]
     assert row["status"] == "ok", row["reason"]
+    assert doc["memory"]["method"] == "rss-delta" and row["memory"]["rss_delta_mib"] is not None
     assert row["backend"] == "ort" and row["gag"] and row["step"]["stats"]["n"] == 2 and row["e2e"] is None
     assert doc["e2e_skipped"]
     assert doc["graphs"]["gag"]["denoiser_sha256"] == json.loads(manifest.read_text())["components"]["unet"]["sha256"]
     stamp = manifest.stat().st_mtime_ns
     assert bench.needs_export(config, bench.plan(config)) == {}
     assert manifest.stat().st_mtime_ns == stamp
-
-
-def test_isolate_backend_runs_each_backend_in_its_own_process(tmp_path):
-    config = bench.BenchConfig("tiny-sdxl", backends=("torch",), gag="both", warmup=0, iters=1, e2e=False, threads=1,
-                               isolate="backend", graphs=tmp_path / "graphs")
-    doc = bench.run_bench(config)
-    bench.validate_result(doc)
-    assert doc["memory"]["method"] == "child-peak-rss"
-    for row in doc["results"]:
-        assert row["status"] == "ok", row["reason"]
-        assert row["memory"]["peak_rss_mib"] > 0
-    assert [o["measure"] for o in doc["gag_overhead"]] == ["step"]
