@@ -75,8 +75,27 @@ def _device_ok(q: torch.Tensor, explicit: bool) -> bool:
     return q.is_cuda or (explicit and q.device.type == "cpu" and _interpreter_on())
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+# torch <= 2.11 answers torch.compiler.is_exporting() with True under plain torch.compile too
+# (dynamo folds it to a constant: pytorch/pytorch#176347, fixed by #176499 for 2.12). Seen on an
+# H200 with torch 2.11: the fused UNet compiled into the PyTorch path. On those versions, while
+# dynamo traces, the flag is ignored and the custom op is kept. What that gives up: a *strict*
+# torch.export of a CUDA module on torch <= 2.11 keeps the custom op (its fake kernel exports
+# fine; ONNX conversion then names it). Non-strict export (the ONNX exporter's first strategy)
+# runs outside dynamo and still sees the true flag; this project exports CPU modules anyway.
+_IS_EXPORTING_FOLDED_UNDER_DYNAMO = _torch_version() < (2, 12)
+
+
 def _exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    if torch.onnx.is_in_onnx_export():
+        return True
+    if _IS_EXPORTING_FOLDED_UNDER_DYNAMO and torch.compiler.is_dynamo_compiling():
+        return False
+    return torch.compiler.is_exporting()
 
 
 def fused_unsupported_reason(q, k, v, alpha, attn_mask, scale, eta, zeta, explicit: bool = False):
