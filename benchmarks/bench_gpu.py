@@ -50,9 +50,9 @@ VARIANTS = {
     "gag-bisect": "bisect",
     "gag-fused": "fused",
     "gag-sort": "sort",  # the issue's original baseline (not run by default)
-    "gag-bisect-nested": "bisect",  # bisect inside torch.compiler.nested_compile_region (compile experiment)
+    "gag-bisect-inline": "bisect",  # bisect with guidance.COMPILE_REGION off: inlined in every layer (compile experiment)
 }
-DEFAULT_VARIANTS = "plain,gag-bisect,gag-fused"
+DEFAULT_VARIANTS = "plain,gag-fused,gag-bisect"  # compiles run in this order: the cheap ones first
 
 # SDXL base 1.0 UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): used when the
 # package's own copy (gag_export/models/configs/sdxl/unet.json) is not there.
@@ -202,23 +202,22 @@ def unet_inputs(unet, args: argparse.Namespace, device) -> dict:
 
 @contextlib.contextmanager
 def variant_applied(unet, variant: str, args: argparse.Namespace):
-    """Apply the variant's GAG (if any) for the block; the nested-region experiment patches the processor's call."""
+    """Apply the variant's GAG (if any) for the block; the -inline variant turns the compile region off."""
     from gag_export import attention
 
     method = VARIANTS[variant]
     if method is None:
         yield []
         return
-    patched = variant.endswith("-nested")
-    if patched:
-        original = attention.gag_attention
-        attention.gag_attention = torch.compiler.nested_compile_region(original)
+    from gag_export import guidance
+
+    region = guidance.COMPILE_REGION
+    guidance.COMPILE_REGION = not variant.endswith("-inline")
     try:
         with attention.gag_applied(unet, GAGConfig(scale=args.scale, eta=args.eta, zeta=args.zeta, method=method)) as names:
             yield names
     finally:
-        if patched:
-            attention.gag_attention = original
+        guidance.COMPILE_REGION = region
 
 
 def variant_skip_reason(variant: str, args: argparse.Namespace) -> str | None:
@@ -278,6 +277,31 @@ def time_unet(unet, inputs, args, timer: Timer) -> dict:
         return summary(timer.measure(step, args.steps))
 
 
+def time_cuda_graph(unet, inputs, args, timer: Timer) -> dict:
+    """The eager step captured once as a CUDA graph and replayed: eager without launch gaps."""
+    try:
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+                for _ in range(3):
+                    unet(**inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                unet(**inputs)
+            graph.replay()
+            timer.sync()
+            result = summary(timer.measure(graph.replay, args.steps))
+        del graph
+        return result
+    except Exception as exc:  # a host sync or an uncapturable op in the variant: report, go on
+        return {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    finally:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -292,8 +316,11 @@ def eager_section(args, device, timer) -> dict:
             continue
         with variant_applied(unet, variant, args) as names:
             results[variant] = {**time_unet(unet, inputs, args, timer), "gag_layers": len(names)}
+            if device == "cuda":
+                results[variant]["cuda_graph"] = time_cuda_graph(unet, inputs, args, timer)
         _log(f"eager {variant}: {results[variant]}")
     _ratios(results)
+    _ratios({v: r["cuda_graph"] for v, r in results.items() if isinstance(r, dict) and "cuda_graph" in r})
     del unet
     return results
 
@@ -333,7 +360,7 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def compile_section(args, t_start: float) -> dict:
+def compile_section(args, t_start: float, save=lambda results: None) -> dict:
     results = {}
     for variant in args.compile_variants:
         why = variant_skip_reason(variant, args)
@@ -366,6 +393,7 @@ def compile_section(args, t_start: float) -> dict:
                 results[variant] = json.loads(out_path.read_text())
             results[variant]["child_wall_s"] = round(time.perf_counter() - t0, 1)
         _log(f"compile {variant}: {results[variant]}")
+        save(results)
     _ratios(results)
     if "compile_s" in results.get("plain", {}):
         for variant, r in results.items():
@@ -444,7 +472,7 @@ def fused_sweep(q, k, v, p, timer) -> dict:
     default = triton_gag.block_sizes(k.shape[2], q.shape[3])
     out = {"default": {"block_m": default[0], "num_warps": default[3]}}
     for block_m in (16, 32, 64, 128):
-        for warps in (2, 4, 8):
+        for warps in (4, 8):
             def fn(block_m=block_m, warps=warps):
                 return triton_gag.launch(q, k, v, None, *p, None, *iters, block_m=block_m, num_warps=warps)
 
@@ -542,23 +570,34 @@ def main(argv: list[str] | None = None) -> int:
             device = args.device
             timer = Timer(device)
             result = {"environment": environment(args), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+            # Each section's results are written as soon as it ends: a run cut off by its time
+            # limit on a lent machine still leaves what it measured.
             result["core"] = core_section(args, device, timer) if args.core_shapes else {}
+            write_json(args.json, result)
             result["eager"] = eager_section(args, device, timer) if args.variants else {}
+            write_json(args.json, result)
             if device == "cuda":
                 torch.cuda.empty_cache()
-            result["compiled"] = compile_section(args, t_start) if args.compile_variants else {}
+            def save_compiled(partial: dict) -> None:
+                write_json(args.json, {**result, "compiled": partial})
+
+            result["compiled"] = compile_section(args, t_start, save_compiled) if args.compile_variants else {}
             result["wall_s"] = round(time.perf_counter() - t_start, 1)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.json)
+    print(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -229,6 +229,47 @@ def test_fused_custom_op_compiles_as_one_node_on_cuda():
 # ------------------------------------------------------------------ dispatch rule (no kernel run)
 
 
+def _export_flag_seen_by(run) -> list[bool]:
+    seen: list[bool] = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(kernels._exporting())
+            return x + 1
+
+    torch._dynamo.reset()
+    run(Probe(), torch.ones(2))
+    torch._dynamo.reset()
+    return seen
+
+
+def _compile_run(module, x):
+    torch.compile(module, backend="eager", fullgraph=True)(x)
+
+
+def test_compile_keeps_the_custom_op_and_export_traces_the_pytorch_path():
+    assert _export_flag_seen_by(_compile_run) == [False]
+    assert _export_flag_seen_by(lambda m, x: torch.export.export(m, (x,), strict=False)) == [True]
+    assert kernels._exporting() is False
+
+
+def test_compile_keeps_the_custom_op_on_torch_that_folds_is_exporting(monkeypatch):
+    # torch <= 2.11 answers is_exporting() True under plain torch.compile (pytorch#176347): seen on
+    # an H200, where the fused UNet compiled into the PyTorch path. Simulate that answer here.
+    real = torch.compiler.is_exporting
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_dynamo_compiling() or real())
+    monkeypatch.setattr(kernels, "_IS_EXPORTING_FOLDED_UNDER_DYNAMO", True)
+    assert _export_flag_seen_by(_compile_run) == [False]
+    monkeypatch.setattr(kernels, "_IS_EXPORTING_FOLDED_UNDER_DYNAMO", False)
+    assert _export_flag_seen_by(_compile_run) == [True]  # what the H200 run hit without the workaround
+
+
+@pytest.mark.parametrize("version, expected", [("2.11.0+cu130", (2, 11)), ("2.13.0+cpu", (2, 13)), ("2.12.0a0+git1234", (2, 12))])
+def test_torch_version_parse(monkeypatch, version, expected):
+    monkeypatch.setattr(torch, "__version__", version)
+    assert kernels._torch_version() == expected
+
+
 def _small(dtype=torch.float32, lk=77, d=16):
     return _qkv(1, 2, 8, lk, d, seed=0, dtype=dtype)
 
@@ -361,6 +402,43 @@ def test_onnx_export_of_auto_has_no_custom_ops(monkeypatch, tmp_path, kernel_loo
     feed = dict(zip(["q", "k", "v", "gag_scale", "gag_eta", "gag_zeta"], (t.numpy() for t in (q, k, v, *params))))
     got = torch.from_numpy(session.run(None, feed)[0])
     torch.testing.assert_close(got, gag_attention(q, k, v, *params, method="bisect"), atol=1e-5, rtol=1e-5)
+
+
+def _two_gag_layers(q, k, v):
+    # two GAG layers of one shape, as the 60 of an SDXL UNet share two shapes
+    first = gag_attention(q, k, v, 10.0, 15.0, 0.0, method="bisect")
+    return first + gag_attention(q.flip(2), k, v, 10.0, 15.0, 0.0, method="bisect")
+
+
+@pytest.mark.parametrize("region", [True, False])
+def test_compile_runs_the_pytorch_core_as_a_nested_region(monkeypatch, region):
+    from gag_export import guidance
+
+    if guidance._pytorch_gag_region is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.compiler.nested_compile_region")
+    monkeypatch.setattr(guidance, "COMPILE_REGION", region)
+    q, k, v = _qkv(1, 2, 8, 77, 16, seed=4)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(_two_gag_layers)(q, k, v)
+    assert explained.graph_break_count == 0
+    calls = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("invoke_subgraph" in t for t in calls) == (2 if region else 0), calls
+    torch._dynamo.reset()
+    compiled = torch.compile(_two_gag_layers, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), _two_gag_layers(q, k, v), atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_inlines_the_pytorch_core(strict):
+    q, k, v = _qkv(1, 2, 8, 77, 16, seed=5)
+
+    class TwoLayers(torch.nn.Module):
+        def forward(self, q, k, v):
+            return _two_gag_layers(q, k, v)
+
+    program = torch.export.export(TwoLayers(), (q, k, v), strict=strict)
+    assert not [n for n in program.graph.nodes if "invoke_subgraph" in str(n.target)]
 
 
 # ------------------------------------------------------------------ child process entry
