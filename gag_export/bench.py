@@ -548,7 +548,7 @@ def torch_components(p: Plan, pipe, gag: bool, compile: bool, device: str):
     """
     from .attention import apply_gag, is_gag_applied  # noqa: PLC0415
     from .export import DEFAULT_EXPORT_GAG  # noqa: PLC0415
-    from .runtime.backends import ComponentSet, TorchComponent  # noqa: PLC0415
+    from .runtime.backends import ComponentSet, TorchComponent, torch_runtime_gag  # noqa: PLC0415
 
     attr = "unet" if p.entry.family == "sdxl" else "transformer"
     base = getattr(pipe, attr)
@@ -558,7 +558,7 @@ def torch_components(p: Plan, pipe, gag: bool, compile: bool, device: str):
     if gag:
         view = copy.copy(pipe)  # a new pipeline object holding the same components but the twin denoiser
         twin = _shared_weights_copy(base)
-        apply_gag(twin, DEFAULT_EXPORT_GAG)
+        apply_gag(twin, torch_runtime_gag(DEFAULT_EXPORT_GAG))
         setattr(view, attr, twin)
     components = {}
     for descriptor in _descriptors(p.entry, view):
@@ -569,7 +569,7 @@ def torch_components(p: Plan, pipe, gag: bool, compile: bool, device: str):
             descriptor.name, descriptor.role, descriptor.inputs("fp32", has_gag), descriptor.outputs("fp32", has_gag),
             module=descriptor.export_module(view), device=device, compile=compile,
         )
-    return ComponentSet(p.entry.name, "torch", components, pipe=view, gag=DEFAULT_EXPORT_GAG if gag else None)
+    return ComponentSet(p.entry.name, "torch", components, pipe=view, gag=torch_runtime_gag(DEFAULT_EXPORT_GAG) if gag else None)
 
 
 def _ensure_engines(config: BenchConfig, p: Plan, gag: bool) -> None:

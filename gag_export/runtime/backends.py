@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
@@ -583,6 +583,16 @@ def _tensorrt_components(manifest: Manifest, graphs_root: Path, engines_root: Pa
     return components
 
 
+def torch_runtime_gag(config):
+    """The GAG config the torch backend runs: the graph's values with method "auto".
+
+    The manifest's method ("bisect" or "sort") describes the exported graph. Running the model in
+    PyTorch, "auto" gives the same function (the methods agree to fp32 rounding) at the device's
+    best speed: the fused Triton kernel on CUDA where it fits, else bisect.
+    """
+    return None if config is None else replace(config, method="auto")
+
+
 def _load_torch(model: str, graphs_root: Path, options: BackendOptions) -> ComponentSet:
     from ..attention import apply_gag  # noqa: PLC0415
     from ..export import DEFAULT_EXPORT_GAG  # noqa: PLC0415
@@ -592,7 +602,7 @@ def _load_torch(model: str, graphs_root: Path, options: BackendOptions) -> Compo
     manifest = None
     if (graphs_root / model / "manifest.json").is_file():
         manifest = load_manifest_for(model, graphs_root)
-    gag = manifest.gag if manifest is not None else DEFAULT_EXPORT_GAG
+    gag = torch_runtime_gag(manifest.gag if manifest is not None else DEFAULT_EXPORT_GAG)
     weights = manifest.data.get("weights") if manifest is not None else None
     pipe = load_pipeline(model, weights=weights) if weights else load_pipeline(model)
     if gag is not None:
