@@ -11,6 +11,8 @@ the runtime:
 - no-spin:     default + `session.intra_op.allow_spinning = 0` (threads sleep between ops instead of
                spinning: cheaper for whatever else shares the cores, e.g. interleaved torch);
 - no-mempat:   default with the memory pattern optimization off;
+- no-prepack:  default + `session.disable_prepacking = 1` (GEMM weights not re-laid out at load:
+               less memory, possibly slower MatMuls);
 - iobinding:   default, run through IO binding with inputs bound once as OrtValues and the
                output pre-allocated (saves the per-call copies of the feed and output);
 - slim:        default on the onnxslim-ed graph (export.slim_graph; loads the whole graph: for
@@ -40,8 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("default", "extended", "basic", "no-spin", "no-mempat", "iobinding", "slim")
-DEFAULT_VARIANTS = ("default", "extended", "no-spin", "iobinding")
+VARIANTS = ("default", "extended", "basic", "no-spin", "no-mempat", "no-prepack", "iobinding", "slim")
+DEFAULT_VARIANTS = ("default", "extended", "no-spin", "no-prepack", "iobinding")
 
 
 def denoiser_feed(graphs_dir: Path):
@@ -74,6 +76,8 @@ def session(path: Path, variant: str, threads: int):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if variant == "no-mempat":
         options.enable_mem_pattern = False
+    if variant == "no-prepack":
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -105,6 +109,12 @@ def rss_gib() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def time_variant(path: Path, variant: str, feed: dict, outputs: list[str], threads: int, warmup: int, iters: int,
                  scratch: Path) -> dict:
     graph = path
@@ -132,6 +142,7 @@ def time_variant(path: Path, variant: str, feed: dict, outputs: list[str], threa
         "variant": variant, "session_s": round(create_s, 2), "first_call_s": round(first_s, 3),
         "p50_ms": round(float(np.median(times)) * 1e3, 2), "min_ms": round(min(times) * 1e3, 2),
         "samples_ms": [round(t * 1e3, 2) for t in times], "rss_gib": round(rss_gib() - before, 2),
+        "process_peak_rss_gib": round(peak_rss_gib(), 2),
         "output_checksum": float(np.abs(reference[0]).mean()),
     }
     del run, sess
