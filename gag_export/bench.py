@@ -1165,14 +1165,16 @@ def render_markdown(doc: Mapping) -> str:
     sd, ed = _ms_digits(ok, "step"), _ms_digits(ok, "e2e")
     isolated = doc["memory"].get("method") == "child-peak-rss"
     mem_header = "peak RSS MiB" if isolated else "RSS + MiB"
+    # CUDA memory (torch.cuda.max_memory_allocated over loading and the first call) where any row has it
+    cuda_mem = any(r["memory"].get("gpu_peak_mib") is not None for r in ok)
     lines = [f"_{environment_line(doc)}_", "",
              f"| backend | GAG | step p50 ms | step mean ± std | p90 | p99 | min | vs eager | e2e p50 ms | e2e mean ± std "
-             f"| e2e vs eager | first call ms | {mem_header} |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| e2e vs eager | first call ms | {mem_header} |" + (" CUDA peak MiB |" if cuda_mem else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda_mem else "")]
     for r in rows:
         gag = "on" if r["gag"] else "off"
         if r["status"] != "ok":
-            lines.append(f"| {r['backend']} | {gag} | {r['status']}: {r['reason']} | | | | | | | | | | |")
+            lines.append(f"| {r['backend']} | {gag} | {r['status']}: {r['reason']} | | | | | | | | | | |" + (" |" if cuda_mem else ""))
             continue
         st = r["step"]["stats"]
         e2e = r["e2e"]["stats"] if r["e2e"] else None
@@ -1187,6 +1189,7 @@ def render_markdown(doc: Mapping) -> str:
             f"| {(_fmt(e2e['mean_ms'], ed) + ' ± ' + _fmt(e2e['std_ms'], ed)) if e2e else '-'} "
             f"| {'1.00x' if e2e and r['backend'] == BASELINE else (f'{eup:.2f}x' if eup else '-')} "
             f"| {_fmt(r['step']['first_call_ms'], 0)} | {_fmt(mem, 0)} |"
+            + (f" {_fmt(r['memory'].get('gpu_peak_mib'), 0)} |" if cuda_mem else "")
         )
     if doc["gag_overhead"]:
         lines += ["", "| backend | measure | GAG / plain (p50) | overhead | paired per-round median |",

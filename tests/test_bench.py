@@ -165,6 +165,16 @@ def test_markdown_lists_measured_and_skipped_backends():
     assert "Test CPU" in text
 
 
+def test_markdown_has_a_cuda_memory_column_only_where_measured():
+    rows = [_row("torch", False, [10, 12, 11]), _row("torch", True, [11, 13, 12])]
+    assert "CUDA peak MiB" not in bench.render_markdown(_doc(rows))
+    rows[1]["memory"]["gpu_peak_mib"] = 40.0
+    text = bench.render_markdown(_doc(rows))
+    header, rule, off, on = [line for line in text.splitlines() if line.startswith("| torch") or line.startswith("| backend | GAG") or line.startswith("|---|---|---:")][:4]
+    assert header.endswith("| CUDA peak MiB |") and rule.count("|") == header.count("|")
+    assert on.endswith("| 40 |") and off.endswith("| - |") and off.count("|") == header.count("|")
+
+
 # ------------------------------------------------------------------------------- end to end
 
 
