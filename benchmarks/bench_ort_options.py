@@ -17,6 +17,11 @@ the runtime:
                output pre-allocated (saves the per-call copies of the feed and output);
 - slim:        default on the onnxslim-ed graph (export.slim_graph; loads the whole graph: for
                small graphs only).
+- mha:         default on the graph rewritten by onnxruntime's transformer optimizer for UNets
+               (`optimize_model(model_type="unet")`) with only its CPU-capable fusions: attention
+               into com.microsoft MultiHeadAttention, LayerNorm, Gelu, SkipLayerNorm (its GroupNorm,
+               BiasSplitGelu, BiasAdd, NHWC and packed-QKV forms are CUDA-only and are turned off).
+               Loads the whole graph (about 10 GB for SDXL).
 
 Sessions are created one after the other (a full-size SDXL UNet session holds ~10 GB), each
 timed for --warmup + --iters calls after its first call; `default` is run again at the end to
@@ -42,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("default", "extended", "basic", "no-spin", "no-mempat", "no-prepack", "iobinding", "slim")
+VARIANTS = ("default", "extended", "basic", "no-spin", "no-mempat", "no-prepack", "iobinding", "slim", "mha")
 DEFAULT_VARIANTS = ("default", "extended", "no-spin", "no-prepack", "iobinding")
 
 
@@ -115,6 +120,24 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def fuse_for_cpu(src: Path, dest: Path) -> dict:
+    """onnxruntime's UNet fusions that have CPU kernels; returns {op type: count} of the fused ops."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("unet")
+    for cuda_only in ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
+                      "enable_packed_qkv", "enable_packed_kv", "enable_bias_add"):
+        setattr(options, cuda_only, False)
+    model = optimize_model(str(src), model_type="unet", optimization_options=options, opt_level=0, use_gpu=False)
+    counts: dict[str, int] = {}
+    for node in model.model.graph.node:
+        if node.domain == "com.microsoft":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    model.save_model_to_file(str(dest), use_external_data_format=True)
+    return counts
+
+
 def time_variant(path: Path, variant: str, feed: dict, outputs: list[str], threads: int, warmup: int, iters: int,
                  scratch: Path) -> dict:
     graph = path
@@ -124,6 +147,12 @@ def time_variant(path: Path, variant: str, feed: dict, outputs: list[str], threa
         graph = scratch / "slim" / "model.onnx"
         graph.parent.mkdir(exist_ok=True)
         slim_graph(path, graph)
+    fused = None
+    if variant == "mha":
+        graph = scratch / "mha" / "model.onnx"
+        graph.parent.mkdir(exist_ok=True)
+        fused = fuse_for_cpu(path, graph)
+        gc.collect()
     before = rss_gib()
     start = time.perf_counter()
     sess = session(graph, variant, threads)
@@ -145,6 +174,8 @@ def time_variant(path: Path, variant: str, feed: dict, outputs: list[str], threa
         "process_peak_rss_gib": round(peak_rss_gib(), 2),
         "output_checksum": float(np.abs(reference[0]).mean()),
     }
+    if fused is not None:
+        result["fused_ops"] = fused
     del run, sess
     gc.collect()
     return result
