@@ -45,7 +45,6 @@ from .errors import ArtifactError, CheckFailedError, InvalidInputError, MissingD
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT_VERSION = 1
 SIDECAR_FORMAT_VERSION = 1
 TENSORRT_INSTALL = 'pip install "gag-export[tensorrt]"'
 GAG_SCALAR_PREFIX = "gag_"
@@ -240,23 +239,10 @@ def resolve_precision(
 
 
 def load_manifest(graphs_dir: Path) -> dict:
-    """Read and sanity-check `graphs_dir/manifest.json`."""
-    path = Path(graphs_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"no {MANIFEST_NAME} in {graphs_dir}: export the model first (`gag-export export`)") from None
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot read {path}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != MANIFEST_FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path} has format_version {manifest.get('format_version') if isinstance(manifest, dict) else None!r}; "
-            f"this gag-export reads version {MANIFEST_FORMAT_VERSION}: re-export the model"
-        )
-    for key in ("model", "dtype", "components"):
-        if key not in manifest:
-            raise ArtifactError(f"{path} has no {key!r}: re-export the model")
-    return manifest
+    """`graphs_dir/manifest.json` as a dict, read and checked by the export layer's one reader."""
+    from .export import Manifest  # noqa: PLC0415  (torch and polygraphy only when a manifest is read)
+
+    return Manifest.load(Path(graphs_dir)).data
 
 
 @dataclass(frozen=True)

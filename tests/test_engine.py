@@ -92,6 +92,7 @@ def write_graphs(root: Path, *, dtype: str = "fp16", dynamic: bool = True, data:
         "dtype": dtype,
         "dynamic": dynamic,
         "opset": 20,
+        "shape": {"batch": 1, "height": 64, "width": 64},
         "gag": {"enabled": True, "method": "bisect", "rewritten": rewritten or []},
         "components": {"unet": component_entry("unet/model.onnx", data, dynamic=dynamic)},
         "versions": {"gag_export": "0.1.0"},
@@ -586,7 +587,8 @@ def export_tiny_graphs(root: Path, dtype: str) -> Path:
     entry = component_entry("unet/model.onnx", onnx_path.read_bytes(), dynamic=True, dtype=onnx_dtype)
     manifest = {
         "format_version": 1, "model": f"tiny-attn-{dtype}", "family": "test", "dtype": dtype, "dynamic": True,
-        "opset": 20, "gag": {"enabled": True, "rewritten": ["attn"]}, "components": {"unet": entry},
+        "opset": 20, "shape": {"batch": 1, "height": 64, "width": 64}, "gag": {"enabled": True, "rewritten": ["attn"]},
+        "components": {"unet": entry},
     }
     (graphs / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return graphs
