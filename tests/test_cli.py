@@ -119,8 +119,10 @@ def test_click_usage_errors_exit_2(args, message):
 ])
 def test_invalid_values_exit_2_before_anything_is_loaded(args, message, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("gag_export.models.load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    # build first: resolving its target imports gag_export.build, which must bind the real
+    # models.load_pipeline (imported after the models patch, it would keep the fake for good)
     monkeypatch.setattr("gag_export.build.load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    monkeypatch.setattr("gag_export.models.load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
     result = invoke(*args)
     assert result.exit_code == 2, result.output
     assert message in result.output
