@@ -17,6 +17,8 @@ the runtime:
                output pre-allocated (saves the per-call copies of the feed and output);
 - slim:        default on the onnxslim-ed graph (export.slim_graph; loads the whole graph: for
                small graphs only).
+- profile:     default with ONNX Runtime's profiler on: the result lists ms per step by op type
+               (where an ORT step spends its time; the profiler's own cost inflates the total).
 - mha:         default on the graph rewritten by onnxruntime's transformer optimizer for UNets
                (`optimize_model(model_type="unet")`) with only its CPU-capable fusions: attention
                into com.microsoft MultiHeadAttention, LayerNorm, Gelu, SkipLayerNorm (its GroupNorm,
@@ -47,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("default", "extended", "basic", "no-spin", "no-mempat", "no-prepack", "iobinding", "slim", "mha")
+VARIANTS = ("default", "extended", "basic", "no-spin", "no-mempat", "no-prepack", "iobinding", "slim", "mha", "profile")
 DEFAULT_VARIANTS = ("default", "extended", "no-spin", "no-prepack", "iobinding")
 
 
@@ -83,6 +85,9 @@ def session(path: Path, variant: str, threads: int):
         options.enable_mem_pattern = False
     if variant == "no-prepack":
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if variant == "profile":
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "ort-options-profile")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -118,6 +123,18 @@ def peak_rss_gib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def ms_by_op(profile_path: str, calls: int) -> dict[str, float]:
+    """ms per call by op type from an ONNX Runtime profile (kernel time only), largest first."""
+    events = json.loads(Path(profile_path).read_text())
+    Path(profile_path).unlink()
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + e["dur"] / 1e3 / calls
+    return {op: round(ms, 1) for op, ms in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def fuse_for_cpu(src: Path, dest: Path) -> dict:
@@ -176,6 +193,8 @@ def time_variant(path: Path, variant: str, feed: dict, outputs: list[str], threa
     }
     if fused is not None:
         result["fused_ops"] = fused
+    if variant == "profile":
+        result["ms_per_step_by_op"] = ms_by_op(sess.end_profiling(), calls=1 + warmup + iters)
     del run, sess
     gc.collect()
     return result
