@@ -43,6 +43,15 @@ def test_bad_arguments_are_refused(bench, argv, match):
         bench.parse_args(argv)
 
 
+def test_cpu_takes_the_full_size_unet_for_compile_times_only(bench):
+    args = bench.parse_args(["--device", "cpu", "--variants", "none", "--core-shapes", "none", "--steps", "2",
+                             "--compile-variants", "plain,gag-bisect,gag-bisect-inline"])
+    assert (args.tiny, args.resolution, args.variants) == (False, 1024, [])
+    assert args.compile_variants == ["plain", "gag-bisect", "gag-bisect-inline"]
+    with pytest.raises(bench.BenchError, match="compile times"):
+        bench.parse_args(["--device", "cpu", "--variants", "plain", "--core-shapes", "none"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_refuses_to_run_without_cuda(bench, capsys):
     assert bench.main([]) == 2
