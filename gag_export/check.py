@@ -452,9 +452,9 @@ def precision_findings(model, reduced: str, gag_modules: Sequence[str]) -> tuple
 def _reference_pipeline(manifest: Manifest):
     """The torch pipeline the graphs were exported from, loaded again through the registry
     (tiny and random weights are seeded, so this gives the same weights as at export)."""
-    from .models import get_entry, load_pipeline
+    from .models import load_pipeline, manifest_entry
 
-    entry = get_entry(manifest.model)
+    entry = manifest_entry(manifest.data)
     return entry, load_pipeline(entry, weights=manifest.data.get("weights"), components=list(manifest.components))
 
 
@@ -549,9 +549,9 @@ def _run_parity(manifest: Manifest, report: CheckReport, pipe, entry, gag_cfg, s
     if pipe is None:
         entry, pipe = _reference_pipeline(manifest)
     elif entry is None:
-        from .models import get_entry
+        from .models import manifest_entry
 
-        entry = get_entry(manifest.model)
+        entry = manifest_entry(manifest.data)
     descriptors = {d.name: d for d in descriptors_for(entry, pipe)}
     denoiser = denoiser_module(pipe)
     if denoiser is not None:

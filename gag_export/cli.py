@@ -453,8 +453,8 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
     """
     from dataclasses import replace
 
-    from .models import get_entry
     from .runtime import BackendOptions, GAGParams, GenerationConfig, Sampler, check_request, ensure_artifacts, parse_backend
+    from .runtime.backends import model_entry
 
     backend = parse_backend(backend)
     given = {k: v for k, v in (("scale", gag_scale), ("eta", gag_eta), ("zeta", gag_zeta)) if v is not None}
@@ -463,7 +463,7 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
     GAGParams(**given)  # bad values fail here, before anything is built
     request = GenerationConfig(prompt, seed=seed, steps=steps, height=height, width=width, gag=None,
                                negative_prompt=negative_prompt)
-    check_request(get_entry(model), request)  # bad steps/size fail before anything is built
+    check_request(model_entry(model, graphs_root), request)  # bad steps/size fail before anything is built
     if not no_build:
         with console.status(f"checking artifacts for {model} ({backend})") as status:
             ensure_artifacts(model, backend, graphs=graphs_root, engines=engines_root, height=height, width=width,

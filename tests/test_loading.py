@@ -18,6 +18,7 @@ from gag_export.models import (
     get_entry,
     load_pipeline,
     load_state_dict,
+    manifest_entry,
     resolve_entry,
 )
 from gag_export.models import loading
@@ -118,6 +119,17 @@ def test_local_flux_folder_round_trip_keeps_the_t5_tokenizer(tmp_path):
     text = "a lighthouse in a storm"
     assert pipe.tokenizer_2(text).input_ids == flux.tokenizer_2(text).input_ids
     assert same_weights(pipe.text_encoder_2, flux.text_encoder_2.state_dict())
+
+
+def test_manifest_entry_prefers_the_registry_then_the_recorded_folder(tmp_path, tiny_sdxl):
+    assert manifest_entry({"model": "tiny-sdxl", "source": "built-in tiny config"}) is get_entry("tiny-sdxl")
+    tiny_sdxl.save_pretrained(tmp_path / "my-sdxl")
+    local = manifest_entry({"model": "my-sdxl", "source": str(tmp_path / "my-sdxl")})
+    assert (local.name, local.family) == ("my-sdxl", "sdxl")
+    with pytest.raises(InvalidInputError, match="unknown model 'my-sdxl'"):
+        manifest_entry({"model": "my-sdxl", "source": "my-sdxl"})  # not a recorded absolute path
+    with pytest.raises(ArtifactError, match="not there any more"):
+        manifest_entry({"model": "gone", "source": str(tmp_path / "gone")})
 
 
 def test_folder_without_model_index_is_invalid(tmp_path):

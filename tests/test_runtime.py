@@ -7,6 +7,7 @@ static) and shared by every test here and in test_sampler.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -217,6 +218,29 @@ def graphs_copy(sdxl_graphs, tmp_path):
     root = tmp_path / "graphs"
     shutil.copytree(sdxl_graphs / "tiny-sdxl", root / "tiny-sdxl")
     return root
+
+
+def test_graphs_of_a_local_folder_are_found_by_the_folder_name(sdxl_graphs, tmp_path):
+    # what `gag-export export --model /ckpt/my-sdxl` writes: the folder's name and absolute path
+    folder = tmp_path / "ckpt" / "my-sdxl"
+    load_pipeline("tiny-sdxl").save_pretrained(folder)
+    graphs = tmp_path / "graphs"
+    shutil.copytree(sdxl_graphs / "tiny-sdxl", graphs / "my-sdxl")
+    manifest_path = graphs / "my-sdxl" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(model="my-sdxl", source=str(folder.resolve()), weights="pretrained")
+    manifest_path.write_text(json.dumps(manifest))
+    config = GenerationConfig(PROMPT, seed=5, steps=4)
+    images = {}
+    for backend in ("ort", "torch"):  # the graphs, and the folder's own weights in PyTorch
+        with Sampler.load("my-sdxl", backend, graphs=graphs, options=ONE_THREAD) as local:
+            assert local.entry.name == "my-sdxl" and str(folder.resolve()) in local.entry.source.describe()
+            images[backend] = local.generate(config)
+    assert images["ort"].timesteps == images["torch"].timesteps  # the folder's own scheduler config
+    assert max_pixel_diff(images["ort"].image, images["torch"].image) <= SAME_IMAGE
+    shutil.rmtree(folder)
+    with pytest.raises(ArtifactError, match="not there any more"):
+        Sampler.load("my-sdxl", "ort", graphs=graphs, options=ONE_THREAD)
 
 
 def test_missing_graphs_name_the_command_to_run(tmp_path):

@@ -37,6 +37,7 @@ from .loading import (
     entry_configs,
     load_pipeline,
     load_state_dict,
+    manifest_entry,
     resolve_entry,
     shipped_config,
 )
@@ -111,6 +112,7 @@ __all__ = [
     "get_entry",
     "list_entries",
     "load_pipeline",
+    "manifest_entry",
     "resolve_entry",
     "entry_configs",
     "shipped_config",

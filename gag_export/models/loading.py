@@ -86,6 +86,25 @@ def _init_kwargs(config: Mapping) -> dict:
 # --------------------------------------------------------------------------- entry resolution
 
 
+def manifest_entry(manifest: Mapping) -> ModelEntry:
+    """The entry an export was made from: the registry's by name, else the local folder it recorded.
+
+    A local diffusers folder exports under the folder's name with `source` = its path, so the
+    graphs of `/ckpt/my-dmd2` are found again as model "my-dmd2" while that folder exists.
+    """
+    model, source = manifest.get("model"), manifest.get("source")
+    try:
+        return get_entry(model)
+    except InvalidInputError:
+        if not (isinstance(source, str) and os.path.isabs(source)):
+            raise
+    if not os.path.isdir(source):
+        raise ArtifactError(f"{model!r} was exported from the local folder {source}, which is not there any more: "
+                            "restore it, or export again from where the model is now")
+    return resolve_entry(source)
+
+
+
 def resolve_entry(name_or_path: str | os.PathLike | ModelEntry) -> ModelEntry:
     """A registry entry by name, or an entry describing a local diffusers folder.
 
@@ -119,7 +138,7 @@ def resolve_entry(name_or_path: str | os.PathLike | ModelEntry) -> ModelEntry:
         name=folder.resolve().name,
         family=family,
         description=f"local diffusers folder {folder}",
-        source=WeightsSource(str(folder)),
+        source=WeightsSource(str(folder.resolve())),  # absolute: manifests find the folder again from anywhere
         height=size,
         width=size,
         scheduler=SchedulerSpec(scheduler_class, default_steps=4, min_steps=1, max_steps=100),

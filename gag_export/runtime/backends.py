@@ -495,6 +495,15 @@ def _export_hint(model: str, graphs_root: Path) -> str:
     return f"`gag-export export --model {model} --out {graphs_root}`"
 
 
+def model_entry(model: str, graphs_root: Path):
+    """The registry entry of `model`, or, for graphs exported from a local folder, that folder's entry."""
+    from ..models import manifest_entry, resolve_entry  # noqa: PLC0415
+
+    if (Path(graphs_root) / model / "manifest.json").is_file():
+        return manifest_entry(Manifest.load(Path(graphs_root) / model).data)
+    return resolve_entry(model)
+
+
 def load_manifest_for(model: str, graphs_root: Path) -> Manifest:
     """`graphs_root/<model>/manifest.json`, or `ArtifactError` naming the command that makes it."""
     graphs_dir = Path(graphs_root) / model
@@ -596,15 +605,15 @@ def torch_runtime_gag(config):
 def _load_torch(model: str, graphs_root: Path, options: BackendOptions) -> ComponentSet:
     from ..attention import apply_gag  # noqa: PLC0415
     from ..export import DEFAULT_EXPORT_GAG  # noqa: PLC0415
-    from ..models import descriptors_for, get_entry, load_pipeline  # noqa: PLC0415
+    from ..models import descriptors_for, load_pipeline  # noqa: PLC0415
 
-    entry = get_entry(model)
+    entry = model_entry(model, graphs_root)
     manifest = None
     if (graphs_root / model / "manifest.json").is_file():
         manifest = load_manifest_for(model, graphs_root)
     gag = torch_runtime_gag(manifest.gag if manifest is not None else DEFAULT_EXPORT_GAG)
     weights = manifest.data.get("weights") if manifest is not None else None
-    pipe = load_pipeline(model, weights=weights) if weights else load_pipeline(model)
+    pipe = load_pipeline(entry, weights=weights) if weights else load_pipeline(entry)
     if gag is not None:
         apply_gag(pipe.unet if entry.family == "sdxl" else pipe.transformer, gag)
     device = options.torch_device()

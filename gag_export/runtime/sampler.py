@@ -408,7 +408,7 @@ class SamplerAssets:
         return cls(tokenizers, dict(pipe.scheduler.config))
 
 
-def load_assets(model: str, weights: str | None = None, pipe=None) -> SamplerAssets:
+def load_assets(model, weights: str | None = None, pipe=None) -> SamplerAssets:
     """Tokenizers and scheduler config of a model: from `pipe` when given, else from the registry
     with no model weights loaded (`load_pipeline(..., components=())`)."""
     if pipe is None:
@@ -450,13 +450,14 @@ class Sampler:
              options: BackendOptions = BackendOptions()) -> "Sampler":
         """Components from graphs/ (and engines/) plus tokenizers and scheduler config (InvalidInputError /
         ArtifactError / MissingDependencyError before anything heavy when the request cannot work)."""
-        from ..models import descriptors_for, get_entry  # noqa: PLC0415
+        from ..models import descriptors_for  # noqa: PLC0415
+        from .backends import model_entry  # noqa: PLC0415
 
         backend = parse_backend(backend)
-        entry = get_entry(model)
+        entry = model_entry(model, graphs)
         components = load_components(model, backend, graphs=graphs, engines=engines, options=options)
         weights = components.manifest.data.get("weights") if components.manifest is not None else None
-        assets = load_assets(model, weights, pipe=components.pipe)
+        assets = load_assets(entry, weights, pipe=components.pipe)
         descriptors = {d.name: d for d in descriptors_for(entry, components.pipe)} if components.pipe is not None else {
             d.name: d for d in descriptors_for(entry)
         }

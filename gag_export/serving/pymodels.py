@@ -195,7 +195,7 @@ class SamplerService:
         `make_component(name, role, inputs, outputs, wiring)` builds each component; `wiring` is the
         parameter `components` entry for it (`{"model": ..., "max_batch_size": ...}`).
         """
-        from ..models import descriptors_for, get_entry  # noqa: PLC0415
+        from ..models import descriptors_for, manifest_entry  # noqa: PLC0415
 
         folder = Path(folder)
         manifest = Manifest.load(folder)
@@ -203,7 +203,7 @@ class SamplerService:
             wiring = json.loads(parameters["components"])
         except (KeyError, ValueError) as exc:
             raise ArtifactError(f"sampler config has no readable 'components' parameter ({exc}); regenerate the repository")
-        entry = get_entry(manifest.model)
+        entry = manifest_entry(manifest.data)
         components = {}
         for name, item in manifest.components.items():
             if name not in wiring:

@@ -528,11 +528,11 @@ def _populate(root: Path, manifest: Manifest, entry, options: RepositoryOptions,
 def build_repository(graphs_dir: Path, out_dir: Path, options: RepositoryOptions = RepositoryOptions(),
                      engines_dir: Path | None = None) -> RepositoryReport:
     """Write the Triton model repository for the export in `graphs_dir` to `out_dir` (atomically)."""
-    from ..models import get_entry  # noqa: PLC0415
+    from ..models import manifest_entry  # noqa: PLC0415
     from ..runtime.sampler import load_assets  # noqa: PLC0415
 
     manifest = Manifest.load(Path(graphs_dir))
-    entry = get_entry(manifest.model)
+    entry = manifest_entry(manifest.data)
     clash = {SAMPLER, PIPELINE} & set(manifest.components)
     if clash:
         raise ArtifactError(f"{manifest.model} has components named {sorted(clash)}, which the repository reserves")
@@ -540,7 +540,7 @@ def build_repository(graphs_dir: Path, out_dir: Path, options: RepositoryOptions
         raise InvalidInputError("--backend plan needs the engines folder (--engines engines/<model>)")
     for name in manifest.components:
         _graph_files(manifest, name)  # fail before anything is written
-    assets = load_assets(manifest.model, manifest.data.get("weights"))
+    assets = load_assets(entry, manifest.data.get("weights"))
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidInputError(f"--out {out_dir} exists and is not a folder")
