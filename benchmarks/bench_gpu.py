@@ -471,7 +471,7 @@ def fused_sweep(q, k, v, p, timer) -> dict:
     from gag_export.kernels import triton_gag
 
     iters = (guidance._BISECT_ITERS, getattr(guidance, "_NEWTON_ITERS", 0))
-    default = triton_gag.block_sizes(k.shape[2], q.shape[3])
+    default = triton_gag.block_sizes(k.shape[2], q.shape[3], q.element_size())
     out = {"default": {"block_m": default[0], "num_warps": default[3]}}
     for block_m in (16, 32, 64, 128):
         for warps in (4, 8):

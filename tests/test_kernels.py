@@ -404,6 +404,19 @@ def test_onnx_export_of_auto_has_no_custom_ops(monkeypatch, tmp_path, kernel_loo
     torch.testing.assert_close(got, gag_attention(q, k, v, *params, method="bisect"), atol=1e-5, rtol=1e-5)
 
 
+@needs_triton
+@pytest.mark.parametrize("lk, d, itemsize, expected", [
+    (77, 64, 2, (128, 128, 64, 8)),   # SDXL cross-attention in fp16/bf16: the H200 sweep's choice
+    (77, 64, 4, (32, 128, 64, 4)),    # fp32: unmeasured, the register-sized block
+    (77, 128, 2, (32, 128, 128, 4)),  # head_dim 128: operands of 128 x 128 stay small
+    (512, 64, 2, (16, 512, 64, 8)),   # T5's 512 keys
+])
+def test_block_sizes_use_the_measured_tile_only_where_it_was_measured(lk, d, itemsize, expected):
+    from gag_export.kernels import triton_gag
+
+    assert triton_gag.block_sizes(lk, d, itemsize) == expected
+
+
 def _two_gag_layers(q, k, v):
     # two GAG layers of one shape, as the 60 of an SDXL UNet share two shapes
     first = gag_attention(q, k, v, 10.0, 15.0, 0.0, method="bisect")

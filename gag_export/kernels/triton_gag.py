@@ -158,21 +158,22 @@ def _gag_attention_kernel(
     )
 
 
-def block_sizes(lk: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a key count and head size.
+def block_sizes(lk: int, head_dim: int, itemsize: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a key count, head size and input item size.
 
-    All keys live in one tile (BLOCK_N >= Lk). Up to 128 keys (CLIP's 77): 128 queries and 8 warps,
-    the fastest of the (BLOCK_M in 16..128) x (4, 8 warps) sweep on an H200 at both SDXL
-    cross-attention shapes (benchmarks/README.md, "Fused GAG kernel": 0.046 ms against 0.082 for
-    the former 32 x 4 warps at 10 heads x 4096 queries, 0.041 against 0.039 at 20 x 1024). Longer
-    key tiles (T5's 512) are unmeasured: the query block shrinks as the key tile grows so the few
-    [BLOCK_M, BLOCK_N] fp32 tiles stay in registers.
+    All keys live in one tile (BLOCK_N >= Lk). For 16-bit inputs with up to 128 keys (CLIP's 77) and
+    head_dim <= 64: 128 queries and 8 warps, the fastest of the (BLOCK_M in 16..128) x (4, 8 warps)
+    sweep on an H200 at both SDXL cross-attention shapes (benchmarks/README.md, "Fused GAG kernel":
+    0.046 ms against 0.082 for 32 x 4 warps at 10 heads x 4096 queries, 0.041 against 0.039 at
+    20 x 1024). Elsewhere (fp32, head_dim 128, T5's 512 keys: unmeasured) the query block shrinks as
+    the key tile grows so the few [BLOCK_M, BLOCK_N] fp32 tiles stay in registers and the dot
+    operands fit the shared memory of smaller GPUs than Hopper.
     """
     block_n = max(16, triton.next_power_of_2(lk))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if block_n <= 128:
+    if block_n <= 128 and block_d <= 64 and itemsize <= 2:
         return 128, block_n, block_d, 8
-    return max(16, min(64, 4096 // block_n)), block_n, block_d, 8
+    return max(16, min(64, 4096 // block_n)), block_n, block_d, 4 if block_n <= 128 else 8
 
 
 def launch(
@@ -198,7 +199,7 @@ def launch(
     B, H, Lq, d = q.shape
     Lk = k.shape[2]
     out = torch.empty((B, H, Lq, d), dtype=q.dtype, device=q.device)
-    bm, bn, bd, nw = block_sizes(Lk, d)
+    bm, bn, bd, nw = block_sizes(Lk, d, q.element_size())
     bm = block_m or bm
     nw = num_warps or nw
     if attn_mask is None:
