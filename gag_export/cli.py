@@ -104,15 +104,22 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     ctx.obj["quiet"] = quiet
 
 
+# Options several commands share, declared once.
+engines_option = click.option(
+    "--engines", "engines_root", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),
+    show_default=True, help="TensorRT engine cache root.")
+weights_option = click.option(
+    "--weights", type=click.Choice(["pretrained", "random", "tiny"]), default=None,
+    help="pretrained (local HF cache), random (full-size architecture, no download) or tiny "
+         "[default: tiny for tiny-*, else pretrained].")
+
+
 @cli.command("build")
 @click.option("--model", required=True, help="Registry name (`gag-export models`) or a local diffusers folder.")
-@click.option("--weights", type=click.Choice(["pretrained", "random", "tiny"]), default=None,
-              help="pretrained (local HF cache), random (full-size architecture, no download) or tiny "
-                   "[default: tiny for tiny-*, else pretrained].")
+@weights_option
 @click.option("--out", "graphs_root", type=click.Path(file_okay=False, path_type=Path), default=Path("graphs"),
               show_default=True, help="Graphs root: <out>/<model>/<component>/model.onnx + manifest.json.")
-@click.option("--engines", "engines_root", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),
-              show_default=True, help="TensorRT engine cache root.")
+@engines_option
 @click.option("--height", type=click.IntRange(min=1), default=None, help="Image height in pixels [default: the model's].")
 @click.option("--width", type=click.IntRange(min=1), default=None, help="Image width in pixels [default: the model's].")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size of the graphs.")
@@ -293,8 +300,7 @@ def _shape(shape_cls, height, width, batch, default):
 @click.option("--gag-layers", default="down,up", show_default=True, help="Layers to rewrite: down,up | all | mid | globs.")
 @click.option("--gag-method", type=click.Choice(["bisect", "sort"]), default="bisect", show_default=True,
               help="Sparse branch: bisect (no TopK, TensorRT-friendly) or sort (TopK).")
-@click.option("--weights", type=click.Choice(["pretrained", "random", "tiny"]), default=None,
-              help="Pretrained (HF cache), random (full-size architecture) or tiny [default: tiny for tiny-*, else pretrained].")
+@weights_option
 @click.option("--component", "components", multiple=True, metavar="NAME", help="Only this component (repeatable).")
 @click.option("--slim", is_flag=True, help="onnxslim each graph; kept only if parity still holds.")
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (TensorRT 10.0 parses 9..20).")
@@ -429,8 +435,7 @@ def doctor_command(as_json: bool) -> None:
 @click.option("--width", type=int, default=None, help="Image width in pixels [default: the graphs' or the model's].")
 @click.option("--graphs", "graphs_root", type=click.Path(file_okay=False, path_type=Path), default=Path("graphs"),
               show_default=True, help="Graphs root (<graphs>/<model>/manifest.json).")
-@click.option("--engines", "engines_root", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),
-              show_default=True, help="TensorRT engine cache root.")
+@engines_option
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output PNG [default: <model>-<seed>.png].")
 @click.option("--no-build", is_flag=True, help="Fail when graphs/engines are missing instead of building them.")
@@ -570,8 +575,7 @@ def _models_markdown(entries) -> str:
 @click.option("--no-gag", "gag_mode", flag_value="no-gag", help="Only the plain (--no-gag) graphs.")
 @click.option("--both", "gag_mode", flag_value="both", default=True,
               help="GAG and plain graphs interleaved: the GAG overhead [default].")
-@click.option("--weights", type=click.Choice(["tiny", "random", "pretrained"]), default=None,
-              help="tiny for tiny-*, random (full-size architecture) or pretrained [default: tiny for tiny-*, else pretrained].")
+@weights_option
 @click.option("--e2e/--no-e2e", default=True, show_default=True,
               help="Also time whole generations; --no-e2e loads and exports the denoiser alone.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
@@ -581,8 +585,7 @@ def _models_markdown(entries) -> str:
                    "own peak RSS); variant: per backend and GAG setting; none: one process, all interleaved.")
 @click.option("--graphs", "graphs_root", type=click.Path(file_okay=False, path_type=Path), default=Path("graphs/bench"),
               show_default=True, help="Cache of the benchmark's exports: <graphs>/{gag,no-gag}/<model>.")
-@click.option("--engines", "engines_root", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),
-              show_default=True, help="TensorRT engine cache root.")
+@engines_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs and of the e2e runs.")
 @click.option("--reexport", is_flag=True, help="Export the graphs again even if the cache matches (e.g. after a GAG code change).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results as JSON.")

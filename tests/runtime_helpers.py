@@ -6,12 +6,11 @@ them) share one export of each tiny model without a conftest fixture.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from gag_export.bench import torch_threads  # noqa: F401  (re-exported for the test modules)
 from gag_export.runtime import BackendOptions
 
 # One thread each: on a shared 2-core machine OpenMP spin-waiting makes multi-threaded tiny
@@ -20,14 +19,6 @@ ONE_THREAD = BackendOptions(threads=1)
 PROMPT = "a photo of a cat sitting on a wooden table"
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def exported_graphs(tmp_path_factory, model: str) -> Path:
