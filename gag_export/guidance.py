@@ -207,9 +207,9 @@ def gag_attention(
     if method in ("fused", "auto"):
         from .kernels import fused_gag_attention, resolve_method  # lazy: Triton only when used
 
-        method = resolve_method(method, q, k, v, alpha, attn_mask, scale, eta, zeta)
+        asked, method = method, resolve_method(method, q, k, v, alpha, attn_mask, scale, eta, zeta)
         if method == "fused":
-            return fused_gag_attention(q, k, v, scale, eta, zeta, attn_mask)
+            return fused_gag_attention(q, k, v, scale, eta, zeta, attn_mask, fallback=asked == "auto")
     if COMPILE_REGION and _pytorch_gag_region is not None and torch.compiler.is_dynamo_compiling():
         from .kernels import _exporting
 

@@ -404,7 +404,6 @@ def test_onnx_export_of_auto_has_no_custom_ops(monkeypatch, tmp_path, kernel_loo
     torch.testing.assert_close(got, gag_attention(q, k, v, *params, method="bisect"), atol=1e-5, rtol=1e-5)
 
 
-@needs_triton
 @pytest.mark.parametrize("lk, d, itemsize, expected", [
     (77, 64, 2, (128, 128, 64, 8)),   # SDXL cross-attention in fp16/bf16: the H200 sweep's choice
     (77, 64, 4, (32, 128, 64, 4)),    # fp32: unmeasured, the register-sized block
@@ -412,9 +411,46 @@ def test_onnx_export_of_auto_has_no_custom_ops(monkeypatch, tmp_path, kernel_loo
     (512, 64, 2, (16, 512, 64, 8)),   # T5's 512 keys
 ])
 def test_block_sizes_use_the_measured_tile_only_where_it_was_measured(lk, d, itemsize, expected):
+    assert kernels.block_sizes(lk, d, itemsize) == expected
+
+
+def _refuse_launch(monkeypatch):
+    """Make every kernel launch fail as Triton does when the GPU lacks the shared memory."""
+    from triton.runtime.errors import OutOfResources
+
     from gag_export.kernels import triton_gag
 
-    assert triton_gag.block_sizes(lk, d, itemsize) == expected
+    def refused(*args, **kwargs):
+        raise OutOfResources(133120, 101376, "shared memory")
+
+    monkeypatch.setattr(triton_gag, "launch", refused)
+
+
+@needs_triton
+@pytest.mark.parametrize("params_as_tensors", [False, True])
+def test_auto_runs_the_pytorch_path_where_the_gpu_refuses_the_launch(monkeypatch, params_as_tensors):
+    _refuse_launch(monkeypatch)
+    q, k, v = _qkv(1, 2, 8, 77, 16, seed=6)
+    mask = torch.rand(1, 1, 1, 77, generator=torch.Generator().manual_seed(6)) > 0.2
+    params = tuple(torch.tensor(p) for p in (10.0, 15.0, 0.5)) if params_as_tensors else (10.0, 15.0, 0.5)
+    expected = gag_attention(q, k, v, 10.0, 15.0, 0.5, method="bisect", attn_mask=mask)
+
+    got = kernels.fused_gag_attention(q, k, v, *params, attn_mask=mask, fallback=True)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    # inside a compiled graph the op is one opaque node, so the fallback happens there too
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: kernels.fused_gag_attention(q, k, v, *params, attn_mask=mask, fallback=True),
+                             backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), expected, atol=0, rtol=0)
+    torch._dynamo.reset()
+
+
+@needs_triton
+def test_fused_says_why_the_gpu_refuses_the_launch(monkeypatch):
+    _refuse_launch(monkeypatch)
+    q, k, v = _qkv(1, 2, 8, 512, 64, seed=7)
+    with pytest.raises(InvalidInputError, match=r"cannot run the kernel for 512 keys x head_dim 64.*shared memory"):
+        kernels.fused_gag_attention(q, k, v, 10.0, 15.0, 0.0, fallback=False)
 
 
 def _two_gag_layers(q, k, v):

@@ -25,6 +25,12 @@ The checks:
    with matching B, H, d and k/v lengths.
 5. head_dim <= 128, key count <= 512, and the key/value tile fits in shared memory
    (next_pow2(Lk) * next_pow2(d) * itemsize <= 64 KiB: fp16 d=64 takes 512 keys, d=128 256).
+   The GPU's shared memory per block is checked by Triton at launch, against what the compiled
+   kernel needs: 48-82 KiB for CLIP's 77 keys, fitting every GPU from the A100 on, but about
+   130 KiB for T5's 512 keys (head_dim 64), over the 99 KiB of an RTX 3090/4090 or L4/L40
+   (`gag_export/kernels/aot.py` measures it for each architecture without a GPU). When the
+   launch is refused, "auto" runs the PyTorch path for that call (warning once per shape) and
+   "fused" raises InvalidInputError.
 6. The mask, if any, is bool (True = attend) or floating (additive), on q's device, and
    broadcastable to [B, H, Lq, Lk].
 7. scale, eta, zeta are numbers or 0-d tensors.
@@ -59,6 +65,24 @@ _TRITON_OK: bool = importlib.util.find_spec("triton") is not None
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def block_sizes(lk: int, head_dim: int, itemsize: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a key count, head size and input item size.
+
+    All keys live in one tile (BLOCK_N >= Lk). For 16-bit inputs with up to 128 keys (CLIP's 77) and
+    head_dim <= 64: 128 queries and 8 warps, the fastest of the (BLOCK_M in 16..128) x (4, 8 warps)
+    sweep on an H200 at both SDXL cross-attention shapes (benchmarks/README.md, "Fused GAG kernel":
+    0.046 ms against 0.082 for 32 x 4 warps at 10 heads x 4096 queries, 0.041 against 0.039 at
+    20 x 1024). Elsewhere (fp32, head_dim 128, T5's 512 keys: unmeasured) the query block shrinks as
+    the key tile grows so the few [BLOCK_M, BLOCK_N] fp32 tiles stay in registers and the dot
+    operands fit the shared memory of smaller GPUs than Hopper.
+    """
+    block_n = max(16, _next_pow2(lk))
+    block_d = max(16, _next_pow2(head_dim))
+    if block_n <= 128 and block_d <= 64 and itemsize <= 2:
+        return 128, block_n, block_d, 8
+    return max(16, min(64, 4096 // block_n)), block_n, block_d, 4 if block_n <= 128 else 8
 
 
 def triton_available() -> bool:
@@ -167,28 +191,34 @@ def resolve_method(method: str, q, k, v, alpha, attn_mask, scale, eta, zeta) -> 
     raise error(f"gag_attention(method='fused'): {reason}")
 
 
+def guidance_schedule() -> tuple[int, int]:
+    """(bisection steps, Newton steps) of the entmax threshold: guidance.py's, so both paths agree."""
+    from .. import guidance
+
+    return guidance._BISECT_ITERS, guidance._NEWTON_ITERS
+
+
 def _param_tensor(value, device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(device=device, dtype=torch.float32).reshape(())
     return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
-def fused_gag_attention(q, k, v, scale, eta, zeta, attn_mask=None) -> torch.Tensor:
+def fused_gag_attention(q, k, v, scale, eta, zeta, attn_mask=None, fallback: bool = False) -> torch.Tensor:
     """GAG attention through the fused Triton kernel (inputs checked by `resolve_method`).
+
+    `fallback`: if this GPU cannot launch the kernel (shared memory), run the PyTorch bisect
+    path instead of raising ("auto" sets it, "fused" does not).
 
     Float parameters are passed to the kernel as scalars; if any is a 0-d tensor, all three
     are stacked into one small device tensor the kernel loads (no host sync, no `.item()`).
     """
-    from .. import guidance
-
     try:
         from . import triton_gag  # noqa: F401  (registers torch.ops.gag_export.gag_attention)
     except ImportError as exc:
         raise MissingDependencyError(f"gag_attention(method='fused'): Triton is installed but does not import: {exc}") from exc
 
-    # The same threshold schedule as guidance.py's bisect path.
-    bisect_iters = guidance._BISECT_ITERS
-    newton_iters = getattr(guidance, "_NEWTON_ITERS", 0)
+    bisect_iters, newton_iters = guidance_schedule()
 
     values = (scale, eta, zeta)
     if any(isinstance(p, torch.Tensor) for p in values):
@@ -199,4 +229,6 @@ def fused_gag_attention(q, k, v, scale, eta, zeta, attn_mask=None) -> torch.Tens
     if attn_mask is not None:
         B, H, Lq, _ = q.shape
         attn_mask = torch.broadcast_to(attn_mask, (B, H, Lq, k.shape[2]))  # a stride-0 view, no copy
-    return torch.ops.gag_export.gag_attention(q, k, v, params, *floats, attn_mask, bisect_iters, newton_iters)
+    return torch.ops.gag_export.gag_attention(
+        q, k, v, params, *floats, attn_mask, bisect_iters, newton_iters, fallback
+    )

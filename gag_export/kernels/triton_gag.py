@@ -21,11 +21,19 @@ through `gag_export.kernels`, which checks that Triton is there first.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from ..errors import InvalidInputError
+from . import block_sizes
+
+log = logging.getLogger(__name__)
 
 _EPS = 1e-6
 
@@ -158,22 +166,41 @@ def _gag_attention_kernel(
     )
 
 
-def block_sizes(lk: int, head_dim: int, itemsize: int = 2) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a key count, head size and input item size.
+def kernel_constants(
+    dtype: torch.dtype,
+    lk: int,
+    head_dim: int,
+    mask_mode: int,
+    params_from_ptr: bool,
+    bisect_iters: int,
+    newton_iters: int,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[dict, dict]:
+    """The kernel's compile-time constants and compile options for one call: (constexprs, options).
 
-    All keys live in one tile (BLOCK_N >= Lk). For 16-bit inputs with up to 128 keys (CLIP's 77) and
-    head_dim <= 64: 128 queries and 8 warps, the fastest of the (BLOCK_M in 16..128) x (4, 8 warps)
-    sweep on an H200 at both SDXL cross-attention shapes (benchmarks/README.md, "Fused GAG kernel":
-    0.046 ms against 0.082 for 32 x 4 warps at 10 heads x 4096 queries, 0.041 against 0.039 at
-    20 x 1024). Elsewhere (fp32, head_dim 128, T5's 512 keys: unmeasured) the query block shrinks as
-    the key tile grows so the few [BLOCK_M, BLOCK_N] fp32 tiles stay in registers and the dot
-    operands fit the shared memory of smaller GPUs than Hopper.
+    One definition for `launch` and for the ahead-of-time builds of `gag_export.kernels.aot`, so
+    what the tests compile for a GPU architecture is what a launch would compile there.
+    `mask_mode`: 0 none, 1 additive, 2 boolean.
     """
-    block_n = max(16, triton.next_power_of_2(lk))
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if block_n <= 128 and block_d <= 64 and itemsize <= 2:
-        return 128, block_n, block_d, 8
-    return max(16, min(64, 4096 // block_n)), block_n, block_d, 4 if block_n <= 128 else 8
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    bm, bn, bd, nw = block_sizes(lk, head_dim, itemsize)
+    # Triton's CPU interpreter multiplies bf16 as raw bits: there, dot exact fp32 copies instead
+    # (the same products: a bf16 x bf16 product is exact in fp32).
+    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    constants = dict(
+        EPS=_EPS,
+        BLOCK_M=block_m or bm, BLOCK_N=bn, BLOCK_D=bd,
+        MASK_MODE=mask_mode,
+        PARAMS_FROM_PTR=params_from_ptr,
+        SPLIT_PV=dtype != torch.float32 and not upcast,
+        UPCAST=upcast,
+        BISECT_ITERS=bisect_iters,
+        NEWTON_ITERS=newton_iters,
+    )
+    # FMA contraction pinned on: Triton 3.9 warns that its default turns off in 3.10, which would
+    # change the kernel's rounding and speed from what was measured (with 3.6's default, on).
+    return constants, dict(num_warps=num_warps or nw, enable_fp_fusion=True)
 
 
 def launch(
@@ -199,34 +226,24 @@ def launch(
     B, H, Lq, d = q.shape
     Lk = k.shape[2]
     out = torch.empty((B, H, Lq, d), dtype=q.dtype, device=q.device)
-    bm, bn, bd, nw = block_sizes(Lk, d, q.element_size())
-    bm = block_m or bm
-    nw = num_warps or nw
     if attn_mask is None:
         mask_mode, mask, m_strides = 0, q, (0, 0, 0, 0)
     else:
         mask_mode = 2 if attn_mask.dtype == torch.bool else 1
         mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
         m_strides = mask.stride()
-    # Triton's CPU interpreter multiplies bf16 as raw bits: there, dot exact fp32 copies instead
-    # (the same products: a bf16 x bf16 product is exact in fp32).
-    upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
-    grid = (triton.cdiv(Lq, bm), B * H)
+    constants, options = kernel_constants(
+        q.dtype, Lk, d, mask_mode, params is not None, bisect_iters, newton_iters, block_m, num_warps
+    )
+    grid = (triton.cdiv(Lq, constants["BLOCK_M"]), B * H)
     _gag_attention_kernel[grid](
         q, k, v, out, mask, params if params is not None else q,
         float(scale), float(eta), float(zeta),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
         H, Lq, Lk, d,
         d ** -0.5, -((1.0 / Lk) ** 0.5),
-        EPS=_EPS,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        MASK_MODE=mask_mode,
-        PARAMS_FROM_PTR=params is not None,
-        SPLIT_PV=q.dtype != torch.float32 and not upcast,
-        UPCAST=upcast,
-        BISECT_ITERS=bisect_iters,
-        NEWTON_ITERS=newton_iters,
-        num_warps=nw,
+        **constants,
+        **options,
     )
     return out
 
@@ -246,11 +263,33 @@ def gag_attention_op(
     attn_mask: torch.Tensor | None,
     bisect_iters: int,
     newton_iters: int,
+    fallback: bool,
 ) -> torch.Tensor:
-    """Fused GAG attention: q [B,H,Lq,d], k/v [B,H,Lk,d] -> [B,H,Lq,d] in q's dtype (see `launch`)."""
-    return launch(q, k, v, params, scale, eta, zeta, attn_mask, bisect_iters, newton_iters)
+    """Fused GAG attention: q [B,H,Lq,d], k/v [B,H,Lk,d] -> [B,H,Lq,d] in q's dtype (see `launch`).
+
+    Triton refuses the launch when the compiled kernel needs more shared memory than the GPU has
+    (T5's 512 keys on a 99 KiB RTX 4090, say). The check happens here, at run time, because only
+    the compiled kernel knows its size; so under torch.compile too, `fallback` (method "auto")
+    runs the PyTorch bisect path instead, and without it (method "fused") the error is clear.
+    """
+    try:
+        return launch(q, k, v, params, scale, eta, zeta, attn_mask, bisect_iters, newton_iters)
+    except OutOfResources as exc:
+        what = f"{k.shape[2]} keys x head_dim {q.shape[3]} in {q.dtype}"
+        if not fallback:
+            raise InvalidInputError(f"gag_attention(method='fused'): this GPU cannot run the kernel for {what}: {exc}") from exc
+        _warn_fallback_once(what, str(exc))
+        from .. import guidance
+
+        gag = (params[0], params[1], params[2]) if params is not None else (scale, eta, zeta)
+        return guidance._pytorch_gag(q, k, v, *gag, 1.5, "bisect", attn_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback_once(what: str, why: str) -> None:
+    log.warning("fused GAG kernel cannot launch for %s (%s); running the PyTorch path for these shapes", what, why)
 
 
 @gag_attention_op.register_fake
-def _gag_attention_fake(q, k, v, params, scale, eta, zeta, attn_mask, bisect_iters, newton_iters):
+def _gag_attention_fake(q, k, v, params, scale, eta, zeta, attn_mask, bisect_iters, newton_iters, fallback):
     return q.new_empty(q.shape)
