@@ -1,0 +1,189 @@
+"""Build the fused GAG kernel ahead of time for an NVIDIA architecture, on any machine.
+
+Triton lowers a kernel to PTX and assembles it with the ptxas it ships, with no GPU involved. So
+what the kernel costs on an H200 (sm_90) or an RTX 4090 (sm_89) can be read on a CPU-only
+machine: registers per thread, local memory (register spills), shared memory, and the SASS
+instructions one thread executes. `tests/test_kernel_build.py` builds every kind of tile the
+dispatch can pick for the GPUs in `ARCHS` and checks it fits; `benchmarks/kernel_resources.py`
+prints the table. What this cannot tell is time: that needs the GPU (`benchmarks/bench_gpu.py`).
+
+Imports Triton: import it only where Triton is installed.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ..errors import MissingDependencyError
+from . import guidance_schedule
+from .triton_gag import _gag_attention_kernel, kernel_constants
+
+
+@dataclass(frozen=True)
+class Arch:
+    capability: int
+    gpus: str
+    shared_memory_per_block: int  # bytes a block may opt in to (CUDA programming guide, per capability)
+
+
+ARCHS = {
+    "sm_80": Arch(80, "A100", 163 * 1024),
+    "sm_86": Arch(86, "RTX 3090, A10, A40", 99 * 1024),
+    "sm_89": Arch(89, "RTX 4090, L4, L40", 99 * 1024),
+    "sm_90": Arch(90, "H100, H200", 227 * 1024),
+}
+
+_POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_FLOAT_ARGS = ("scale_f", "eta_f", "zeta_f", "sm_scale", "tau_hi")
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """One ahead-of-time build: the inputs it was built for and what ptxas reports."""
+
+    arch: str
+    dtype: str
+    lk: int
+    head_dim: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    registers: int  # per thread
+    local_bytes: int  # per thread; > 0 means registers spilled to memory
+    shared_bytes: int  # per block, as Triton checks it at launch
+    sass_instructions: int  # in the binary; loops count once
+    loop_bodies: tuple[int, ...]  # instructions of each loop body, in program order
+
+    def executed_instructions(self, trip_counts: tuple[int, ...]) -> int | None:
+        """Instructions one thread executes when the kernel's loops run `trip_counts` times, in order.
+
+        The kernel's loops are the bisection and the Newton steps. ptxas unrolls them for some
+        tiles (no loop left: every instruction runs once); None when the binary has loops but not
+        one per trip count, since then which body is which is unknown.
+        """
+        if not self.loop_bodies:
+            return self.sass_instructions
+        if len(trip_counts) != len(self.loop_bodies):
+            return None
+        return self.sass_instructions + sum((n - 1) * body for n, body in zip(trip_counts, self.loop_bodies))
+
+    def blocks_per_sm(self, registers_per_sm: int = 65536, max_warps_per_sm: int = 64) -> int:
+        """Resident blocks per SM, as registers, warps and shared memory allow (occupancy)."""
+        per_warp = -(-self.registers // 8) * 8 * 32  # allocated in units of 8 registers per thread
+        by_registers = registers_per_sm // (per_warp * self.num_warps)
+        by_shared = ARCHS[self.arch].shared_memory_per_block // max(self.shared_bytes, 1)
+        return min(by_registers, by_shared, max_warps_per_sm // self.num_warps)
+
+
+def _tool(name: str) -> Path:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise MissingDependencyError(f"Triton's {name} is not at {path}; this Triton build cannot assemble for NVIDIA GPUs")
+    return path
+
+
+def _signature(dtype: torch.dtype, mask_mode: int, constants: dict) -> tuple[dict, dict]:
+    """Argument types and alignment hints as a launch with contiguous tensors would specialize them.
+
+    Triton's launcher marks pointers and integers divisible by 16 ("tt.divisibility"); integers equal
+    to 1 (the innermost strides) become constants. Mirroring that keeps the build the launch's build.
+    """
+    names = _gag_attention_kernel.arg_names
+    mask_type = "*u8" if mask_mode == 2 else _POINTER_TYPES[dtype]
+    signature, attrs = {}, {}
+    for index, name in enumerate(names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in ("Q", "K", "V", "Out"):
+            signature[name], attrs[(index,)] = _POINTER_TYPES[dtype], [["tt.divisibility", 16]]
+        elif name == "Mask":
+            signature[name], attrs[(index,)] = mask_type, [["tt.divisibility", 16]]
+        elif name == "Params":
+            signature[name], attrs[(index,)] = "*fp32", [["tt.divisibility", 16]]
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature, attrs
+
+
+def _unit_strides(mask_mode: int) -> dict:
+    # contiguous [B, H, L, d] tensors: the last stride is 1; a broadcast mask's is 1 as well
+    ones = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1}
+    if mask_mode:
+        ones["stride_mn"] = 1
+    return ones
+
+
+def build(
+    arch: str,
+    dtype: torch.dtype,
+    lk: int,
+    head_dim: int,
+    mask_mode: int = 0,
+    params_from_ptr: bool = False,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+) -> KernelBuild:
+    """Compile the kernel for `arch` (a key of `ARCHS`) as a launch on these shapes would."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    bisect_iters, newton_iters = guidance_schedule()
+    constants, options = kernel_constants(
+        dtype, lk, head_dim, mask_mode, params_from_ptr, bisect_iters, newton_iters, block_m, num_warps
+    )
+    constants = {**constants, **_unit_strides(mask_mode)}
+    signature, attrs = _signature(dtype, mask_mode, constants)
+    source = ASTSource(fn=_gag_attention_kernel, signature=signature, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch].capability, 32), options=options)
+    registers, local, instructions, loops = _read_cubin(compiled.asm["cubin"])
+    return KernelBuild(
+        arch=arch, dtype=str(dtype).removeprefix("torch."), lk=lk, head_dim=head_dim,
+        block_m=constants["BLOCK_M"], block_n=constants["BLOCK_N"], num_warps=options["num_warps"],
+        registers=registers, local_bytes=local, shared_bytes=int(compiled.metadata.shared),
+        sass_instructions=instructions, loop_bodies=loops,
+    )
+
+
+_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*)$")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH_TARGET = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)")
+
+
+def _read_cubin(cubin: bytes) -> tuple[int, int, int, tuple[int, ...]]:
+    """(registers, local bytes, SASS instruction count, loop body sizes) of a one-kernel cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "kernel.cubin")
+        path.write_bytes(cubin)
+        usage = _run(_tool("cuobjdump"), "--dump-resource-usage", path)
+        sass = _run(_tool("nvdisasm"), "-c", path)
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    labels, loops, count = {}, [], 0
+    for line in sass.splitlines():
+        label = _LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = count
+            continue
+        instruction = _INSTRUCTION.match(line)
+        if not instruction:
+            continue
+        target = _BRANCH_TARGET.search(instruction.group(1))
+        # A branch backwards closes a loop; one to itself is the trap ptxas puts after EXIT.
+        if target and labels.get(target.group(1), count) < count:
+            loops.append(count + 1 - labels[target.group(1)])
+        count += 1
+    return registers, local, count, tuple(loops)
+
+
+def _run(tool: Path, *args) -> str:
+    return subprocess.run([str(tool), *map(str, args)], check=True, capture_output=True, text=True).stdout
