@@ -304,6 +304,34 @@ def time_cuda_graph(unet, inputs, args, timer: Timer) -> dict:
         torch.cuda.empty_cache()
 
 
+def time_calls_as_graph(fn, timer: Timer, n: int = 10, inner: int = 20) -> dict:
+    """Per-call ms of `inner` calls captured once as a CUDA graph and replayed: the GPU's time alone.
+
+    Timing back-to-back eager calls measures the host as well: a Triton launch costs tens of us of
+    Python, as long as this kernel runs, so the GPU waits on the host. A graph replays without it.
+    """
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn()
+        graph.replay()
+        timer.sync()
+        times = [t / inner for t in timer.measure(graph.replay, n)]
+        del graph
+        return summary(times)
+    except Exception as exc:  # an uncapturable call: report, go on
+        return {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    finally:
+        torch.cuda.synchronize()
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -449,29 +477,38 @@ def core_section(args, device, timer) -> dict:
                     fn()
                 timer.sync()
                 entry[name] = summary(timer.measure(fn, 20 if device == "cuda" else 5, inner=inner))
+                if device == "cuda" and name in ("sdpa", "gag-fused"):
+                    entry[name]["graph"] = time_calls_as_graph(fn, timer)
             ref = gag_attention(q.float(), k.float(), v.float(), *p, method="sort")
             if "gag-fused" in fns:
                 entry["gag-fused"]["max_abs_err_vs_fp32_sort"] = (fns["gag-fused"]().float() - ref).abs().max().item()
                 if not args.no_sweep:
-                    entry["fused_sweep"] = fused_sweep(q, k, v, p, timer)
+                    entry["fused_sweep"] = fused_sweep(q, k, v, p, timer, sdpa_graph=entry["sdpa"].get("graph", {}).get("p50_ms"))
             else:
                 entry["gag-fused"] = {"skipped": fused_why}
         sdpa = entry["sdpa"]["p50_ms"]
+        sdpa_graph = entry["sdpa"].get("graph", {}).get("p50_ms")
         for name, r in entry.items():
             if isinstance(r, dict) and "p50_ms" in r and name != "sdpa":
                 r["p50_vs_sdpa"] = round(r["p50_ms"] / sdpa, 3)
+                if sdpa_graph and "p50_ms" in r.get("graph", {}):
+                    r["graph"]["p50_vs_sdpa"] = round(r["graph"]["p50_ms"] / sdpa_graph, 3)
         results[shape] = entry
         _log(f"core {shape}: " + ", ".join(f"{n} {r.get('p50_ms')}" for n, r in entry.items() if isinstance(r, dict)))
     return results
 
 
-def fused_sweep(q, k, v, p, timer) -> dict:
-    """p50 of the raw kernel launch per (BLOCK_M, num_warps); the default is `block_sizes`."""
+def fused_sweep(q, k, v, p, timer, sdpa_graph: float | None = None) -> dict:
+    """p50 of the raw kernel launch per (BLOCK_M, num_warps); the default is `block_sizes`.
+
+    Each tile twice: eager launches back to back (host cost included), and replayed as a CUDA
+    graph (`graph_<tile>`: GPU time alone, with its ratio to SDPA's graph time).
+    """
     from gag_export import guidance
     from gag_export.kernels import triton_gag
 
     iters = (guidance._BISECT_ITERS, getattr(guidance, "_NEWTON_ITERS", 0))
-    default = triton_gag.block_sizes(k.shape[2], q.shape[3], q.element_size())
+    default = kernels.block_sizes(k.shape[2], q.shape[3], q.element_size())
     out = {"default": {"block_m": default[0], "num_warps": default[3]}}
     for block_m in (16, 32, 64, 128):
         for warps in (4, 8):
@@ -482,11 +519,16 @@ def fused_sweep(q, k, v, p, timer) -> dict:
                 fn()
                 timer.sync()
                 out[f"m{block_m}_w{warps}"] = summary(timer.measure(fn, 10, inner=20))["p50_ms"]
+                graph = time_calls_as_graph(fn, timer)
+                out[f"graph_m{block_m}_w{warps}"] = graph.get("p50_ms", graph.get("failed"))
             except Exception as exc:  # out of resources for that tile: report and go on
                 out[f"m{block_m}_w{warps}"] = f"failed: {type(exc).__name__}"
-    timed = {k_: v_ for k_, v_ in out.items() if isinstance(v_, float)}
-    if timed:
-        out["best"] = min(timed, key=timed.get)
+    for prefix in ("", "graph_"):
+        timed = {k_: v_ for k_, v_ in out.items() if isinstance(v_, float) and k_.startswith(prefix + "m")}
+        if timed:
+            out[prefix + "best"] = min(timed, key=timed.get)
+            if prefix and sdpa_graph:
+                out["graph_best_vs_sdpa"] = round(timed[out["graph_best"]] / sdpa_graph, 3)
     return out
 
 
