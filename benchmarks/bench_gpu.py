@@ -509,7 +509,7 @@ def fused_sweep(q, k, v, p, timer, sdpa_graph: float | None = None) -> dict:
 
     iters = (guidance._BISECT_ITERS, getattr(guidance, "_NEWTON_ITERS", 0))
     default = kernels.block_sizes(k.shape[2], q.shape[3], q.element_size())
-    out = {"default": {"block_m": default[0], "num_warps": default[3]}}
+    out = {"default": {"block_m": default[0], "num_warps": default[-1]}}
     for block_m in (16, 32, 64, 128):
         for warps in (4, 8):
             def fn(block_m=block_m, warps=warps):

@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def row(build: aot.KernelBuild, mask: str) -> dict:
     arch = aot.ARCHS[build.arch]
-    executed = build.executed_instructions(guidance_schedule())
+    executed = build.executed_instructions(*guidance_schedule())
     return {
         **asdict(build), "mask": mask,
         "fits": build.shared_bytes <= arch.shared_memory_per_block,
@@ -64,10 +64,8 @@ def row(build: aot.KernelBuild, mask: str) -> dict:
     }
 
 
-def call_warp_instructions(r: dict, heads: int, queries: int) -> int | None:
+def call_warp_instructions(r: dict, heads: int, queries: int) -> int:
     """Warp instructions of one call: programs x warps x instructions per thread."""
-    if r["executed_per_thread"] is None:
-        return None
     programs = heads * -(-queries // r["block_m"])
     return programs * r["num_warps"] * r["executed_per_thread"]
 
@@ -93,11 +91,9 @@ def sweep(args, measured: dict | None) -> list[dict]:
     rows = []
     for block_m, warps in SWEEP:
         r = row(aot.build(args.sweep_arch, torch.float16, 77, 64, block_m=block_m, num_warps=warps), "none")
-        r["step_warp_instructions"] = r["call_warp_instructions"] = None
         per_call = [call_warp_instructions(r, h, lq) for h, lq, _ in SDXL_CALLS]
-        if all(x is not None for x in per_call):
-            r["call_warp_instructions"] = dict(zip((f"{h}x{lq}" for h, lq, _ in SDXL_CALLS), per_call))
-            r["step_warp_instructions"] = sum(x * n for x, (_, _, n) in zip(per_call, SDXL_CALLS))
+        r["call_warp_instructions"] = dict(zip((f"{h}x{lq}" for h, lq, _ in SDXL_CALLS), per_call))
+        r["step_warp_instructions"] = sum(x * n for x, (_, _, n) in zip(per_call, SDXL_CALLS))
         r["measured_ms"] = _measured(measured, block_m, warps)
         rows.append(r)
     return rows
@@ -114,10 +110,16 @@ def _measured(measured: dict | None, block_m: int, warps: int) -> dict | None:
     return out or None
 
 
+def _short(measured: dict | None) -> str:
+    if not measured:
+        return "-"
+    return ", ".join(f"{s.split()[1][1:]}x{s.split()[2][2:]}: {ms}" for s, ms in measured.items())
+
+
 def _print_build(r: dict) -> None:
     spill = f"{r['local_bytes']} B SPILL" if r["local_bytes"] else "0"
     fit = "fits" if r["fits"] else "DOES NOT FIT"
-    print(f"{r['arch']:6s} {r['dtype']:8s} {r['shape']:12s} mask={r['mask']:8s} tile {r['block_m']:3d}x{r['block_n']:3d}/{r['num_warps']}w"
+    print(f"{r['arch']:6s} {r['dtype']:8s} {r['shape']:12s} mask={r['mask']:8s} tile {r['block_m']:3d}x{r['block_n']:3d}+{r['block_n2']:<3d}/{r['num_warps']}w"
           f"  regs {r['registers']:3d}  local {spill:>5s}  shared {r['shared_bytes'] / 1024:6.1f} KiB of {r['shared_limit'] / 1024:.0f} ({fit})"
           f"  blocks/SM {r['blocks_per_sm']}  SASS {r['sass_instructions']:6d}  executed/thread {r['executed_per_thread']}", flush=True)
 
@@ -133,11 +135,11 @@ def main(argv=None) -> int:
         result["sweep"] = sweep(args, measured)
         base = next((r["step_warp_instructions"] for r in result["sweep"] if (r["block_m"], r["num_warps"]) == (128, 8)), None)
         for r in result["sweep"]:
-            calls = r.get("call_warp_instructions") or {}
-            ratio = f"{r['step_warp_instructions'] / base:.2f}x" if base and r["step_warp_instructions"] else "-"
+            calls = r["call_warp_instructions"]
+            ratio = f"{r['step_warp_instructions'] / base:.2f}x" if base else "-"
             print(f"  {r['block_m']:3d}x{r['num_warps']}w regs {r['registers']:3d} blocks/SM {r['blocks_per_sm']} "
                   + "  ".join(f"{s}: {n / 1e6:6.2f} M" for s, n in calls.items())
-                  + f"  step vs 128x8: {ratio}  measured: {r['measured_ms']}")
+                  + f"  step vs 128x8: {ratio}  H200 ms (eager launches): {_short(r['measured_ms'])}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -79,6 +79,25 @@ def build_cases() -> list[dict]:
     full[..., 0] = True  # every query keeps a key
     add("mask_bool_full", q, k, v, 10.0, 15.0, 0.0, mask=full)
     add("mask_fp16_additive", *(t.half() for t in (q, k, v)), 10.0, 15.0, 0.0, mask=torch.zeros(2, 1, 1, 45).masked_fill(~keep, -1e4).half())
+    # key tiles split into a main power of two and a tail (`triton_gag.key_tiles`): tails of 1 to
+    # 44 keys, masked by bounds; 16, 17 and 64 keys take one tile
+    for lk, d in ((33, 16), (65, 64), (70, 64), (77, 64), (130, 16), (300, 16), (16, 16), (17, 16), (64, 64)):
+        add(f"split_fp32_lk{lk}_d{d}", *_qkv(1, 2, 20, lk, d, seed=100 + lk, spread=2.0), 5.0, 15.0, 0.3)
+    add("split_fp16_lk77_d64", *_qkv(1, 2, 20, 77, 64, seed=177, dtype=torch.float16), 10.0, 15.0, 0.0)
+    add("split_bf16_lk300_d40", *_qkv(1, 1, 20, 300, 40, seed=178, dtype=torch.bfloat16), 10.0, 15.0, 0.0)
+    # masks across the split: keys 60.. masked (main tile's end and the whole tail), and a random
+    # mask where some queries keep only tail keys (the row max and the support in the tail)
+    q, k, v = _qkv(1, 2, 20, 77, 64, seed=179, spread=2.0)
+    keep = torch.ones(77, dtype=torch.bool)
+    keep[60:] = False
+    add("split_mask_bool_keys_lk77", q, k, v, 10.0, 15.0, 0.3, mask=keep, check="subset:60")
+    add("split_mask_additive_keys_lk77", q, k, v, 10.0, 15.0, 0.3, mask=torch.zeros(77).masked_fill(~keep, float("-inf")), check="subset:60")
+    full = torch.rand(1, 2, 20, 77, generator=torch.Generator().manual_seed(180)) > 0.5
+    full[..., 70] = True  # every query keeps a tail key
+    full[:, :, :5, :64] = False  # these keep only tail keys
+    add("split_mask_bool_full_lk77", q, k, v, 10.0, 15.0, 0.0, mask=full)
+    additive = torch.randn(1, 2, 20, 77, generator=torch.Generator().manual_seed(181)).masked_fill(~full, float("-inf"))
+    add("split_mask_additive_full_lk77", q, k, v, 10.0, 15.0, 0.3, mask=additive)
     # 0-d tensor parameters (all, and mixed with floats) must equal the float run
     q, k, v = _qkv(2, 2, 24, 77, 16, seed=20)
     add("params_float", q, k, v, 3.0, 2.0, 0.25)
@@ -405,10 +424,14 @@ def test_onnx_export_of_auto_has_no_custom_ops(monkeypatch, tmp_path, kernel_loo
 
 
 @pytest.mark.parametrize("lk, d, itemsize, expected", [
-    (77, 64, 2, (128, 128, 64, 8)),   # SDXL cross-attention in fp16/bf16: the H200 sweep's choice
-    (77, 64, 4, (32, 128, 64, 4)),    # fp32: unmeasured, the register-sized block
-    (77, 128, 2, (32, 128, 128, 4)),  # head_dim 128: operands of 128 x 128 stay small
-    (512, 64, 2, (16, 512, 64, 8)),   # T5's 512 keys
+    (77, 64, 2, (128, 64, 16, 64, 8)),   # SDXL cross-attention in fp16/bf16: the H200 sweep's choice
+    (77, 64, 4, (32, 64, 16, 64, 4)),    # fp32: unmeasured, the register-sized block
+    (77, 128, 2, (32, 64, 16, 128, 4)),  # head_dim 128: operands of 128 x 128 stay small
+    (512, 64, 2, (16, 512, 0, 64, 8)),   # T5's 512 keys: one tile
+    (300, 40, 2, (16, 256, 64, 64, 8)),  # 256 + 64 keys instead of 512
+    (100, 64, 2, (128, 128, 0, 64, 8)),  # 64 + 64 would save nothing: one tile
+    (17, 16, 2, (128, 32, 0, 16, 8)),    # 16 + 16 likewise
+    (16, 16, 2, (128, 16, 0, 16, 8)),
 ])
 def test_block_sizes_use_the_measured_tile_only_where_it_was_measured(lk, d, itemsize, expected):
     assert kernels.block_sizes(lk, d, itemsize) == expected

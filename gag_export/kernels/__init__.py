@@ -67,22 +67,40 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def block_sizes(lk: int, head_dim: int, itemsize: int = 2) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a key count, head size and input item size.
+def key_tiles(lk: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_N2): a main power-of-two key tile and a tail tile (0: none).
 
-    All keys live in one tile (BLOCK_N >= Lk). For 16-bit inputs with up to 128 keys (CLIP's 77) and
-    head_dim <= 64: 128 queries and 8 warps, the fastest of the (BLOCK_M in 16..128) x (4, 8 warps)
-    sweep on an H200 at both SDXL cross-attention shapes (benchmarks/README.md, "Fused GAG kernel":
+    The main tile is the largest power of two <= Lk (at least 16, the smallest dot); the tail
+    takes the rest rounded up to a power of two >= 16, used only when the two hold fewer columns
+    than one padded tile (77 keys: 64 + 16 instead of 128; 300: 256 + 64 instead of 512). The
+    per-key work is per column, padding included. With a tail, the main tile is full.
+    """
+    padded = max(16, _next_pow2(lk))
+    main = max(16, 1 << (lk.bit_length() - 1))
+    if main >= lk:
+        return main, 0
+    tail = max(16, _next_pow2(lk - main))
+    return (main, tail) if main + tail < padded else (padded, 0)
+
+
+def block_sizes(lk: int, head_dim: int, itemsize: int = 2) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_N2, BLOCK_D, num_warps) for a key count, head size and input item size.
+
+    All keys live in registers: a main tile and maybe a tail tile (`key_tiles`). The query block
+    and warps are chosen by the padded key count next_pow2(Lk), as measured before the split.
+    For 16-bit inputs with up to 128 keys (CLIP's 77) and head_dim <= 64: 128 queries and 8 warps,
+    the fastest of the (BLOCK_M in 16..128) x (4, 8 warps) sweep on an H200 at both SDXL cross-attention shapes (benchmarks/README.md, "Fused GAG kernel":
     0.046 ms against 0.082 for 32 x 4 warps at 10 heads x 4096 queries, 0.041 against 0.039 at
     20 x 1024). Elsewhere (fp32, head_dim 128, T5's 512 keys: unmeasured) the query block shrinks as
     the key tile grows so the few [BLOCK_M, BLOCK_N] fp32 tiles stay in registers and the dot
     operands fit the shared memory of smaller GPUs than Hopper.
     """
-    block_n = max(16, _next_pow2(lk))
+    padded = max(16, _next_pow2(lk))
+    block_n, block_n2 = key_tiles(lk)
     block_d = max(16, _next_pow2(head_dim))
-    if block_n <= 128 and block_d <= 64 and itemsize <= 2:
-        return 128, block_n, block_d, 8
-    return max(16, min(64, 4096 // block_n)), block_n, block_d, 4 if block_n <= 128 else 8
+    if padded <= 128 and block_d <= 64 and itemsize <= 2:
+        return 128, block_n, block_n2, block_d, 8
+    return max(16, min(64, 4096 // padded)), block_n, block_n2, block_d, 4 if padded <= 128 else 8
 
 
 def triton_available() -> bool:

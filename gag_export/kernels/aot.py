@@ -55,26 +55,19 @@ class KernelBuild:
     lk: int
     head_dim: int
     block_m: int
-    block_n: int
+    block_n: int  # main key tile
+    block_n2: int  # tail key tile (0: none)
     num_warps: int
     registers: int  # per thread
     local_bytes: int  # per thread; > 0 means registers spilled to memory
     shared_bytes: int  # per block, as Triton checks it at launch
     sass_instructions: int  # in the binary; loops count once
-    loop_bodies: tuple[int, ...]  # instructions of each loop body, in program order
+    loops: tuple[tuple[str, int], ...]  # ("bisect" | "newton", instructions in the body), in order
 
-    def executed_instructions(self, trip_counts: tuple[int, ...]) -> int | None:
-        """Instructions one thread executes when the kernel's loops run `trip_counts` times, in order.
-
-        The kernel's loops are the bisection and the Newton steps. ptxas unrolls them for some
-        tiles (no loop left: every instruction runs once); None when the binary has loops but not
-        one per trip count, since then which body is which is unknown.
-        """
-        if not self.loop_bodies:
-            return self.sass_instructions
-        if len(trip_counts) != len(self.loop_bodies):
-            return None
-        return self.sass_instructions + sum((n - 1) * body for n, body in zip(trip_counts, self.loop_bodies))
+    def executed_instructions(self, bisect_iters: int, newton_iters: int) -> int:
+        """Instructions one thread executes: loops counted by their trip counts (unrolled ones are in full)."""
+        trips = {"bisect": bisect_iters, "newton": newton_iters}
+        return self.sass_instructions + sum((trips[kind] - 1) * body for kind, body in self.loops)
 
     def blocks_per_sm(self, registers_per_sm: int = 65536, max_warps_per_sm: int = 64) -> int:
         """Resident blocks per SM, as registers, warps and shared memory allow (occupancy)."""
@@ -148,9 +141,9 @@ def build(
     registers, local, instructions, loops = _read_cubin(compiled.asm["cubin"])
     return KernelBuild(
         arch=arch, dtype=str(dtype).removeprefix("torch."), lk=lk, head_dim=head_dim,
-        block_m=constants["BLOCK_M"], block_n=constants["BLOCK_N"], num_warps=options["num_warps"],
+        block_m=constants["BLOCK_M"], block_n=constants["BLOCK_N"], block_n2=constants["BLOCK_N2"], num_warps=options["num_warps"],
         registers=registers, local_bytes=local, shared_bytes=int(compiled.metadata.shared),
-        sass_instructions=instructions, loop_bodies=loops,
+        sass_instructions=instructions, loops=loops,
     )
 
 
@@ -159,8 +152,13 @@ _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH_TARGET = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)")
 
 
-def _read_cubin(cubin: bytes) -> tuple[int, int, int, tuple[int, ...]]:
-    """(registers, local bytes, SASS instruction count, loop body sizes) of a one-kernel cubin."""
+def _read_cubin(cubin: bytes) -> tuple[int, int, int, tuple[tuple[str, int], ...]]:
+    """(registers, local bytes, SASS instruction count, loops) of a one-kernel cubin.
+
+    Each loop is (kind, instructions in its body). The kernel's loops are the bisection and the
+    Newton steps, told apart by the division only Newton has (MUFU.RCP); ptxas unrolls either
+    at times, and an unrolled loop is simply counted in full.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "kernel.cubin")
         path.write_bytes(cubin)
@@ -168,21 +166,24 @@ def _read_cubin(cubin: bytes) -> tuple[int, int, int, tuple[int, ...]]:
         sass = _run(_tool("nvdisasm"), "-c", path)
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
-    labels, loops, count = {}, [], 0
+    labels, instructions, loops = {}, [], []
     for line in sass.splitlines():
         label = _LABEL.match(line.strip())
         if label:
-            labels[label.group(1)] = count
+            labels[label.group(1)] = len(instructions)
             continue
         instruction = _INSTRUCTION.match(line)
         if not instruction:
             continue
-        target = _BRANCH_TARGET.search(instruction.group(1))
+        text = instruction.group(1)
+        target = _BRANCH_TARGET.search(text)
+        instructions.append(text)
         # A branch backwards closes a loop; one to itself is the trap ptxas puts after EXIT.
-        if target and labels.get(target.group(1), count) < count:
-            loops.append(count + 1 - labels[target.group(1)])
-        count += 1
-    return registers, local, count, tuple(loops)
+        start = labels.get(target.group(1), len(instructions)) if target else len(instructions)
+        if start < len(instructions) - 1:
+            body = instructions[start:]
+            loops.append(("newton" if any("MUFU.RCP" in i for i in body) else "bisect", len(body)))
+    return registers, local, len(instructions), tuple(loops)
 
 
 def _run(tool: Path, *args) -> str:

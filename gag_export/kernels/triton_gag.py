@@ -9,10 +9,16 @@ T5), computes the scores once, then in registers:
                                   # closed-form solve on the bracketed support (as guidance.py)
     out    = sparse + scale * cap_eta(par + zeta * orth)
 
-and writes only `out` (in the input dtype). Math is fp32 throughout: scores from 16-bit inputs
-are exact fp32 products with fp32 accumulation; the probability-times-value products of
-16-bit inputs use two 16-bit dots (probabilities split into a high and a low 16-bit part) so
-that they stay at fp32-level accuracy on tensor cores; fp32 inputs use IEEE fp32 dots.
+and writes only `out` (in the input dtype). The keys sit in a power-of-two main tile plus, where
+that saves columns, a small power-of-two tail tile (77 keys: 64 + 16 instead of 128 padded), since
+every per-score step costs per column, padding included; each step runs on both tiles and sums
+its row reductions across them. Both branches multiply unnormalized weights (exp(z - max) and
+(x - tau)_+^2, both in [0, 1]) by v and scale the [BLOCK_M, head_dim] products by 1 / row sum.
+
+Math is fp32 throughout: scores from 16-bit inputs are exact fp32 products with fp32
+accumulation; the probability-times-value products of 16-bit inputs use two 16-bit dots
+(probabilities split into a high and a low 16-bit part) so that they stay at fp32-level accuracy
+on tensor cores; fp32 inputs use IEEE fp32 dots.
 
 The launcher is registered as the custom op `gag_export::gag_attention` (with a fake
 implementation), so `torch.compile` sees one node. This module imports Triton: import it only
@@ -36,6 +42,80 @@ from . import block_sizes
 log = logging.getLogger(__name__)
 
 _EPS = 1e-6
+_LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _key_tile(
+    q, k_base, v_base, m_rows, m_ok, offs_d, d_ok, start, Lk,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale,
+    BLOCK_N: tl.constexpr, FULL: tl.constexpr, MASK_MODE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Scores z [BLOCK_M, BLOCK_N] and values v [BLOCK_N, BLOCK_D] of keys start .. start + BLOCK_N - 1.
+
+    Masked-out and padding keys score -inf. FULL: the launcher guarantees every key of the tile
+    exists, so no bounds mask (a select per score element) is spent on it.
+    """
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if FULL:
+        k_ok = d_ok[:, None]
+        v_ok = d_ok[None, :]
+    else:
+        n_ok = offs_n < Lk
+        k_ok = d_ok[:, None] & n_ok[None, :]
+        v_ok = n_ok[:, None] & d_ok[None, :]
+    kt = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn, mask=k_ok, other=0.0)  # K^T
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=v_ok, other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    z = tl.dot(q, kt, input_precision="ieee") * sm_scale  # fp32 accumulation; IEEE for fp32 inputs
+    if MASK_MODE != 0:
+        m_ptrs = m_rows[:, None] + offs_n[None, :] * stride_mn
+        if FULL:
+            mm = m_ok[:, None]
+        else:
+            mm = m_ok[:, None] & n_ok[None, :]
+        if MASK_MODE == 1:
+            z = z + tl.load(m_ptrs, mask=mm, other=0.0).to(tl.float32)
+        else:
+            keep = tl.load(m_ptrs, mask=mm, other=1)
+            z = tl.where(keep != 0, z, float("-inf"))
+    if not FULL:
+        z = tl.where(n_ok[None, :], z, float("-inf"))
+    return z, v
+
+
+@triton.jit
+def _mass(x, tau):
+    """Per row: sum((x - tau)_+^2) (the entmax mass) and sum((x - tau)_+) (half its slope)."""
+    r = tl.maximum(x - tau[:, None], 0.0)
+    return tl.sum(r * r, 1), tl.sum(r, 1)
+
+
+@triton.jit
+def _support_stats(x, tau):
+    """Per row over the support x > tau: its size, sum(x) and sum(x^2)."""
+    support = x > tau[:, None]
+    xs = tl.where(support, x, 0.0)
+    return tl.sum(support.to(tl.float32), 1), tl.sum(xs, 1), tl.sum(xs * xs, 1)
+
+
+@triton.jit
+def _pv(p, v, acc, SPLIT_PV: tl.constexpr):
+    """acc + p @ v. 16-bit v: p as a high and a low 16-bit part, two dots, fp32-level accuracy.
+
+    The unnormalized weights lie in [0, 1] as normalized ones would, so the split is as exact as
+    before (in fp16 the low part of a weight below 2^-14 meets the same subnormal floor).
+    """
+    if SPLIT_PV:
+        p_hi = p.to(v.dtype)
+        p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+        acc = tl.dot(p_hi, v, acc)
+        acc = tl.dot(p_lo, v, acc)
+    else:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -51,6 +131,7 @@ def _gag_attention_kernel(
     sm_scale, tau_hi,
     EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N2: tl.constexpr,  # keys in the tail tile after the main BLOCK_N (0: no tail)
     MASK_MODE: tl.constexpr,  # 0: none, 1: additive, 2: boolean (nonzero = attend)
     PARAMS_FROM_PTR: tl.constexpr,  # scale/eta/zeta from Params[0..2] instead of the float args
     SPLIT_PV: tl.constexpr,  # 16-bit inputs: P @ V as hi + lo 16-bit dots
@@ -58,89 +139,101 @@ def _gag_attention_kernel(
     BISECT_ITERS: tl.constexpr,
     NEWTON_ITERS: tl.constexpr,
 ):
+    # The keys are a main tile of BLOCK_N plus, when BLOCK_N2 > 0, a tail tile of BLOCK_N2 (77
+    # keys: 64 + 16 columns instead of 128). Every per-key step runs on both tiles and sums its
+    # row reductions across them; with a tail the main tile is full (Lk > BLOCK_N, see `key_tiles`).
+    TAIL: tl.constexpr = BLOCK_N2 > 0
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Lq
-    n_ok = offs_n < Lk
     d_ok = offs_d < head_dim
 
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
         mask=m_ok[:, None] & d_ok[None, :], other=0.0,
     )
-    kt = tl.load(  # K^T: [BLOCK_D, BLOCK_N]
-        K + b * stride_kb + h * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-        mask=d_ok[:, None] & n_ok[None, :], other=0.0,
-    )
-    v = tl.load(
-        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-    )
-
     if UPCAST:
         q = q.to(tl.float32)
-        kt = kt.to(tl.float32)
-        v = v.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    m_rows = Mask + b * stride_mb + h * stride_mh + offs_m * stride_mm
 
-    # ---- scores, once (fp32 accumulation; IEEE for fp32 inputs)
-    z = tl.dot(q, kt, input_precision="ieee") * sm_scale
-    if MASK_MODE != 0:
-        m_ptrs = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        mm = m_ok[:, None] & n_ok[None, :]
-        if MASK_MODE == 1:
-            z = z + tl.load(m_ptrs, mask=mm, other=0.0).to(tl.float32)
-        else:
-            keep = tl.load(m_ptrs, mask=mm, other=1)
-            z = tl.where(keep != 0, z, float("-inf"))
-    z = tl.where(n_ok[None, :], z, float("-inf"))
+    # ---- scores, once per tile
+    z, v = _key_tile(q, k_base, v_base, m_rows, m_ok, offs_d, d_ok, 0, Lk,
+                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale,
+                     BLOCK_N, TAIL, MASK_MODE, UPCAST)
     row_max = tl.max(z, 1)
+    if TAIL:
+        z2, v2 = _key_tile(q, k_base, v_base, m_rows, m_ok, offs_d, d_ok, BLOCK_N, Lk,
+                           stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale,
+                           BLOCK_N2, False, MASK_MODE, UPCAST)
+        row_max = tl.maximum(row_max, tl.max(z2, 1))
 
-    # ---- dense branch: softmax
-    e = tl.exp(z - row_max[:, None])
-    p_dense = e / tl.sum(e, 1)[:, None]
+    # ---- dense branch: softmax, normalized after P @ V (a [BLOCK_M, BLOCK_D] scaling instead
+    # of one per score element). exp2 compiles to one ex2.approx.ftz (tl.exp adds a fix-up
+    # for results below 2^-126, which cannot matter next to the row's 1 = exp(0)).
+    e = tl.exp2((z - row_max[:, None]) * _LOG2E)
+    e_sum = tl.sum(e, 1)
+    if TAIL:
+        e2 = tl.exp2((z2 - row_max[:, None]) * _LOG2E)
+        e_sum += tl.sum(e2, 1)
 
     # ---- sparse branch: 1.5-entmax on x = (z - max) / 2, clamped where it can never be in the support
     x = tl.maximum((z - row_max[:, None]) * 0.5, -1.5)
+    if TAIL:
+        x2 = tl.maximum((z2 - row_max[:, None]) * 0.5, -1.5)
     lo = tl.full([BLOCK_M], -1.0, tl.float32)  # mass >= 1 here
     hi = tl.zeros([BLOCK_M], dtype=tl.float32) + tau_hi  # -(1/Lk)^(1/2): mass <= 1 here
     for _ in range(BISECT_ITERS):
         mid = 0.5 * (lo + hi)
-        r = tl.maximum(x - mid[:, None], 0.0)
-        above = tl.sum(r * r, 1) >= 1.0
+        mass, _slope = _mass(x, mid)
+        if TAIL:
+            mass2, _slope2 = _mass(x2, mid)
+            mass += mass2
+        above = mass >= 1.0
         lo = tl.where(above, mid, lo)
         hi = tl.where(above, hi, mid)
     tau = lo
     for _ in range(NEWTON_ITERS):  # monotone from below: the mass is convex and decreasing in tau
-        r = tl.maximum(x - tau[:, None], 0.0)
-        tau = tau + (tl.sum(r * r, 1) - 1.0) / (2.0 * tl.sum(r, 1))
-    support = x > tau[:, None]
-    count = tl.maximum(tl.sum(support.to(tl.float32), 1), 1.0)
-    xs = tl.where(support, x, 0.0)
-    mean = tl.sum(xs, 1) / count
-    mean_sq = tl.sum(xs * xs, 1) / count
+        mass, r_sum = _mass(x, tau)
+        if TAIL:
+            mass2, r_sum2 = _mass(x2, tau)
+            mass += mass2
+            r_sum += r_sum2
+        tau = tau + (mass - 1.0) / (2.0 * r_sum)
+    count, x_sum, x_sq_sum = _support_stats(x, tau)
+    if TAIL:
+        count2, x_sum2, x_sq_sum2 = _support_stats(x2, tau)
+        count += count2
+        x_sum += x_sum2
+        x_sq_sum += x_sq_sum2
+    count = tl.maximum(count, 1.0)
+    mean = x_sum / count
+    mean_sq = x_sq_sum / count
     disc = (1.0 - count * (mean_sq - mean * mean)) / count
     tau = mean - tl.sqrt(tl.maximum(disc, 0.0))
+    # unnormalized (x - tau)_+^2, normalized after P @ V as the dense branch
     r = tl.maximum(x - tau[:, None], 0.0)
-    p_sparse = r * r
-    p_sparse = p_sparse / tl.sum(p_sparse, 1)[:, None]
+    s = r * r
+    s_sum = tl.sum(s, 1)
+    if TAIL:
+        r2 = tl.maximum(x2 - tau[:, None], 0.0)
+        s2 = r2 * r2
+        s_sum += tl.sum(s2, 1)
 
     # ---- both outputs
-    if SPLIT_PV:
-        d_hi = p_dense.to(v.dtype)
-        d_lo = (p_dense - d_hi.to(tl.float32)).to(v.dtype)
-        dense = tl.dot(d_hi, v) + tl.dot(d_lo, v)
-        s_hi = p_sparse.to(v.dtype)
-        s_lo = (p_sparse - s_hi.to(tl.float32)).to(v.dtype)
-        sparse = tl.dot(s_hi, v) + tl.dot(s_lo, v)
-    else:
-        dense = tl.dot(p_dense, v, input_precision="ieee")
-        sparse = tl.dot(p_sparse, v, input_precision="ieee")
+    dense = _pv(e, v, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), SPLIT_PV)
+    sparse = _pv(s, v, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), SPLIT_PV)
+    if TAIL:
+        dense = _pv(e2, v2, dense, SPLIT_PV)
+        sparse = _pv(s2, v2, sparse, SPLIT_PV)
+    dense = dense * (1.0 / e_sum)[:, None]
+    sparse = sparse * (1.0 / s_sum)[:, None]
 
     # ---- GAG combination with the norm cap (per query row, over head_dim)
     if PARAMS_FROM_PTR:
@@ -184,13 +277,13 @@ def kernel_constants(
     `mask_mode`: 0 none, 1 additive, 2 boolean.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    bm, bn, bd, nw = block_sizes(lk, head_dim, itemsize)
+    bm, bn, bn2, bd, nw = block_sizes(lk, head_dim, itemsize)
     # Triton's CPU interpreter multiplies bf16 as raw bits: there, dot exact fp32 copies instead
     # (the same products: a bf16 x bf16 product is exact in fp32).
     upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
     constants = dict(
         EPS=_EPS,
-        BLOCK_M=block_m or bm, BLOCK_N=bn, BLOCK_D=bd,
+        BLOCK_M=block_m or bm, BLOCK_N=bn, BLOCK_N2=bn2, BLOCK_D=bd,
         MASK_MODE=mask_mode,
         PARAMS_FROM_PTR=params_from_ptr,
         SPLIT_PV=dtype != torch.float32 and not upcast,
