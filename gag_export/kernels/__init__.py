@@ -26,11 +26,11 @@ The checks:
 5. head_dim <= 128, key count <= 512, and the key/value tile fits in shared memory
    (next_pow2(Lk) * next_pow2(d) * itemsize <= 64 KiB: fp16 d=64 takes 512 keys, d=128 256).
    The GPU's shared memory per block is checked by Triton at launch, against what the compiled
-   kernel needs: 48-82 KiB for CLIP's 77 keys, fitting every GPU from the A100 on, but about
-   130 KiB for T5's 512 keys (head_dim 64), over the 99 KiB of an RTX 3090/4090 or L4/L40
-   (`gag_export/kernels/aot.py` measures it for each architecture without a GPU). When the
-   launch is refused, "auto" runs the PyTorch path for that call (warning once per shape) and
-   "fused" raises InvalidInputError.
+   kernel needs: 16-58 KiB for CLIP's 77 keys at head_dim 64, fitting every GPU from the A100
+   on, but 130 KiB for T5's 512 keys, over the 99 KiB of an RTX 3090/4090 or L4/L40
+   (`gag_export/kernels/aot.py` builds the kernel for each architecture without a GPU and
+   reads this). When the launch is refused, "auto" runs the PyTorch path for that call
+   (warning once per shape) and "fused" raises InvalidInputError.
 6. The mask, if any, is bool (True = attend) or floating (additive), on q's device, and
    broadcastable to [B, H, Lq, Lk].
 7. scale, eta, zeta are numbers or 0-d tensors.
