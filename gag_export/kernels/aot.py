@@ -126,13 +126,17 @@ def build(
     params_from_ptr: bool = False,
     block_m: int | None = None,
     num_warps: int | None = None,
+    mask_per_key: bool = False,
 ) -> KernelBuild:
-    """Compile the kernel for `arch` (a key of `ARCHS`) as a launch on these shapes would."""
+    """Compile the kernel for `arch` (a key of `ARCHS`) as a launch on these shapes would.
+
+    `mask_mode`: 0 none, 1 additive, 2 boolean; `mask_per_key`: one row of keys for all queries.
+    """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     bisect_iters, newton_iters = guidance_schedule()
     constants, options = kernel_constants(
-        dtype, lk, head_dim, mask_mode, params_from_ptr, bisect_iters, newton_iters, block_m, num_warps
+        dtype, lk, head_dim, mask_mode, params_from_ptr, bisect_iters, newton_iters, block_m, num_warps, mask_per_key
     )
     constants = {**constants, **_unit_strides(mask_mode)}
     signature, attrs = _signature(dtype, mask_mode, constants)

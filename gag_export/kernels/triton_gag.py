@@ -49,12 +49,16 @@ _LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 def _key_tile(
     q, k_base, v_base, m_rows, m_ok, offs_d, d_ok, start, Lk,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale,
-    BLOCK_N: tl.constexpr, FULL: tl.constexpr, MASK_MODE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, FULL: tl.constexpr, MASK_MODE: tl.constexpr, MASK_PER_KEY: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Scores z [BLOCK_M, BLOCK_N] and values v [BLOCK_N, BLOCK_D] of keys start .. start + BLOCK_N - 1.
 
     Masked-out and padding keys score -inf. FULL: the launcher guarantees every key of the tile
-    exists, so no bounds mask (a select per score element) is spent on it.
+    exists, so no bounds mask (a select per score element) is spent on it. MASK_PER_KEY: the
+    mask is the same for every query (a text-padding mask), `m_rows` is one pointer and one row
+    of it is loaded and broadcast; a [queries, keys] tile would make the compiler convert the
+    scores' layout in every bisection and Newton step (seen in the TTGIR).
     """
     offs_n = start + tl.arange(0, BLOCK_N)
     if FULL:
@@ -70,7 +74,15 @@ def _key_tile(
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
     z = tl.dot(q, kt, input_precision="ieee") * sm_scale  # fp32 accumulation; IEEE for fp32 inputs
-    if MASK_MODE != 0:
+    if MASK_MODE != 0 and MASK_PER_KEY:
+        m_ptrs = m_rows + offs_n * stride_mn
+        if MASK_MODE == 1:
+            bias = tl.load(m_ptrs) if FULL else tl.load(m_ptrs, mask=n_ok, other=0.0)
+            z = z + bias.to(tl.float32)[None, :]
+        else:
+            keep = tl.load(m_ptrs) if FULL else tl.load(m_ptrs, mask=n_ok, other=1)
+            z = tl.where(keep[None, :] != 0, z, float("-inf"))
+    elif MASK_MODE != 0:
         m_ptrs = m_rows[:, None] + offs_n[None, :] * stride_mn
         if FULL:
             mm = m_ok[:, None]
@@ -133,6 +145,7 @@ def _gag_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N2: tl.constexpr,  # keys in the tail tile after the main BLOCK_N (0: no tail)
     MASK_MODE: tl.constexpr,  # 0: none, 1: additive, 2: boolean (nonzero = attend)
+    MASK_PER_KEY: tl.constexpr,  # the mask does not vary over queries (stride_mm == 0)
     PARAMS_FROM_PTR: tl.constexpr,  # scale/eta/zeta from Params[0..2] instead of the float args
     SPLIT_PV: tl.constexpr,  # 16-bit inputs: P @ V as hi + lo 16-bit dots
     UPCAST: tl.constexpr,  # dot fp32 copies of the inputs (Triton's CPU interpreter has no bf16 dot)
@@ -161,17 +174,20 @@ def _gag_attention_kernel(
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    m_rows = Mask + b * stride_mb + h * stride_mh + offs_m * stride_mm
+    if MASK_PER_KEY:
+        m_rows = Mask + b * stride_mb + h * stride_mh
+    else:
+        m_rows = Mask + b * stride_mb + h * stride_mh + offs_m * stride_mm
 
     # ---- scores, once per tile
     z, v = _key_tile(q, k_base, v_base, m_rows, m_ok, offs_d, d_ok, 0, Lk,
                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale,
-                     BLOCK_N, TAIL, MASK_MODE, UPCAST)
+                     BLOCK_N, TAIL, MASK_MODE, MASK_PER_KEY, UPCAST)
     row_max = tl.max(z, 1)
     if TAIL:
         z2, v2 = _key_tile(q, k_base, v_base, m_rows, m_ok, offs_d, d_ok, BLOCK_N, Lk,
                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale,
-                           BLOCK_N2, False, MASK_MODE, UPCAST)
+                           BLOCK_N2, False, MASK_MODE, MASK_PER_KEY, UPCAST)
         row_max = tl.maximum(row_max, tl.max(z2, 1))
 
     # ---- dense branch: softmax, normalized after P @ V (a [BLOCK_M, BLOCK_D] scaling instead
@@ -269,12 +285,14 @@ def kernel_constants(
     newton_iters: int,
     block_m: int | None = None,
     num_warps: int | None = None,
+    mask_per_key: bool = False,
 ) -> tuple[dict, dict]:
     """The kernel's compile-time constants and compile options for one call: (constexprs, options).
 
     One definition for `launch` and for the ahead-of-time builds of `gag_export.kernels.aot`, so
     what the tests compile for a GPU architecture is what a launch would compile there.
-    `mask_mode`: 0 none, 1 additive, 2 boolean.
+    `mask_mode`: 0 none, 1 additive, 2 boolean; `mask_per_key`: the mask is one row of keys
+    for all queries.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     bm, bn, bn2, bd, nw = block_sizes(lk, head_dim, itemsize)
@@ -285,6 +303,7 @@ def kernel_constants(
         EPS=_EPS,
         BLOCK_M=block_m or bm, BLOCK_N=bn, BLOCK_N2=bn2, BLOCK_D=bd,
         MASK_MODE=mask_mode,
+        MASK_PER_KEY=mask_mode != 0 and mask_per_key,
         PARAMS_FROM_PTR=params_from_ptr,
         SPLIT_PV=dtype != torch.float32 and not upcast,
         UPCAST=upcast,
@@ -325,8 +344,9 @@ def launch(
         mask_mode = 2 if attn_mask.dtype == torch.bool else 1
         mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
         m_strides = mask.stride()
+    per_key = attn_mask is not None and (Lq == 1 or m_strides[2] == 0)
     constants, options = kernel_constants(
-        q.dtype, Lk, d, mask_mode, params is not None, bisect_iters, newton_iters, block_m, num_warps
+        q.dtype, Lk, d, mask_mode, params is not None, bisect_iters, newton_iters, block_m, num_warps, per_key
     )
     grid = (triton.cdiv(Lq, constants["BLOCK_M"]), B * H)
     _gag_attention_kernel[grid](
