@@ -28,7 +28,8 @@ from gag_export import kernels
 from gag_export.kernels import aot, guidance_schedule
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MASKS = {"none": 0, "additive": 1, "bool": 2}
+# mask kind -> (mask_mode, per key): "-row" masks are one row of keys for all queries (text padding)
+MASKS = {"none": (0, False), "additive": (1, False), "bool": (2, False), "additive-row": (1, True), "bool-row": (2, True)}
 # (name, keys, head_dim): CLIP text at SDXL's and SD2's head sizes, T5 text, and a long odd one
 SHAPES = [("clip77-d64", 77, 64), ("clip77-d128", 77, 128), ("t5-512-d64", 512, 64), ("300-d40", 300, 40)]
 # the SDXL cross-attention calls of one UNet step at 1024x1024: (heads, queries, layers)
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", default="sm_80,sm_86,sm_89,sm_90", help=f"of {sorted(aot.ARCHS)}")
     parser.add_argument("--dtypes", default="fp16,bf16,fp32")
-    parser.add_argument("--masks", default="none,bool", help=f"of {sorted(MASKS)}")
+    parser.add_argument("--masks", default="none,bool,bool-row", help=f"of {sorted(MASKS)}")
     parser.add_argument("--sweep-arch", default="sm_90", help="architecture of the tile sweep at the SDXL shape ('' skips it)")
     parser.add_argument("--measured", type=Path, help="a bench_gpu.py JSON whose 'core' section has fused_sweep timings")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -80,7 +81,8 @@ def builds(args) -> list[dict]:
                 if kernels.fused_shape_reason(q, kv, kv, 1.5, None, 1.0, 1.0, 0.0):
                     continue  # outside the dispatch's envelope: never built
                 for mask in args.masks.split(","):
-                    r = row(aot.build(arch, DTYPES[dtype], lk, d, mask_mode=MASKS[mask]), mask)
+                    mode, per_key = MASKS[mask]
+                    r = row(aot.build(arch, DTYPES[dtype], lk, d, mask_mode=mode, mask_per_key=per_key), mask)
                     r["shape"] = name
                     rows.append(r)
                     _print_build(r)
