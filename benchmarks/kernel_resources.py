@@ -30,8 +30,9 @@ from gag_export.kernels import aot, guidance_schedule
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # mask kind -> (mask_mode, per key): "-row" masks are one row of keys for all queries (text padding)
 MASKS = {"none": (0, False), "additive": (1, False), "bool": (2, False), "additive-row": (1, True), "bool-row": (2, True)}
-# (name, keys, head_dim): CLIP text at SDXL's and SD2's head sizes, T5 text, and a long odd one
-SHAPES = [("clip77-d64", 77, 64), ("clip77-d128", 77, 128), ("t5-512-d64", 512, 64), ("300-d40", 300, 40)]
+# (name, keys, head_dim): CLIP text at SDXL's and SD2's head sizes, T5 text (FLUX.1-schnell's 256
+# tokens at its head_dim 128; 512 at 64), and a long odd one
+SHAPES = [("clip77-d64", 77, 64), ("clip77-d128", 77, 128), ("t5-256-d128", 256, 128), ("t5-512-d64", 512, 64), ("300-d40", 300, 40)]
 # the SDXL cross-attention calls of one UNet step at 1024x1024: (heads, queries, layers)
 SDXL_CALLS = [(10, 4096, 10), (20, 1024, 50)]
 SWEEP = [(m, w) for m in (16, 32, 64, 128) for w in (4, 8)]

@@ -218,11 +218,12 @@ def gag_attention(
     return _pytorch_gag(q, k, v, scale, eta, zeta, alpha, method, attn_mask)
 
 
-def _pytorch_gag(q, k, v, scale, eta, zeta, alpha, method, attn_mask) -> torch.Tensor:
-    """The PyTorch path of `gag_attention` (sort or bisect entmax)."""
+def _pytorch_gag(q, k, v, scale, eta, zeta, alpha, method, attn_mask, minus_dense: bool = False) -> torch.Tensor:
+    """The PyTorch path of `gag_attention` (sort or bisect entmax); `minus_dense`: GAG - dense, in fp32."""
     z = _scores(q, k, attn_mask)
     dense, sparse = _dense_and_sparse(z, v, alpha, method)
-    return gag_combine(dense, sparse, scale, eta, zeta).to(q.dtype)
+    guided = gag_combine(dense, sparse, scale, eta, zeta)
+    return guided - dense if minus_dense else guided.to(q.dtype)
 
 
 # Under torch.compile (never under export) the PyTorch path is one nested compile region: the 60
@@ -254,19 +255,28 @@ def gag_joint_attention(
     text keys alone and m is the text keys' share of the dense softmax mass. Text queries and
     image keys are left as the plain joint attention. m comes out of the same dense attention
     call: an extra value channel that is 1 on text keys and 0 on image keys averages to m.
-    There is no fused form of this yet: "fused" and "auto" run the "bisect" path.
+    `method` as `gag_attention`'s: "fused"/"auto" run the fused kernel on the image-query x
+    text-key part (it returns GAG_txt - D_txt directly, in fp32), with the same checks on those
+    shapes.
     """
-    method = "bisect" if method in ("fused", "auto") else method
     key_is_text = (torch.arange(k.shape[2], device=k.device) < text_len).to(v.dtype)
     indicator = torch.zeros_like(v[..., :1]) + key_is_text[:, None]
     joint = F.scaled_dot_product_attention(q, k, torch.cat([v, indicator], dim=-1))
     dense_joint, text_mass = joint[..., :-1], joint[..., -1:]
 
-    q_img = q[:, :, text_len:]
-    z_txt = _scores(q_img, k[:, :, :text_len], None)
-    dense_txt, sparse_txt = _dense_and_sparse(z_txt, v[:, :, :text_len], alpha, method)
-    guided_txt = gag_combine(dense_txt, sparse_txt, scale, eta, zeta)
-    image_out = dense_joint[:, :, text_len:].float() + text_mass[:, :, text_len:].float() * (guided_txt - dense_txt)
+    q_img, k_txt, v_txt = q[:, :, text_len:], k[:, :, :text_len], v[:, :, :text_len]
+    asked = method
+    if method in ("fused", "auto"):
+        from .kernels import fused_gag_attention, resolve_method  # lazy: Triton only when used
+
+        method = resolve_method(method, q_img, k_txt, v_txt, alpha, None, scale, eta, zeta)
+    if method == "fused":
+        update = fused_gag_attention(q_img, k_txt, v_txt, scale, eta, zeta, fallback=asked == "auto", minus_dense=True)
+    else:
+        z_txt = _scores(q_img, k_txt, None)
+        dense_txt, sparse_txt = _dense_and_sparse(z_txt, v_txt, alpha, method)
+        update = gag_combine(dense_txt, sparse_txt, scale, eta, zeta) - dense_txt
+    image_out = dense_joint[:, :, text_len:].float() + text_mass[:, :, text_len:].float() * update.float()
     return torch.cat([dense_joint[:, :, :text_len], image_out.to(dense_joint.dtype)], dim=2).to(q.dtype)
 
 

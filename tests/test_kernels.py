@@ -107,6 +107,15 @@ def build_cases() -> list[dict]:
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(2, 3, 24, 77, 16, seed=21))
     assert not q.is_contiguous()
     add("strided_inputs", q, k, v, 10.0, 15.0, 0.0)
+    # joint attention (FLUX): [text; image] tokens, the kernel on image queries x text keys,
+    # returning GAG - dense; text counts on and off the key tiles
+    for name, (text_len, image_len, d, dtype) in {
+        "joint_fp32_t20": (20, 24, 16, torch.float32), "joint_fp32_t77": (77, 30, 16, torch.float32),
+        "joint_fp16_t77_d64": (77, 40, 64, torch.float16), "joint_bf16_t33": (33, 20, 32, torch.bfloat16),
+    }.items():
+        q, k, v = _qkv(1, 2, text_len + image_len, text_len + image_len, d, seed=text_len + d, dtype=dtype)
+        add(name, q, k, v, 5.0, 15.0, 0.25)
+        cases[-1]["text_len"] = text_len
     return cases
 
 
@@ -133,6 +142,15 @@ def check_case(case: dict, out: torch.Tensor, outputs: dict, interpreter: bool =
     assert torch.isfinite(out).all(), case["name"]
     out = out.cpu()
     tol = tolerance(q.dtype, interpreter)
+    if "text_len" in case:  # joint attention: against its PyTorch path on the same inputs
+        n, params = case["text_len"], (case["scale"], case["eta"], case["zeta"])
+        bisect = gag_joint_attention(q, k, v, n, *params, method="bisect")
+        torch.testing.assert_close(out.float(), bisect.float(), **tol, msg=lambda m: f"{case['name']} vs bisect: {m}")
+        assert out[:, :, :n].equal(bisect[:, :, :n]), "text queries are plain joint attention, untouched"
+        if q.dtype == torch.float32:
+            sort = gag_joint_attention(q, k, v, n, *params, method="sort")
+            torch.testing.assert_close(out, sort, **tol)
+        return
     check = case["check"]
     qf, kf, vf = q.float(), k.float(), v.float()  # the same values, fp32 math in the reference
     mask = case["mask"].float() if case["mask"] is not None and case["mask"].is_floating_point() else case["mask"]
@@ -166,6 +184,11 @@ def run_cases(cases: list[dict], device: str) -> dict:
     outputs = {}
     for c in cases:
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        if "text_len" in c:
+            outputs[c["name"]] = gag_joint_attention(
+                move(c["q"]), move(c["k"]), move(c["v"]), c["text_len"], c["scale"], c["eta"], c["zeta"], method="fused",
+            ).cpu()
+            continue
         outputs[c["name"]] = gag_attention(
             move(c["q"]), move(c["k"]), move(c["v"]), move(c["scale"]), move(c["eta"]), move(c["zeta"]),
             method="fused", attn_mask=move(c["mask"]),
@@ -229,6 +252,19 @@ def test_fused_kernel_on_cuda_realistic_shapes(dtype, heads, lq, lk, d):
     ref = gag_attention(q.float(), k.float(), v.float(), 10.0, 15.0, 0.0, method="sort")
     torch.testing.assert_close(out.float(), ref, **tolerance(dtype))
     assert gag_attention(q, k, v, 10.0, 15.0, 0.0, method="auto").equal(out)
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_joint_attention_on_cuda_flux_shapes(dtype):
+    # FLUX.1-schnell: 24 heads of 128, 256 T5 tokens + 1024 image tokens (512x512)
+    text_len = 256
+    q, k, v = (t.cuda() for t in _qkv(1, 24, text_len + 1024, text_len + 1024, 128, seed=9, dtype=dtype))
+    out = gag_joint_attention(q, k, v, text_len, 5.0, 15.0, 0.0, method="fused")
+    ref = gag_joint_attention(q.float(), k.float(), v.float(), text_len, 5.0, 15.0, 0.0, method="bisect")
+    torch.testing.assert_close(out.float(), ref, **tolerance(dtype))
 
 
 @gpu
@@ -359,8 +395,9 @@ def test_config_and_joint_attention_accept_fused_and_auto():
         GAGConfig(method="triton")
     q, k, v = _qkv(1, 2, 24, 24, 8, seed=1)
     bisect = gag_joint_attention(q, k, v, 7, 10.0, 15.0, 0.0, method="bisect")
-    for method in ("fused", "auto"):
-        assert gag_joint_attention(q, k, v, 7, 10.0, 15.0, 0.0, method=method).equal(bisect)
+    assert gag_joint_attention(q, k, v, 7, 10.0, 15.0, 0.0, method="auto").equal(bisect)  # CPU: the PyTorch path
+    with pytest.raises(InvalidInputError, match="fused.*cpu"):
+        gag_joint_attention(q, k, v, 7, 10.0, 15.0, 0.0, method="fused")
 
 
 def test_importing_guidance_and_kernels_does_not_import_triton():
@@ -451,20 +488,26 @@ def _refuse_launch(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("params_as_tensors", [False, True])
-def test_auto_runs_the_pytorch_path_where_the_gpu_refuses_the_launch(monkeypatch, params_as_tensors):
+@pytest.mark.parametrize("minus_dense", [False, True])
+def test_auto_runs_the_pytorch_path_where_the_gpu_refuses_the_launch(monkeypatch, params_as_tensors, minus_dense):
     _refuse_launch(monkeypatch)
-    q, k, v = _qkv(1, 2, 8, 77, 16, seed=6)
+    q, k, v = _qkv(1, 2, 8, 77, 16, seed=6)  # fp32: GAG - dense is fp32 for every input dtype
     mask = torch.rand(1, 1, 1, 77, generator=torch.Generator().manual_seed(6)) > 0.2
     params = tuple(torch.tensor(p) for p in (10.0, 15.0, 0.5)) if params_as_tensors else (10.0, 15.0, 0.5)
     expected = gag_attention(q, k, v, 10.0, 15.0, 0.5, method="bisect", attn_mask=mask)
+    if minus_dense:  # what joint attention asks for: GAG - softmax attention
+        expected = expected - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    got = kernels.fused_gag_attention(q, k, v, *params, attn_mask=mask, fallback=True)
-    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    def fused(q, k, v):
+        return kernels.fused_gag_attention(q, k, v, *params, attn_mask=mask, fallback=True, minus_dense=minus_dense)
+
+    got = fused(q, k, v)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # inside a compiled graph the op is one opaque node, so the fallback happens there too
     torch._dynamo.reset()
-    compiled = torch.compile(lambda q, k, v: kernels.fused_gag_attention(q, k, v, *params, attn_mask=mask, fallback=True),
-                             backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), expected, atol=0, rtol=0)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), fused(q, k, v), atol=0, rtol=0)
     torch._dynamo.reset()
 
 

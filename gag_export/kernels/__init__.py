@@ -36,7 +36,8 @@ The checks:
 7. scale, eta, zeta are numbers or 0-d tensors.
 8. No autograd needed (no input requires grad while grad is enabled): the kernel has no backward.
 
-`gag_joint_attention` (FLUX) has no fused form yet: there `"fused"` and `"auto"` mean `"bisect"`.
+`gag_joint_attention` (FLUX) runs the kernel on its image-query x text-key part, with the same
+checks on those shapes, asking it for GAG minus the dense output (the update it adds).
 """
 
 from __future__ import annotations
@@ -222,11 +223,14 @@ def _param_tensor(value, device) -> torch.Tensor:
     return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
-def fused_gag_attention(q, k, v, scale, eta, zeta, attn_mask=None, fallback: bool = False) -> torch.Tensor:
+def fused_gag_attention(
+    q, k, v, scale, eta, zeta, attn_mask=None, fallback: bool = False, minus_dense: bool = False
+) -> torch.Tensor:
     """GAG attention through the fused Triton kernel (inputs checked by `resolve_method`).
 
     `fallback`: if this GPU cannot launch the kernel (shared memory), run the PyTorch bisect
-    path instead of raising ("auto" sets it, "fused" does not).
+    path instead of raising ("auto" sets it, "fused" does not). `minus_dense`: return GAG minus
+    the dense (softmax) output, the update `gag_joint_attention` adds.
 
     Float parameters are passed to the kernel as scalars; if any is a 0-d tensor, all three
     are stacked into one small device tensor the kernel loads (no host sync, no `.item()`).
@@ -248,5 +252,5 @@ def fused_gag_attention(q, k, v, scale, eta, zeta, attn_mask=None, fallback: boo
         B, H, Lq, _ = q.shape
         attn_mask = torch.broadcast_to(attn_mask, (B, H, Lq, k.shape[2]))  # a stride-0 view, no copy
     return torch.ops.gag_export.gag_attention(
-        q, k, v, params, *floats, attn_mask, bisect_iters, newton_iters, fallback
+        q, k, v, params, *floats, attn_mask, bisect_iters, newton_iters, fallback, minus_dense
     )

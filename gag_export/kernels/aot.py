@@ -84,7 +84,7 @@ def _tool(name: str) -> Path:
     return path
 
 
-def _signature(dtype: torch.dtype, mask_mode: int, constants: dict) -> tuple[dict, dict]:
+def _signature(dtype: torch.dtype, mask_mode: int, constants: dict, out_dtype: torch.dtype) -> tuple[dict, dict]:
     """Argument types and alignment hints as a launch with contiguous tensors would specialize them.
 
     Triton's launcher marks pointers and integers divisible by 16 ("tt.divisibility"); integers equal
@@ -97,7 +97,8 @@ def _signature(dtype: torch.dtype, mask_mode: int, constants: dict) -> tuple[dic
         if name in constants:
             signature[name] = "constexpr"
         elif name in ("Q", "K", "V", "Out"):
-            signature[name], attrs[(index,)] = _POINTER_TYPES[dtype], [["tt.divisibility", 16]]
+            pointer = _POINTER_TYPES[out_dtype if name == "Out" else dtype]
+            signature[name], attrs[(index,)] = pointer, [["tt.divisibility", 16]]
         elif name == "Mask":
             signature[name], attrs[(index,)] = mask_type, [["tt.divisibility", 16]]
         elif name == "Params":
@@ -127,19 +128,22 @@ def build(
     block_m: int | None = None,
     num_warps: int | None = None,
     mask_per_key: bool = False,
+    minus_dense: bool = False,
 ) -> KernelBuild:
     """Compile the kernel for `arch` (a key of `ARCHS`) as a launch on these shapes would.
 
-    `mask_mode`: 0 none, 1 additive, 2 boolean; `mask_per_key`: one row of keys for all queries.
+    `mask_mode`: 0 none, 1 additive, 2 boolean; `mask_per_key`: one row of keys for all queries;
+    `minus_dense`: the joint-attention (FLUX) form, writing GAG - dense in fp32.
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     bisect_iters, newton_iters = guidance_schedule()
     constants, options = kernel_constants(
-        dtype, lk, head_dim, mask_mode, params_from_ptr, bisect_iters, newton_iters, block_m, num_warps, mask_per_key
+        dtype, lk, head_dim, mask_mode, params_from_ptr, bisect_iters, newton_iters, block_m, num_warps, mask_per_key,
+        minus_dense,
     )
     constants = {**constants, **_unit_strides(mask_mode)}
-    signature, attrs = _signature(dtype, mask_mode, constants)
+    signature, attrs = _signature(dtype, mask_mode, constants, out_dtype=torch.float32 if minus_dense else dtype)
     source = ASTSource(fn=_gag_attention_kernel, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch].capability, 32), options=options)
     registers, local, instructions, loops = _read_cubin(compiled.asm["cubin"])

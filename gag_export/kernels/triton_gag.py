@@ -151,6 +151,7 @@ def _gag_attention_kernel(
     UPCAST: tl.constexpr,  # dot fp32 copies of the inputs (Triton's CPU interpreter has no bf16 dot)
     BISECT_ITERS: tl.constexpr,
     NEWTON_ITERS: tl.constexpr,
+    MINUS_DENSE: tl.constexpr,  # write out - dense: the update joint attention (FLUX) adds
 ):
     # The keys are a main tile of BLOCK_N plus, when BLOCK_N2 > 0, a tail tile of BLOCK_N2 (77
     # keys: 64 + 16 columns instead of 128). Every per-key step runs on both tiles and sums its
@@ -267,6 +268,8 @@ def _gag_attention_kernel(
     norm = tl.sqrt(tl.sum(g * g, 1))
     g = g * tl.minimum(eta / (norm + EPS), 1.0)[:, None]
     out = sparse + scale * g
+    if MINUS_DENSE:
+        out = out - dense
 
     tl.store(
         Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
@@ -286,13 +289,14 @@ def kernel_constants(
     block_m: int | None = None,
     num_warps: int | None = None,
     mask_per_key: bool = False,
+    minus_dense: bool = False,
 ) -> tuple[dict, dict]:
     """The kernel's compile-time constants and compile options for one call: (constexprs, options).
 
     One definition for `launch` and for the ahead-of-time builds of `gag_export.kernels.aot`, so
     what the tests compile for a GPU architecture is what a launch would compile there.
     `mask_mode`: 0 none, 1 additive, 2 boolean; `mask_per_key`: the mask is one row of keys
-    for all queries.
+    for all queries; `minus_dense`: write GAG - dense (see `launch`).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     bm, bn, bn2, bd, nw = block_sizes(lk, head_dim, itemsize)
@@ -309,6 +313,7 @@ def kernel_constants(
         UPCAST=upcast,
         BISECT_ITERS=bisect_iters,
         NEWTON_ITERS=newton_iters,
+        MINUS_DENSE=minus_dense,
     )
     # FMA contraction pinned on: Triton 3.9 warns that its default turns off in 3.10, which would
     # change the kernel's rounding and speed from what was measured (with 3.6's default, on).
@@ -328,16 +333,19 @@ def launch(
     newton_iters: int,
     block_m: int | None = None,
     num_warps: int | None = None,
+    minus_dense: bool = False,
 ) -> torch.Tensor:
     """Run the kernel. Inputs are already validated (see `gag_export.kernels`).
 
     `params` is None (use the float `scale`, `eta`, `zeta`) or a [3] fp32 tensor on q's device.
     `attn_mask` is None or already broadcast to [B, H, Lq, Lk] (a strided view is fine):
-    bool (True = attend) or floating (additive).
+    bool (True = attend) or floating (additive). `minus_dense`: return GAG - dense instead of
+    GAG, in fp32: the update joint attention scales and adds to its dense output, an
+    intermediate that a 16-bit rounding would cost a bf16 ulp of its own size.
     """
     B, H, Lq, d = q.shape
     Lk = k.shape[2]
-    out = torch.empty((B, H, Lq, d), dtype=q.dtype, device=q.device)
+    out = torch.empty((B, H, Lq, d), dtype=torch.float32 if minus_dense else q.dtype, device=q.device)
     if attn_mask is None:
         mask_mode, mask, m_strides = 0, q, (0, 0, 0, 0)
     else:
@@ -346,7 +354,8 @@ def launch(
         m_strides = mask.stride()
     per_key = attn_mask is not None and (Lq == 1 or m_strides[2] == 0)
     constants, options = kernel_constants(
-        q.dtype, Lk, d, mask_mode, params is not None, bisect_iters, newton_iters, block_m, num_warps, per_key
+        q.dtype, Lk, d, mask_mode, params is not None, bisect_iters, newton_iters, block_m, num_warps, per_key,
+        minus_dense,
     )
     grid = (triton.cdiv(Lq, constants["BLOCK_M"]), B * H)
     _gag_attention_kernel[grid](
@@ -377,8 +386,10 @@ def gag_attention_op(
     bisect_iters: int,
     newton_iters: int,
     fallback: bool,
+    minus_dense: bool,
 ) -> torch.Tensor:
-    """Fused GAG attention: q [B,H,Lq,d], k/v [B,H,Lk,d] -> [B,H,Lq,d] in q's dtype (see `launch`).
+    """Fused GAG attention: q [B,H,Lq,d], k/v [B,H,Lk,d] -> [B,H,Lq,d] in q's dtype (see `launch`;
+    with `minus_dense`, GAG - dense in fp32).
 
     Triton refuses the launch when the compiled kernel needs more shared memory than the GPU has
     (T5's 512 keys on a 99 KiB RTX 4090, say). The check happens here, at run time, because only
@@ -386,7 +397,7 @@ def gag_attention_op(
     runs the PyTorch bisect path instead, and without it (method "fused") the error is clear.
     """
     try:
-        return launch(q, k, v, params, scale, eta, zeta, attn_mask, bisect_iters, newton_iters)
+        return launch(q, k, v, params, scale, eta, zeta, attn_mask, bisect_iters, newton_iters, minus_dense=minus_dense)
     except OutOfResources as exc:
         what = f"{k.shape[2]} keys x head_dim {q.shape[3]} in {q.dtype}"
         if not fallback:
@@ -395,7 +406,7 @@ def gag_attention_op(
         from .. import guidance
 
         gag = (params[0], params[1], params[2]) if params is not None else (scale, eta, zeta)
-        return guidance._pytorch_gag(q, k, v, *gag, 1.5, "bisect", attn_mask)
+        return guidance._pytorch_gag(q, k, v, *gag, 1.5, "bisect", attn_mask, minus_dense)
 
 
 @functools.lru_cache(maxsize=None)
@@ -404,5 +415,5 @@ def _warn_fallback_once(what: str, why: str) -> None:
 
 
 @gag_attention_op.register_fake
-def _gag_attention_fake(q, k, v, params, scale, eta, zeta, attn_mask, bisect_iters, newton_iters, fallback):
-    return q.new_empty(q.shape)
+def _gag_attention_fake(q, k, v, params, scale, eta, zeta, attn_mask, bisect_iters, newton_iters, fallback, minus_dense):
+    return q.new_empty(q.shape, dtype=torch.float32 if minus_dense else q.dtype)
