@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gag_export import kernels  # noqa: E402
-from gag_export.guidance import GAGConfig, gag_attention  # noqa: E402
+from gag_export.guidance import GAGConfig, gag_attention, gag_joint_attention  # noqa: E402
 
 VARIANTS = {
     # name: GAGConfig.method, or None for the plain model
@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--core-shapes", default="10x4096,20x1024", help="HEADSxLQ list for the attention-core section; 'none' to skip")
     p.add_argument("--core-keys", type=int, default=77)
     p.add_argument("--core-head-dim", type=int, default=64)
+    p.add_argument("--joint-shapes", default=None,
+                   help="HEADSxIMAGExTEXT list for FLUX joint attention, head_dim 128 (default on cuda: 24x4096x256, "
+                        "FLUX.1-schnell at 1024x1024; on cpu: none); 'none' to skip")
     p.add_argument("--no-sweep", action="store_true", help="skip the fused kernel's block-size sweep")
     p.add_argument("--no-core-compile", action="store_true", help="skip the torch.compile'd bisect core")
     p.add_argument("--scale", type=float, default=10.0)
@@ -115,13 +118,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.variants = _variant_list(args.variants)
     args.compile_variants = args.variants if args.compile_variants is None else _variant_list(args.compile_variants)
     args.core_shapes = _core_shapes(args.core_shapes)
+    args.joint_shapes = _joint_shapes(args.joint_shapes or ("24x4096x256" if args.device == "cuda" else "none"))
     if args.resolution % 8:
         raise BenchError(f"--resolution must be a multiple of 8 (the VAE factor), got {args.resolution}")
     if args.device == "cuda" and not args.tiny and args.steps < 20 and not args.dry_run:
         raise BenchError(f"--steps must be >= 20 for p90 to mean something, got {args.steps}")
     if args.steps < 2 or args.warmup < 0 or args.batch < 1:
         raise BenchError("--steps >= 2, --warmup >= 0 and --batch >= 1 are required")
-    compile_only = not args.variants and not args.core_shapes
+    compile_only = not args.variants and not args.core_shapes and not args.joint_shapes
     if args.device == "cpu" and not (args.tiny or args.dry_run or args.compile_child or compile_only):
         raise BenchError("--device cpu runs the full-size UNet only for compile times (--variants none --core-shapes none); "
                          "otherwise only the --tiny smoke model (30 full-size steps per variant on CPU would take hours)")
@@ -145,6 +149,18 @@ def _core_shapes(spec: str) -> list[tuple[int, int]]:
         return [tuple(int(x) for x in s.lower().split("x")) for s in spec.split(",") if s.strip()]
     except ValueError:
         raise BenchError(f"--core-shapes takes HEADSxLQ pairs such as 10x4096,20x1024, got {spec!r}") from None
+
+
+def _joint_shapes(spec: str) -> list[tuple[int, int, int]]:
+    if spec == "none":
+        return []
+    try:
+        shapes = [tuple(int(x) for x in item.split("x")) for item in spec.split(",")]
+    except ValueError:
+        raise BenchError(f"--joint-shapes takes HEADSxIMAGExTEXT items like 24x4096x256, got {spec!r}") from None
+    if any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise BenchError(f"--joint-shapes takes HEADSxIMAGExTEXT items like 24x4096x256, got {spec!r}")
+    return shapes
 
 
 def require_device(args: argparse.Namespace) -> None:
@@ -498,6 +514,46 @@ def core_section(args, device, timer) -> dict:
     return results
 
 
+def joint_section(args, device, timer) -> dict:
+    """FLUX joint attention (head_dim 128): plain SDPA over [text; image] vs GAG bisect vs fused."""
+    dtype = DTYPES[args.dtype]
+    p = (args.scale, args.eta, args.zeta)
+    results = {}
+    for heads, image, text in args.joint_shapes:
+        g = torch.Generator(device="cpu").manual_seed(heads * image + text)
+        q, k, v = (torch.randn(args.batch, heads, text + image, 128, generator=g).to(device, dtype) for _ in range(3))
+        fns = {
+            "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+            "gag-bisect": lambda q=q, k=k, v=v, n=text: gag_joint_attention(q, k, v, n, *p, method="bisect"),
+        }
+        q_img, k_txt = q[:, :, text:], k[:, :, :text]
+        fused_why = variant_skip_reason("gag-fused", args) or kernels.fused_shape_reason(q_img, k_txt, k_txt, 1.5, None, *p)
+        if fused_why is None:
+            fns["gag-fused"] = lambda q=q, k=k, v=v, n=text: gag_joint_attention(q, k, v, n, *p, method="fused")
+        entry = {} if fused_why is None else {"gag-fused": {"skipped": fused_why}}
+        with torch.inference_mode():
+            for name, fn in fns.items():
+                for _ in range(3):
+                    fn()
+                timer.sync()
+                entry[name] = summary(timer.measure(fn, 20 if device == "cuda" else 3, inner=10 if device == "cuda" else 1))
+                if device == "cuda":
+                    entry[name]["graph"] = time_calls_as_graph(fn, timer, inner=10)
+            if "gag-fused" in fns:
+                ref = gag_joint_attention(q.float(), k.float(), v.float(), text, *p, method="sort")
+                entry["gag-fused"]["max_abs_err_vs_fp32_sort"] = (fns["gag-fused"]().float() - ref).abs().max().item()
+        for name, r in entry.items():
+            if name != "sdpa" and "p50_ms" in r:
+                r["p50_vs_sdpa"] = round(r["p50_ms"] / entry["sdpa"]["p50_ms"], 3)
+                sdpa_graph = entry["sdpa"].get("graph", {}).get("p50_ms")
+                if sdpa_graph and "p50_ms" in r.get("graph", {}):
+                    r["graph"]["p50_vs_sdpa"] = round(r["graph"]["p50_ms"] / sdpa_graph, 3)
+        shape = f"B{args.batch} H{heads} image{image} text{text} d128 {args.dtype}"
+        results[shape] = entry
+        _log(f"joint {shape}: " + ", ".join(f"{n} {r.get('p50_ms')}" for n, r in entry.items()))
+    return results
+
+
 def fused_sweep(q, k, v, p, timer, sdpa_graph: float | None = None) -> dict:
     """p50 of the raw kernel launch per (BLOCK_M, num_warps); the default is `block_sizes`.
 
@@ -617,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
             # Each section's results are written as soon as it ends: a run cut off by its time
             # limit on a lent machine still leaves what it measured.
             result["core"] = core_section(args, device, timer) if args.core_shapes else {}
+            write_json(args.json, result)
+            result["joint"] = joint_section(args, device, timer) if args.joint_shapes else {}
             write_json(args.json, result)
             result["eager"] = eager_section(args, device, timer) if args.variants else {}
             write_json(args.json, result)

@@ -6,7 +6,8 @@
 #      path, JSON + Markdown + PNG; full-size compiled rows come from step 3);
 #   3. benchmarks/bench_gpu.py: full-size SDXL UNet 1024x1024 fp16, plain vs GAG (bisect PyTorch
 #      path, fused Triton kernel), eager / CUDA graph replay / torch.compile, compile times, and
-#      the attention core vs SDPA; it gets whatever time is left of TOTAL_S.
+#      the attention core vs SDPA (eager and as CUDA graphs), FLUX joint attention; it gets
+#      whatever time is left of TOTAL_S.
 # Results go to $OUT (the device tool's folder) or the first argument: 7 files (the tool brings back 8).
 #
 #   device machine, repository root, wheels of the packages its image lacks in .whl/
@@ -28,7 +29,7 @@ fi
 { nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"; nproc; } 2>&1 | tee "$OUT/gpu_tests.log"
 
 echo "== 1. gpu tests ($(left) s left)"
-timeout 100 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -n 25
+timeout 180 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -n 25
 
 echo "== 2. gag-export bench tiny-sdxl ($(left) s left)"
 timeout 45 python3 -m gag_export.cli bench --model tiny-sdxl --backends torch --warmup 3 --iters 20 \

@@ -26,6 +26,7 @@ def test_defaults_are_the_issue_measurement(bench):
     assert args.variants == ["plain", "gag-fused", "gag-bisect"] == args.compile_variants
     assert args.steps >= 20
     assert args.core_shapes == [(10, 4096), (20, 1024)] and (args.core_keys, args.core_head_dim) == (77, 64)
+    assert args.joint_shapes == [(24, 4096, 256)]  # FLUX.1-schnell at 1024x1024
 
 
 @pytest.mark.parametrize(
@@ -35,6 +36,7 @@ def test_defaults_are_the_issue_measurement(bench):
         (["--steps", "5"], ">= 20"),
         (["--device", "cpu"], "--tiny"),
         (["--core-shapes", "10by4096"], "HEADSxLQ"),
+        (["--joint-shapes", "24x4096"], "HEADSxIMAGExTEXT"),
         (["--resolution", "1001"], "multiple of 8"),
     ],
 )
@@ -80,7 +82,8 @@ def test_dry_run_traces_full_sdxl_on_meta(bench, capsys):
 def test_tiny_cpu_smoke_run(bench, tmp_path, capsys):
     out = tmp_path / "r.json"
     argv = ["--device", "cpu", "--tiny", "--steps", "2", "--warmup", "0", "--compile-variants", "none",
-            "--core-shapes", "2x16", "--core-head-dim", "16", "--no-core-compile", "--json", str(out)]
+            "--core-shapes", "2x16", "--core-head-dim", "16", "--no-core-compile", "--joint-shapes", "2x16x8",
+            "--json", str(out)]
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())
     eager = result["eager"]
@@ -90,3 +93,6 @@ def test_tiny_cpu_smoke_run(bench, tmp_path, capsys):
     core = result["core"]["B1 H2 Lq16 Lk77 d16 fp32"]
     assert {"sdpa", "gag-sort", "gag-bisect"} <= set(core)
     assert core["gag-fused"] == {"skipped": "the fused kernel needs CUDA"}
+    joint = result["joint"]["B1 H2 image16 text8 d128 fp32"]
+    assert joint["gag-bisect"]["n"] == 3 and "p50_vs_sdpa" in joint["gag-bisect"]
+    assert joint["gag-fused"] == {"skipped": "the fused kernel needs CUDA"}
