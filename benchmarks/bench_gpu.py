@@ -299,24 +299,8 @@ def time_cuda_graph(unet, inputs, args, timer: Timer) -> dict:
     """The eager step captured once as a CUDA graph and replayed: eager without launch gaps."""
     try:
         with torch.inference_mode():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-                for _ in range(3):
-                    unet(**inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                unet(**inputs)
-            graph.replay()
-            timer.sync()
-            result = summary(timer.measure(graph.replay, args.steps))
-        del graph
-        return result
-    except Exception as exc:  # a host sync or an uncapturable op in the variant: report, go on
-        return {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            return time_calls_as_graph(lambda: unet(**inputs), timer, n=args.steps, inner=1)
     finally:
-        torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
 
@@ -325,6 +309,7 @@ def time_calls_as_graph(fn, timer: Timer, n: int = 10, inner: int = 20) -> dict:
 
     Timing back-to-back eager calls measures the host as well: a Triton launch costs tens of us of
     Python, as long as this kernel runs, so the GPU waits on the host. A graph replays without it.
+    A call that cannot be captured (a host sync, an uncapturable op) is reported, not raised.
     """
     try:
         side = torch.cuda.Stream()
@@ -342,7 +327,7 @@ def time_calls_as_graph(fn, timer: Timer, n: int = 10, inner: int = 20) -> dict:
         times = [t / inner for t in timer.measure(graph.replay, n)]
         del graph
         return summary(times)
-    except Exception as exc:  # an uncapturable call: report, go on
+    except Exception as exc:  # a host sync or an uncapturable op in `fn`: report, go on
         return {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
     finally:
         torch.cuda.synchronize()
