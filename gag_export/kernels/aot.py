@@ -1,7 +1,7 @@
 """Build the fused GAG kernel ahead of time for an NVIDIA architecture, on any machine.
 
 Triton lowers a kernel to PTX and assembles it with the ptxas it ships, with no GPU involved. So
-what the kernel costs on an H200 (sm_90) or an RTX 4090 (sm_89) can be read on a CPU-only
+what the kernel costs on an H200 (sm_90), an RTX 4090 (sm_89) or a T4 (sm_75) can be read on a CPU-only
 machine: registers per thread, local memory (register spills), shared memory, and the SASS
 instructions one thread executes. `tests/test_kernel_build.py` builds every kind of tile the
 dispatch can pick for the GPUs in `ARCHS` and checks it fits; `benchmarks/kernel_resources.py`
@@ -36,6 +36,7 @@ class Arch:
 
 
 ARCHS = {
+    "sm_75": Arch(75, "T4", 64 * 1024),
     "sm_80": Arch(80, "A100", 163 * 1024),
     "sm_86": Arch(86, "RTX 3090, A10, A40", 99 * 1024),
     "sm_89": Arch(89, "RTX 4090, L4, L40", 99 * 1024),
