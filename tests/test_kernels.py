@@ -177,6 +177,8 @@ def check_case(case: dict, out: torch.Tensor, outputs: dict, interpreter: bool =
 
 
 CASE_NAMES = [c["name"] for c in build_cases()]
+# also run compiled in the interpreter: plain, joint (fp32 GAG - dense from the op), 0-d tensor params
+COMPILED_CASES = ("strided_inputs", "joint_fp16_t77_d64", "params_tensor")
 
 
 def run_cases(cases: list[dict], device: str) -> dict:
@@ -214,6 +216,22 @@ def interpreter_outputs():
         )
         assert proc.returncode == 0, f"interpreter child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         return torch.load(out_path)
+
+
+@pytest.mark.parametrize("minus_dense", [False, True])
+def test_custom_op_passes_opcheck_in_interpreter(minus_dense, interpreter_outputs):
+    # the fake implementation must give what the kernel gives (GAG - dense is fp32): torch.compile
+    # plans with it, and a wrong dtype there would not show in the outputs of an aot_eager run
+    assert interpreter_outputs["opcheck"][minus_dense] == "ok"
+
+
+@pytest.mark.parametrize("name", COMPILED_CASES)
+def test_compiled_fused_path_is_one_op_node_in_interpreter(name, interpreter_outputs):
+    run = interpreter_outputs["compiled"][name]
+    assert (run["graphs"], run["breaks"], run["op_nodes"]) == (1, 0, 1), run
+    eager = interpreter_outputs[name]
+    assert run["output"].dtype == eager.dtype
+    torch.testing.assert_close(run["output"], eager, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -559,10 +577,54 @@ def test_export_inlines_the_pytorch_core(strict):
 # ------------------------------------------------------------------ child process entry
 
 
+def _compiled_runs(cases: list[dict]) -> dict:
+    """COMPILED_CASES under torch.compile(fullgraph=True, backend="aot_eager"): the custom op as a
+    graph node (its fake implementation included) running the interpreted kernel."""
+    out = {}
+    for c in (c for c in cases if c["name"] in COMPILED_CASES):
+        params = (c["scale"], c["eta"], c["zeta"])
+        if "text_len" in c:
+            def f(q, k, v, n=c["text_len"], params=params):
+                return gag_joint_attention(q, k, v, n, *params, method="fused")
+        else:
+            def f(q, k, v, params=params):
+                return gag_attention(q, k, v, *params, method="fused")
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(f)(c["q"], c["k"], c["v"])
+        ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+        torch._dynamo.reset()
+        out[c["name"]] = {
+            "graphs": explained.graph_count, "breaks": explained.graph_break_count,
+            "op_nodes": sum("gag_export.gag_attention" in t for t in ops),
+            "output": torch.compile(f, backend="aot_eager", fullgraph=True)(c["q"], c["k"], c["v"]),
+        }
+    return out
+
+
+def _opchecks() -> dict:
+    """torch.library.opcheck of the custom op (schema, fake implementation against the real one,
+    aot dispatch) in both output forms; failures as their messages."""
+    from gag_export.kernels import triton_gag  # noqa: F401  (registers the op)
+
+    q, k, v = _qkv(1, 2, 8, 20, 16, seed=30, dtype=torch.float16)
+    results = {}
+    for minus_dense in (False, True):
+        args = (q, k, v, None, 5.0, 15.0, 0.0, None, 4, 3, False, minus_dense)
+        try:
+            torch.library.opcheck(torch.ops.gag_export.gag_attention.default, args)
+            results[minus_dense] = "ok"
+        except Exception as exc:  # reported to the parent test, which shows it
+            results[minus_dense] = f"{type(exc).__name__}: {str(exc)[:2000]}"
+    return results
+
+
 def _child(cases_path: str, out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     cases = torch.load(cases_path)
-    torch.save(run_cases(cases, "cpu"), out_path)
+    outputs = run_cases(cases, "cpu")
+    outputs["compiled"] = _compiled_runs(cases)
+    outputs["opcheck"] = _opchecks()
+    torch.save(outputs, out_path)
 
 
 if __name__ == "__main__":
