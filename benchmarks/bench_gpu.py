@@ -543,27 +543,30 @@ def fused_sweep(q, k, v, p, timer, sdpa_graph: float | None = None) -> dict:
     """p50 of the raw kernel launch per (BLOCK_M, num_warps); the default is `block_sizes`.
 
     Each tile twice: eager launches back to back (host cost included), and replayed as a CUDA
-    graph (`graph_<tile>`: GPU time alone, with its ratio to SDPA's graph time).
+    graph (`graph_<tile>`: GPU time alone, with its ratio to SDPA's graph time). The two largest
+    tiles also with ptxas capped at 128 registers (`_r128`): no spills and twice the resident
+    warps in the sm_90 builds (benchmarks/kernel_resources.py), for 6-8% more instructions.
     """
-    from gag_export import guidance
     from gag_export.kernels import triton_gag
 
-    iters = (guidance._BISECT_ITERS, getattr(guidance, "_NEWTON_ITERS", 0))
+    iters = kernels.guidance_schedule()
     default = kernels.block_sizes(k.shape[2], q.shape[3], q.element_size())
     out = {"default": {"block_m": default[0], "num_warps": default[-1]}}
-    for block_m in (16, 32, 64, 128):
-        for warps in (4, 8):
-            def fn(block_m=block_m, warps=warps):
-                return triton_gag.launch(q, k, v, None, *p, None, *iters, block_m=block_m, num_warps=warps)
+    tiles = [(m, w, None) for m in (16, 32, 64, 128) for w in (4, 8)] + [(128, 8, 128), (64, 4, 128)]
+    for block_m, warps, maxnreg in tiles:
+        name = f"m{block_m}_w{warps}" + (f"_r{maxnreg}" if maxnreg else "")
 
-            try:
-                fn()
-                timer.sync()
-                out[f"m{block_m}_w{warps}"] = summary(timer.measure(fn, 10, inner=20))["p50_ms"]
-                graph = time_calls_as_graph(fn, timer)
-                out[f"graph_m{block_m}_w{warps}"] = graph.get("p50_ms", graph.get("failed"))
-            except Exception as exc:  # out of resources for that tile: report and go on
-                out[f"m{block_m}_w{warps}"] = f"failed: {type(exc).__name__}"
+        def fn(block_m=block_m, warps=warps, maxnreg=maxnreg):
+            return triton_gag.launch(q, k, v, None, *p, None, *iters, block_m=block_m, num_warps=warps, maxnreg=maxnreg)
+
+        try:
+            fn()
+            timer.sync()
+            out[name] = summary(timer.measure(fn, 10, inner=20))["p50_ms"]
+            graph = time_calls_as_graph(fn, timer)
+            out["graph_" + name] = graph.get("p50_ms", graph.get("failed"))
+        except Exception as exc:  # out of resources for that tile: report and go on
+            out[name] = f"failed: {type(exc).__name__}"
     for prefix in ("", "graph_"):
         timed = {k_: v_ for k_, v_ in out.items() if isinstance(v_, float) and k_.startswith(prefix + "m")}
         if timed:

@@ -35,7 +35,8 @@ MASKS = {"none": (0, False), "additive": (1, False), "bool": (2, False), "additi
 SHAPES = [("clip77-d64", 77, 64), ("clip77-d128", 77, 128), ("t5-256-d128", 256, 128), ("t5-512-d64", 512, 64), ("300-d40", 300, 40)]
 # the SDXL cross-attention calls of one UNet step at 1024x1024: (heads, queries, layers)
 SDXL_CALLS = [(10, 4096, 10), (20, 1024, 50)]
-SWEEP = [(m, w) for m in (16, 32, 64, 128) for w in (4, 8)]
+# (BLOCK_M, warps, register cap): bench_gpu.py's sweep, the two largest tiles also capped at 128
+SWEEP = [(m, w, None) for m in (16, 32, 64, 128) for w in (4, 8)] + [(128, 8, 128), (64, 4, 128)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,12 +93,13 @@ def builds(args) -> list[dict]:
 
 def sweep(args, measured: dict | None) -> list[dict]:
     rows = []
-    for block_m, warps in SWEEP:
-        r = row(aot.build(args.sweep_arch, torch.float16, 77, 64, block_m=block_m, num_warps=warps), "none")
+    for block_m, warps, maxnreg in SWEEP:
+        r = row(aot.build(args.sweep_arch, torch.float16, 77, 64, block_m=block_m, num_warps=warps, maxnreg=maxnreg), "none")
+        r["maxnreg"] = maxnreg
         per_call = [call_warp_instructions(r, h, lq) for h, lq, _ in SDXL_CALLS]
         r["call_warp_instructions"] = dict(zip((f"{h}x{lq}" for h, lq, _ in SDXL_CALLS), per_call))
         r["step_warp_instructions"] = sum(x * n for x, (_, _, n) in zip(per_call, SDXL_CALLS))
-        r["measured_ms"] = _measured(measured, block_m, warps)
+        r["measured_ms"] = _measured(measured, block_m, warps) if maxnreg is None else None
         rows.append(r)
     return rows
 
@@ -136,11 +138,13 @@ def main(argv=None) -> int:
     if args.sweep_arch:
         print(f"\ntile sweep, fp16, 77 keys, head_dim 64, {args.sweep_arch}: warp instructions of one call and of one SDXL step's 60 calls")
         result["sweep"] = sweep(args, measured)
-        base = next((r["step_warp_instructions"] for r in result["sweep"] if (r["block_m"], r["num_warps"]) == (128, 8)), None)
+        base = next((r["step_warp_instructions"] for r in result["sweep"]
+                     if (r["block_m"], r["num_warps"], r["maxnreg"]) == (128, 8, None)), None)
         for r in result["sweep"]:
             calls = r["call_warp_instructions"]
             ratio = f"{r['step_warp_instructions'] / base:.2f}x" if base else "-"
-            print(f"  {r['block_m']:3d}x{r['num_warps']}w regs {r['registers']:3d} blocks/SM {r['blocks_per_sm']} "
+            cap = f" cap {r['maxnreg']}" if r["maxnreg"] else ""
+            print(f"  {r['block_m']:3d}x{r['num_warps']}w{cap} regs {r['registers']:3d} local {r['local_bytes']} blocks/SM {r['blocks_per_sm']} "
                   + "  ".join(f"{s}: {n / 1e6:6.2f} M" for s, n in calls.items())
                   + f"  step vs 128x8: {ratio}  H200 ms (eager launches): {_short(r['measured_ms'])}")
     if args.json:

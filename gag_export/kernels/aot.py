@@ -130,18 +130,20 @@ def build(
     num_warps: int | None = None,
     mask_per_key: bool = False,
     minus_dense: bool = False,
+    maxnreg: int | None = None,
 ) -> KernelBuild:
     """Compile the kernel for `arch` (a key of `ARCHS`) as a launch on these shapes would.
 
     `mask_mode`: 0 none, 1 additive, 2 boolean; `mask_per_key`: one row of keys for all queries;
-    `minus_dense`: the joint-attention (FLUX) form, writing GAG - dense in fp32.
+    `minus_dense`: the joint-attention (FLUX) form, writing GAG - dense in fp32; `maxnreg`: a
+    register cap per thread (see `triton_gag.kernel_constants`).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     bisect_iters, newton_iters = guidance_schedule()
     constants, options = kernel_constants(
         dtype, lk, head_dim, mask_mode, params_from_ptr, bisect_iters, newton_iters, block_m, num_warps, mask_per_key,
-        minus_dense,
+        minus_dense, maxnreg,
     )
     constants = {**constants, **_unit_strides(mask_mode)}
     signature, attrs = _signature(dtype, mask_mode, constants, out_dtype=torch.float32 if minus_dense else dtype)

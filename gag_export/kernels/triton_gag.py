@@ -199,6 +199,10 @@ def _gag_attention_kernel(
     if TAIL:
         e2 = tl.exp2((z2 - row_max[:, None]) * _LOG2E)
         e_sum += tl.sum(e2, 1)
+    # the dense product now, so the weights e die before the entmax steps (fewer live registers)
+    dense = _pv(e, v, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), SPLIT_PV)
+    if TAIL:
+        dense = _pv(e2, v2, dense, SPLIT_PV)
 
     # ---- sparse branch: 1.5-entmax on x = (z - max) / 2, clamped where it can never be in the support
     x = tl.maximum((z - row_max[:, None]) * 0.5, -1.5)
@@ -244,10 +248,8 @@ def _gag_attention_kernel(
         s_sum += tl.sum(s2, 1)
 
     # ---- both outputs
-    dense = _pv(e, v, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), SPLIT_PV)
     sparse = _pv(s, v, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), SPLIT_PV)
     if TAIL:
-        dense = _pv(e2, v2, dense, SPLIT_PV)
         sparse = _pv(s2, v2, sparse, SPLIT_PV)
     dense = dense * (1.0 / e_sum)[:, None]
     sparse = sparse * (1.0 / s_sum)[:, None]
@@ -290,13 +292,15 @@ def kernel_constants(
     num_warps: int | None = None,
     mask_per_key: bool = False,
     minus_dense: bool = False,
+    maxnreg: int | None = None,
 ) -> tuple[dict, dict]:
     """The kernel's compile-time constants and compile options for one call: (constexprs, options).
 
     One definition for `launch` and for the ahead-of-time builds of `gag_export.kernels.aot`, so
     what the tests compile for a GPU architecture is what a launch would compile there.
     `mask_mode`: 0 none, 1 additive, 2 boolean; `mask_per_key`: the mask is one row of keys
-    for all queries; `minus_dense`: write GAG - dense (see `launch`).
+    for all queries; `minus_dense`: write GAG - dense (see `launch`); `maxnreg`: a register cap
+    per thread for ptxas (None: its choice), a tuning knob the benchmarks sweep.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     bm, bn, bn2, bd, nw = block_sizes(lk, head_dim, itemsize)
@@ -317,7 +321,10 @@ def kernel_constants(
     )
     # FMA contraction pinned on: Triton 3.9 warns that its default turns off in 3.10, which would
     # change the kernel's rounding and speed from what was measured (with 3.6's default, on).
-    return constants, dict(num_warps=num_warps or nw, enable_fp_fusion=True)
+    options = dict(num_warps=num_warps or nw, enable_fp_fusion=True)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return constants, options
 
 
 def launch(
@@ -334,6 +341,7 @@ def launch(
     block_m: int | None = None,
     num_warps: int | None = None,
     minus_dense: bool = False,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Run the kernel. Inputs are already validated (see `gag_export.kernels`).
 
@@ -355,7 +363,7 @@ def launch(
     per_key = attn_mask is not None and (Lq == 1 or m_strides[2] == 0)
     constants, options = kernel_constants(
         q.dtype, Lk, d, mask_mode, params is not None, bisect_iters, newton_iters, block_m, num_warps, per_key,
-        minus_dense,
+        minus_dense, maxnreg,
     )
     grid = (triton.cdiv(Lq, constants["BLOCK_M"]), B * H)
     _gag_attention_kernel[grid](
