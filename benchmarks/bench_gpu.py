@@ -449,6 +449,31 @@ def _ratios(results: dict) -> None:
             r["p50_vs_plain"] = round(r["p50_ms"] / base, 3)
 
 
+def time_calls(fns: dict, timer: Timer, n: int, inner: int, graphed: tuple[str, ...] | None = None) -> dict:
+    """Per-call p50/p90 of each function (after 3 warm-up calls), `n` samples of `inner` calls; on
+    CUDA also replayed as a CUDA graph (`graph`, `inner` calls per capture) for the names in
+    `graphed` (None: all)."""
+    entry = {}
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        timer.sync()
+        entry[name] = summary(timer.measure(fn, n, inner=inner))
+        if timer.cuda and (graphed is None or name in graphed):
+            entry[name]["graph"] = time_calls_as_graph(fn, timer, inner=inner)
+    return entry
+
+
+def add_ratios_to_sdpa(entry: dict) -> None:
+    """`p50_vs_sdpa` on every timed entry but SDPA's, eager and (where both have one) graph."""
+    sdpa, sdpa_graph = entry["sdpa"]["p50_ms"], entry["sdpa"].get("graph", {}).get("p50_ms")
+    for name, r in entry.items():
+        if name != "sdpa" and isinstance(r, dict) and "p50_ms" in r:
+            r["p50_vs_sdpa"] = round(r["p50_ms"] / sdpa, 3)
+            if sdpa_graph and "p50_ms" in r.get("graph", {}):
+                r["graph"]["p50_vs_sdpa"] = round(r["graph"]["p50_ms"] / sdpa_graph, 3)
+
+
 def core_section(args, device, timer) -> dict:
     """GAG attention core vs SDPA at the UNet's cross-attention shapes."""
     dtype = DTYPES[args.dtype]
@@ -470,30 +495,17 @@ def core_section(args, device, timer) -> dict:
         if fused_why is None:
             fns["gag-fused"] = lambda q=q, k=k, v=v: gag_attention(q, k, v, *p, method="fused")
         shape = f"B{args.batch} H{heads} Lq{lq} Lk{lk} d{d} {args.dtype}"
-        entry = {}
-        inner = 20 if device == "cuda" else 2
+        cuda = device == "cuda"
         with torch.inference_mode():
-            for name, fn in fns.items():
-                for _ in range(3):
-                    fn()
-                timer.sync()
-                entry[name] = summary(timer.measure(fn, 20 if device == "cuda" else 5, inner=inner))
-                if device == "cuda" and name in ("sdpa", "gag-fused"):
-                    entry[name]["graph"] = time_calls_as_graph(fn, timer)
-            ref = gag_attention(q.float(), k.float(), v.float(), *p, method="sort")
+            entry = time_calls(fns, timer, n=20 if cuda else 5, inner=20 if cuda else 2, graphed=("sdpa", "gag-fused"))
             if "gag-fused" in fns:
+                ref = gag_attention(q.float(), k.float(), v.float(), *p, method="sort")
                 entry["gag-fused"]["max_abs_err_vs_fp32_sort"] = (fns["gag-fused"]().float() - ref).abs().max().item()
                 if not args.no_sweep:
                     entry["fused_sweep"] = fused_sweep(q, k, v, p, timer, sdpa_graph=entry["sdpa"].get("graph", {}).get("p50_ms"))
             else:
                 entry["gag-fused"] = {"skipped": fused_why}
-        sdpa = entry["sdpa"]["p50_ms"]
-        sdpa_graph = entry["sdpa"].get("graph", {}).get("p50_ms")
-        for name, r in entry.items():
-            if isinstance(r, dict) and "p50_ms" in r and name != "sdpa":
-                r["p50_vs_sdpa"] = round(r["p50_ms"] / sdpa, 3)
-                if sdpa_graph and "p50_ms" in r.get("graph", {}):
-                    r["graph"]["p50_vs_sdpa"] = round(r["graph"]["p50_ms"] / sdpa_graph, 3)
+        add_ratios_to_sdpa(entry)
         results[shape] = entry
         _log(f"core {shape}: " + ", ".join(f"{n} {r.get('p50_ms')}" for n, r in entry.items() if isinstance(r, dict)))
     return results
@@ -515,24 +527,15 @@ def joint_section(args, device, timer) -> dict:
         fused_why = variant_skip_reason("gag-fused", args) or kernels.fused_shape_reason(q_img, k_txt, k_txt, 1.5, None, *p)
         if fused_why is None:
             fns["gag-fused"] = lambda q=q, k=k, v=v, n=text: gag_joint_attention(q, k, v, n, *p, method="fused")
-        entry = {} if fused_why is None else {"gag-fused": {"skipped": fused_why}}
+        cuda = device == "cuda"
         with torch.inference_mode():
-            for name, fn in fns.items():
-                for _ in range(3):
-                    fn()
-                timer.sync()
-                entry[name] = summary(timer.measure(fn, 20 if device == "cuda" else 3, inner=10 if device == "cuda" else 1))
-                if device == "cuda":
-                    entry[name]["graph"] = time_calls_as_graph(fn, timer, inner=10)
+            entry = time_calls(fns, timer, n=20 if cuda else 3, inner=10 if cuda else 1)
             if "gag-fused" in fns:
                 ref = gag_joint_attention(q.float(), k.float(), v.float(), text, *p, method="sort")
                 entry["gag-fused"]["max_abs_err_vs_fp32_sort"] = (fns["gag-fused"]().float() - ref).abs().max().item()
-        for name, r in entry.items():
-            if name != "sdpa" and "p50_ms" in r:
-                r["p50_vs_sdpa"] = round(r["p50_ms"] / entry["sdpa"]["p50_ms"], 3)
-                sdpa_graph = entry["sdpa"].get("graph", {}).get("p50_ms")
-                if sdpa_graph and "p50_ms" in r.get("graph", {}):
-                    r["graph"]["p50_vs_sdpa"] = round(r["graph"]["p50_ms"] / sdpa_graph, 3)
+            else:
+                entry["gag-fused"] = {"skipped": fused_why}
+        add_ratios_to_sdpa(entry)
         shape = f"B{args.batch} H{heads} image{image} text{text} d128 {args.dtype}"
         results[shape] = entry
         _log(f"joint {shape}: " + ", ".join(f"{n} {r.get('p50_ms')}" for n, r in entry.items()))
