@@ -276,7 +276,7 @@ def gag_joint_attention(
         z_txt = _scores(q_img, k_txt, None)
         dense_txt, sparse_txt = _dense_and_sparse(z_txt, v_txt, alpha, method)
         update = gag_combine(dense_txt, sparse_txt, scale, eta, zeta) - dense_txt
-    image_out = dense_joint[:, :, text_len:].float() + text_mass[:, :, text_len:].float() * update.float()
+    image_out = dense_joint[:, :, text_len:].float() + text_mass[:, :, text_len:].float() * update  # update: fp32 either way
     return torch.cat([dense_joint[:, :, :text_len], image_out.to(dense_joint.dtype)], dim=2).to(q.dtype)
 
 

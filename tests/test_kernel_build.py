@@ -18,8 +18,6 @@ from gag_export import kernels
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install 'gag-export[dev]')")
 
-ITEMSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
-
 
 @pytest.fixture(scope="module")
 def aot():
@@ -35,7 +33,7 @@ def aot():
 ])
 def test_sdxl_tile_fits_every_gpu_without_spills(aot, arch, dtype, mask_mode, per_key):
     build = aot.build(arch, dtype, lk=77, head_dim=64, mask_mode=mask_mode, mask_per_key=per_key)
-    block_m, block_n, block_n2, _, num_warps = kernels.block_sizes(77, 64, ITEMSIZE[dtype])
+    block_m, block_n, block_n2, _, num_warps = kernels.block_sizes(77, 64, dtype.itemsize)
     assert (build.block_m, build.block_n, build.block_n2, build.num_warps) == (block_m, block_n, block_n2, num_warps)
     assert build.shared_bytes <= aot.ARCHS[arch].shared_memory_per_block, build
     assert build.local_bytes == 0, f"registers spill: {build}"

@@ -302,8 +302,7 @@ def kernel_constants(
     for all queries; `minus_dense`: write GAG - dense (see `launch`); `maxnreg`: a register cap
     per thread for ptxas (None: its choice), a tuning knob the benchmarks sweep.
     """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    bm, bn, bn2, bd, nw = block_sizes(lk, head_dim, itemsize)
+    bm, bn, bn2, bd, nw = block_sizes(lk, head_dim, dtype.itemsize)
     # Triton's CPU interpreter multiplies bf16 as raw bits: there, dot exact fp32 copies instead
     # (the same products: a bf16 x bf16 product is exact in fp32).
     upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -104,7 +104,6 @@ def manifest_entry(manifest: Mapping) -> ModelEntry:
     return resolve_entry(source)
 
 
-
 def resolve_entry(name_or_path: str | os.PathLike | ModelEntry) -> ModelEntry:
     """A registry entry by name, or an entry describing a local diffusers folder.
 
