@@ -497,11 +497,15 @@ def _export_hint(model: str, graphs_root: Path) -> str:
 
 def model_entry(model: str, graphs_root: Path):
     """The registry entry of `model`, or, for graphs exported from a local folder, that folder's entry."""
+    manifest = Manifest.load(Path(graphs_root) / model) if (Path(graphs_root) / model / "manifest.json").is_file() else None
+    return entry_for(model, manifest)
+
+
+def entry_for(model: str, manifest: Manifest | None):
+    """`model_entry` with the manifest already read (None: there is no export)."""
     from ..models import manifest_entry, resolve_entry  # noqa: PLC0415
 
-    if (Path(graphs_root) / model / "manifest.json").is_file():
-        return manifest_entry(Manifest.load(Path(graphs_root) / model).data)
-    return resolve_entry(model)
+    return manifest_entry(manifest.data) if manifest is not None else resolve_entry(model)
 
 
 def load_manifest_for(model: str, graphs_root: Path) -> Manifest:
@@ -607,10 +611,10 @@ def _load_torch(model: str, graphs_root: Path, options: BackendOptions) -> Compo
     from ..export import DEFAULT_EXPORT_GAG  # noqa: PLC0415
     from ..models import descriptors_for, load_pipeline  # noqa: PLC0415
 
-    entry = model_entry(model, graphs_root)
     manifest = None
     if (graphs_root / model / "manifest.json").is_file():
         manifest = load_manifest_for(model, graphs_root)
+    entry = entry_for(model, manifest)
     gag = torch_runtime_gag(manifest.gag if manifest is not None else DEFAULT_EXPORT_GAG)
     weights = manifest.data.get("weights") if manifest is not None else None
     pipe = load_pipeline(entry, weights=weights) if weights else load_pipeline(entry)
