@@ -1,8 +1,8 @@
 """Build the fused GAG kernel ahead of time for an NVIDIA architecture, on any machine.
 
 Triton lowers a kernel to PTX and assembles it with the ptxas it ships, with no GPU involved. So
-what the kernel costs on an H200 (sm_90), an RTX 4090 (sm_89) or a T4 (sm_75) can be read on a CPU-only
-machine: registers per thread, local memory (register spills), shared memory, and the SASS
+what the kernel costs on an H200 (sm_90), an RTX 4090 (sm_89) or a T4 (sm_75) can be read on a
+CPU-only machine: registers per thread, local memory (register spills), shared memory, and the SASS
 instructions one thread executes. `tests/test_kernel_build.py` builds every kind of tile the
 dispatch can pick for the GPUs in `ARCHS` and checks it fits; `benchmarks/kernel_resources.py`
 prints the table. What this cannot tell is time: that needs the GPU (`benchmarks/bench_gpu.py`).
@@ -86,10 +86,13 @@ def _tool(name: str) -> Path:
 
 
 def _signature(dtype: torch.dtype, mask_mode: int, constants: dict, out_dtype: torch.dtype) -> tuple[dict, dict]:
-    """Argument types and alignment hints as a launch with contiguous tensors would specialize them.
+    """Argument types and alignment hints close to what a launch with contiguous tensors gets.
 
-    Triton's launcher marks pointers and integers divisible by 16 ("tt.divisibility"); integers equal
-    to 1 (the innermost strides) become constants. Mirroring that keeps the build the launch's build.
+    Triton's launcher marks pointers and integers divisible by 16 ("tt.divisibility") and makes
+    integers equal to 1 (the innermost strides, `_unit_strides`) constants. Here the pointers are
+    marked and the unit strides are constants; the other integers (outer strides, lengths) are left
+    unmarked, since their values depend on the call, so a launch whose strides are multiples of 16
+    may compile its address arithmetic a little tighter than this build.
     """
     names = _gag_attention_kernel.arg_names
     mask_type = "*u8" if mask_mode == 2 else _POINTER_TYPES[dtype]
