@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -147,9 +148,11 @@ def main(argv=None) -> int:
             print(f"  {r['block_m']:3d}x{r['num_warps']}w{cap} regs {r['registers']:3d} local {r['local_bytes']} blocks/SM {r['blocks_per_sm']} "
                   + "  ".join(f"{s}: {n / 1e6:6.2f} M" for s, n in calls.items())
                   + f"  step vs 128x8: {ratio}  H200 ms (eager launches): {_short(r['measured_ms'])}")
-    if args.json:
+    if args.json:  # whole or not at all: written beside, then renamed over
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, args.json)
     return 0
 
 
