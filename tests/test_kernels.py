@@ -177,6 +177,12 @@ def check_case(case: dict, out: torch.Tensor, outputs: dict, interpreter: bool =
 
 
 CASE_NAMES = [c["name"] for c in build_cases()]
+# also run on a simulated GPU that refuses the kernel's first form (too little shared memory), so
+# the op moves on to the form that loads the values after the entmax: tails, masks, 16-bit, joint
+LATE_VALUE_CASES = (
+    "random_fp32_lk1", "random_fp32_lk300", "split_fp16_lk77_d64", "split_bf16_lk300_d40", "mask_bool_keys",
+    "split_mask_additive_keys_lk77", "split_mask_bool_full_lk77", "params_tensor", "joint_fp16_t77_d64",
+)
 # also run compiled in the interpreter: plain, joint (fp32 GAG - dense from the op), 0-d tensor params
 COMPILED_CASES = ("strided_inputs", "joint_fp16_t77_d64", "params_tensor")
 
@@ -240,6 +246,16 @@ def test_fused_kernel_in_interpreter(name, interpreter_outputs):
     check_case(case, interpreter_outputs[name], interpreter_outputs, interpreter=True)
 
 
+@pytest.mark.parametrize("name", LATE_VALUE_CASES)
+def test_late_values_form_in_interpreter(name, interpreter_outputs):
+    # the form a 99 KiB GPU gets for T5's tiles: the same math, the values loaded later
+    late = interpreter_outputs["late_values"]
+    assert late["forms_tried"][name] == [False, True], late["forms_tried"][name]
+    case = next(c for c in build_cases() if c["name"] == name)
+    check_case(case, late["outputs"][name], interpreter_outputs, interpreter=True)
+    torch.testing.assert_close(late["outputs"][name], interpreter_outputs[name], atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------ CUDA
 
 
@@ -283,6 +299,26 @@ def test_fused_joint_attention_on_cuda_flux_shapes(dtype):
     out = gag_joint_attention(q, k, v, text_len, 5.0, 15.0, 0.0, method="fused")
     ref = gag_joint_attention(q.float(), k.float(), v.float(), text_len, 5.0, 15.0, 0.0, method="bisect")
     torch.testing.assert_close(out.float(), ref, **tolerance(dtype))
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_late_values_form_on_cuda_t5_shapes(monkeypatch, dtype):
+    # What a 99 KiB GPU (RTX 3090/4090, A10, L4, L40) runs for T5's tiles, forced here by refusing
+    # the first form: FLUX.1-schnell's joint shape and 512 keys at head_dim 64.
+    tried = _refuse_launch(monkeypatch, forms_refused=1, run_others=True)
+    text_len = 256
+    q, k, v = (t.cuda() for t in _qkv(1, 24, text_len + 1024, text_len + 1024, 128, seed=9, dtype=dtype))
+    out = gag_joint_attention(q, k, v, text_len, 5.0, 15.0, 0.0, method="fused")
+    ref = gag_joint_attention(q.float(), k.float(), v.float(), text_len, 5.0, 15.0, 0.0, method="bisect")
+    torch.testing.assert_close(out.float(), ref, **tolerance(dtype))
+    q, k, v = (t.cuda() for t in _qkv(1, 4, 256, 512, 64, seed=10, dtype=dtype))
+    out = gag_attention(q, k, v, 10.0, 15.0, 0.0, method="fused")
+    ref = gag_attention(q.float(), k.float(), v.float(), 10.0, 15.0, 0.0, method="sort")
+    torch.testing.assert_close(out.float(), ref, **tolerance(dtype))
+    assert tried == [False, True, False, True], tried
 
 
 @gpu
@@ -492,16 +528,39 @@ def test_block_sizes_use_the_measured_tile_only_where_it_was_measured(lk, d, ite
     assert kernels.block_sizes(lk, d, itemsize) == expected
 
 
-def _refuse_launch(monkeypatch):
-    """Make every kernel launch fail as Triton does when the GPU lacks the shared memory."""
+def _refuse_launch(monkeypatch, forms_refused: int = 2, run_others: bool = False) -> list:
+    """Make kernel launches fail as Triton does when the GPU lacks the shared memory: the first
+    `forms_refused` of the kernel's forms (`triton_gag.KERNEL_FORMS`); the others run the kernel
+    (`run_others`) or return zeros. Returns the `late_values` flag of every launch tried."""
     from triton.runtime.errors import OutOfResources
 
     from gag_export.kernels import triton_gag
 
-    def refused(*args, **kwargs):
-        raise OutOfResources(133120, 101376, "shared memory")
+    real_launch, tried = triton_gag.launch, []
 
-    monkeypatch.setattr(triton_gag, "launch", refused)
+    def launch(q, *args, late_values=False, minus_dense=False, **kwargs):
+        tried.append(late_values)
+        if triton_gag.KERNEL_FORMS.index(late_values) < forms_refused:
+            raise OutOfResources(133120, 101376, "shared memory")
+        if run_others:
+            return real_launch(q, *args, late_values=late_values, minus_dense=minus_dense, **kwargs)
+        return torch.zeros(q.shape, dtype=torch.float32 if minus_dense else q.dtype)
+
+    monkeypatch.setattr(triton_gag, "launch", launch)
+    monkeypatch.setattr(triton_gag, "_refusals", {})  # what earlier tests' GPUs refused
+    return tried
+
+
+@needs_triton
+def test_a_refused_kernel_form_gives_way_to_the_next_once_per_shape(monkeypatch):
+    tried = _refuse_launch(monkeypatch, forms_refused=1)
+    q, k, v = _qkv(1, 2, 8, 256, 32, seed=8, dtype=torch.float16)
+    for _ in range(3):  # "fused" as well as "auto": the second form is the fused kernel still
+        out = kernels.fused_gag_attention(q, k, v, 10.0, 15.0, 0.0, fallback=False)
+        assert out.dtype == torch.float16 and not out.any()  # what the fake second form returns
+    assert tried == [False, True, True, True], "the refused form is tried once per shape, not per call"
+    kernels.fused_gag_attention(q[..., :16], k[..., :16], v[..., :16], 10.0, 15.0, 0.0, fallback=False)
+    assert tried[4:] == [False, True], "another shape tries the first form again"
 
 
 @needs_triton
@@ -618,10 +677,27 @@ def _opchecks() -> dict:
     return results
 
 
+def _late_value_runs(cases: list[dict]) -> dict:
+    """LATE_VALUE_CASES through `gag_attention(method="fused")` on a simulated GPU that refuses the
+    kernel's first form: the op must run its second (values loaded after the entmax)."""
+    from gag_export.kernels import triton_gag
+
+    outputs, forms_tried = {}, {}
+    with pytest.MonkeyPatch.context() as mp:
+        tried = _refuse_launch(mp, forms_refused=1, run_others=True)
+        for c in (c for c in cases if c["name"] in LATE_VALUE_CASES):
+            triton_gag._refusals.clear()  # each case on a fresh GPU, so each tries both forms
+            tried.clear()
+            outputs[c["name"]] = run_cases([c], "cpu")[c["name"]]
+            forms_tried[c["name"]] = list(tried)
+    return {"outputs": outputs, "forms_tried": forms_tried}
+
+
 def _child(cases_path: str, out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     cases = torch.load(cases_path)
     outputs = run_cases(cases, "cpu")
+    outputs["late_values"] = _late_value_runs(cases)
     outputs["compiled"] = _compiled_runs(cases)
     outputs["opcheck"] = _opchecks()
     torch.save(outputs, out_path)

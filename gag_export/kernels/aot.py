@@ -134,6 +134,7 @@ def build(
     mask_per_key: bool = False,
     minus_dense: bool = False,
     maxnreg: int | None = None,
+    late_values: bool = False,
 ) -> KernelBuild:
     """Compile the kernel for `arch` (a key of `ARCHS`) as a launch on these shapes would.
 
@@ -146,7 +147,7 @@ def build(
     bisect_iters, newton_iters = guidance_schedule()
     constants, options = kernel_constants(
         dtype, lk, head_dim, mask_mode, params_from_ptr, bisect_iters, newton_iters, block_m, num_warps, mask_per_key,
-        minus_dense, maxnreg,
+        minus_dense, maxnreg, late_values,
     )
     constants = {**constants, **_unit_strides(mask_mode)}
     signature, attrs = _signature(dtype, mask_mode, constants, out_dtype=torch.float32 if minus_dense else dtype)

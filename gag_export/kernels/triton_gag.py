@@ -9,10 +9,12 @@ T5), computes the scores once, then in registers:
                                   # closed-form solve on the bracketed support (as guidance.py)
     out    = sparse + scale * cap_eta(par + zeta * orth)
 
-and writes only `out` (in the input dtype). The keys sit in a power-of-two main tile plus, where
-that saves columns, a small power-of-two tail tile (77 keys: 64 + 16 instead of 128 padded), since
-every per-score step costs per column, padding included; each step runs on both tiles and sums
-its row reductions across them. Both branches multiply unnormalized weights (exp(z - max) and
+and writes only `out` (in the input dtype). With LATE_VALUES (the second of `KERNEL_FORMS`, for
+GPUs whose shared memory cannot hold keys and values at once) v is loaded and both P @ V products
+run after the entmax. The keys sit in a power-of-two main tile plus, where that saves columns, a
+small power-of-two tail tile (77 keys: 64 + 16 instead of 128 padded), since every per-score step
+costs per column, padding included; each step runs on both tiles and sums its row reductions
+across them. Both branches multiply unnormalized weights (exp(z - max) and
 (x - tau)_+^2, both in [0, 1]) by v and scale the [BLOCK_M, head_dim] products by 1 / row sum.
 
 Math is fp32 throughout: scores from 16-bit inputs are exact fp32 products with fp32
@@ -50,7 +52,7 @@ def _key_tile(
     q, k_base, v_base, m_rows, m_ok, offs_d, d_ok, start, Lk,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale,
     BLOCK_N: tl.constexpr, FULL: tl.constexpr, MASK_MODE: tl.constexpr, MASK_PER_KEY: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, LATE_VALUES: tl.constexpr,
 ):
     """Scores z [BLOCK_M, BLOCK_N] and values v [BLOCK_N, BLOCK_D] of keys start .. start + BLOCK_N - 1.
 
@@ -58,21 +60,22 @@ def _key_tile(
     exists, so no bounds mask (a select per score element) is spent on it. MASK_PER_KEY: the
     mask is the same for every query (a text-padding mask), `m_rows` is one pointer and one row
     of it is loaded and broadcast; a [queries, keys] tile would make the compiler convert the
-    scores' layout in every bisection and Newton step (seen in the TTGIR).
+    scores' layout in every bisection and Newton step (seen in the TTGIR). LATE_VALUES: v is
+    loaded after the entmax instead (`_value_tile`); the v returned is a placeholder, never used.
     """
     offs_n = start + tl.arange(0, BLOCK_N)
     if FULL:
         k_ok = d_ok[:, None]
-        v_ok = d_ok[None, :]
     else:
         n_ok = offs_n < Lk
         k_ok = d_ok[:, None] & n_ok[None, :]
-        v_ok = n_ok[:, None] & d_ok[None, :]
     kt = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn, mask=k_ok, other=0.0)  # K^T
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=v_ok, other=0.0)
+    if LATE_VALUES:
+        v = kt
+    else:  # issued before the dot, so the load overlaps it
+        v = _value_tile(v_base, offs_d, d_ok, start, Lk, stride_vn, stride_vd, BLOCK_N, FULL, UPCAST)
     if UPCAST:
         kt = kt.to(tl.float32)
-        v = v.to(tl.float32)
     z = tl.dot(q, kt, input_precision="ieee") * sm_scale  # fp32 accumulation; IEEE for fp32 inputs
     if MASK_MODE != 0 and MASK_PER_KEY:
         m_ptrs = m_rows + offs_n * stride_mn
@@ -96,6 +99,20 @@ def _key_tile(
     if not FULL:
         z = tl.where(n_ok[None, :], z, float("-inf"))
     return z, v
+
+
+@triton.jit
+def _value_tile(v_base, offs_d, d_ok, start, Lk, stride_vn, stride_vd, BLOCK_N: tl.constexpr, FULL: tl.constexpr, UPCAST: tl.constexpr):
+    """Values v [BLOCK_N, BLOCK_D] of keys start .. start + BLOCK_N - 1 (padding keys: 0)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if FULL:
+        v_ok = d_ok[None, :]
+    else:
+        v_ok = (offs_n < Lk)[:, None] & d_ok[None, :]
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=v_ok, other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -152,6 +169,7 @@ def _gag_attention_kernel(
     BISECT_ITERS: tl.constexpr,
     NEWTON_ITERS: tl.constexpr,
     MINUS_DENSE: tl.constexpr,  # write out - dense: the update joint attention (FLUX) adds
+    LATE_VALUES: tl.constexpr,  # load V after the entmax: keys and values never share memory
 ):
     # The keys are a main tile of BLOCK_N plus, when BLOCK_N2 > 0, a tail tile of BLOCK_N2 (77
     # keys: 64 + 16 columns instead of 128). Every per-key step runs on both tiles and sums its
@@ -183,12 +201,12 @@ def _gag_attention_kernel(
     # ---- scores, once per tile
     z, v = _key_tile(q, k_base, v_base, m_rows, m_ok, offs_d, d_ok, 0, Lk,
                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale,
-                     BLOCK_N, TAIL, MASK_MODE, MASK_PER_KEY, UPCAST)
+                     BLOCK_N, TAIL, MASK_MODE, MASK_PER_KEY, UPCAST, LATE_VALUES)
     row_max = tl.max(z, 1)
     if TAIL:
         z2, v2 = _key_tile(q, k_base, v_base, m_rows, m_ok, offs_d, d_ok, BLOCK_N, Lk,
                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, sm_scale,
-                           BLOCK_N2, False, MASK_MODE, MASK_PER_KEY, UPCAST)
+                           BLOCK_N2, False, MASK_MODE, MASK_PER_KEY, UPCAST, LATE_VALUES)
         row_max = tl.maximum(row_max, tl.max(z2, 1))
 
     # ---- dense branch: softmax, normalized after P @ V (a [BLOCK_M, BLOCK_D] scaling instead
@@ -199,10 +217,11 @@ def _gag_attention_kernel(
     if TAIL:
         e2 = tl.exp2((z2 - row_max[:, None]) * _LOG2E)
         e_sum += tl.sum(e2, 1)
-    # the dense product now, so the weights e die before the entmax steps (fewer live registers)
-    dense = _pv(e, v, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), SPLIT_PV)
-    if TAIL:
-        dense = _pv(e2, v2, dense, SPLIT_PV)
+    if not LATE_VALUES:
+        # the dense product now, so the weights e die before the entmax steps (fewer live registers)
+        dense = _pv(e, v, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), SPLIT_PV)
+        if TAIL:
+            dense = _pv(e2, v2, dense, SPLIT_PV)
 
     # ---- sparse branch: 1.5-entmax on x = (z - max) / 2, clamped where it can never be in the support
     x = tl.maximum((z - row_max[:, None]) * 0.5, -1.5)
@@ -248,6 +267,15 @@ def _gag_attention_kernel(
         s_sum += tl.sum(s2, 1)
 
     # ---- both outputs
+    if LATE_VALUES:
+        # V only now, once the key tile's shared-memory copy for the score dot is dead: the two
+        # never coexist (T5's 256 keys x 128 in fp16: 132 -> 80 KiB, under the 99 KiB of an
+        # RTX 4090), at the cost of keeping e live through the entmax steps.
+        v = _value_tile(v_base, offs_d, d_ok, 0, Lk, stride_vn, stride_vd, BLOCK_N, TAIL, UPCAST)
+        dense = _pv(e, v, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), SPLIT_PV)
+        if TAIL:
+            v2 = _value_tile(v_base, offs_d, d_ok, BLOCK_N, Lk, stride_vn, stride_vd, BLOCK_N2, False, UPCAST)
+            dense = _pv(e2, v2, dense, SPLIT_PV)
     sparse = _pv(s, v, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), SPLIT_PV)
     if TAIL:
         sparse = _pv(s2, v2, sparse, SPLIT_PV)
@@ -293,6 +321,7 @@ def kernel_constants(
     mask_per_key: bool = False,
     minus_dense: bool = False,
     maxnreg: int | None = None,
+    late_values: bool = False,
 ) -> tuple[dict, dict]:
     """The kernel's compile-time constants and compile options for one call: (constexprs, options).
 
@@ -317,6 +346,7 @@ def kernel_constants(
         BISECT_ITERS=bisect_iters,
         NEWTON_ITERS=newton_iters,
         MINUS_DENSE=minus_dense,
+        LATE_VALUES=late_values,
     )
     # FMA contraction pinned on: Triton 3.9 warns that its default turns off in 3.10, which would
     # change the kernel's rounding and speed from what was measured (with 3.6's default, on).
@@ -341,6 +371,7 @@ def launch(
     num_warps: int | None = None,
     minus_dense: bool = False,
     maxnreg: int | None = None,
+    late_values: bool = False,
 ) -> torch.Tensor:
     """Run the kernel. Inputs are already validated (see `gag_export.kernels`).
 
@@ -348,7 +379,8 @@ def launch(
     `attn_mask` is None or already broadcast to [B, H, Lq, Lk] (a strided view is fine):
     bool (True = attend) or floating (additive). `minus_dense`: return GAG - dense instead of
     GAG, in fp32: the update joint attention scales and adds to its dense output, an
-    intermediate that a 16-bit rounding would cost a bf16 ulp of its own size.
+    intermediate that a 16-bit rounding would cost a bf16 ulp of its own size. `late_values`: the
+    kernel form that loads V after the entmax (less shared memory, see `KERNEL_FORMS`).
     """
     B, H, Lq, d = q.shape
     Lk = k.shape[2]
@@ -362,7 +394,7 @@ def launch(
     per_key = attn_mask is not None and (Lq == 1 or m_strides[2] == 0)
     constants, options = kernel_constants(
         q.dtype, Lk, d, mask_mode, params is not None, bisect_iters, newton_iters, block_m, num_warps, per_key,
-        minus_dense, maxnreg,
+        minus_dense, maxnreg, late_values,
     )
     grid = (triton.cdiv(Lq, constants["BLOCK_M"]), B * H)
     _gag_attention_kernel[grid](
@@ -378,6 +410,16 @@ def launch(
 
 
 # --------------------------------------------------------------------------- custom op
+
+# The kernel's forms, in the order a launch tries them (the `late_values` flag of `launch`):
+# values loaded with the keys, the form tuned on an H200; then values loaded after the entmax,
+# so that the key and value tiles never share memory. The second needs about 40% less shared
+# memory for long key tiles and executes 5-25% more instructions (builds in
+# benchmarks/README.md): it lets T5's tiles run on the 99 KiB GPUs (RTX 3090/4090, A10, L4, L40).
+KERNEL_FORMS = (False, True)
+# What a GPU refused, so that a refused form costs one compile rather than one per call:
+# launch key -> (forms refused, Triton's reason for the last).
+_refusals: dict[tuple, tuple[int, str]] = {}
 
 
 @torch.library.custom_op("gag_export::gag_attention", mutates_args=())
@@ -398,22 +440,30 @@ def gag_attention_op(
     """Fused GAG attention: q [B,H,Lq,d], k/v [B,H,Lk,d] -> [B,H,Lq,d] in q's dtype (see `launch`;
     with `minus_dense`, GAG - dense in fp32).
 
-    Triton refuses the launch when the compiled kernel needs more shared memory than the GPU has
-    (T5's 512 keys on a 99 KiB RTX 4090, say). The check happens here, at run time, because only
-    the compiled kernel knows its size; so under torch.compile too, `fallback` (method "auto")
-    runs the PyTorch bisect path instead, and without it (method "fused") the error is clear.
+    Triton refuses the launch when the compiled kernel needs more shared memory than the GPU has.
+    The check happens here, at run time, because only the compiled kernel knows its size (so it
+    happens under torch.compile too): a refused form gives way to the next of `KERNEL_FORMS`, and
+    when every form is refused, `fallback` (method "auto") runs the PyTorch bisect path instead,
+    while without it (method "fused") the error is clear.
     """
-    try:
-        return launch(q, k, v, params, scale, eta, zeta, attn_mask, bisect_iters, newton_iters, minus_dense=minus_dense)
-    except OutOfResources as exc:
-        what = f"{k.shape[2]} keys x head_dim {q.shape[3]} in {q.dtype}"
-        if not fallback:
-            raise InvalidInputError(f"gag_attention(method='fused'): this GPU cannot run the kernel for {what}: {exc}") from exc
-        _warn_fallback_once(what, str(exc))
-        from .. import guidance
+    key = (q.device, q.dtype, k.shape[2], q.shape[3], None if attn_mask is None else (attn_mask.dtype, attn_mask.stride()),
+           params is None, minus_dense)
+    refused, why = _refusals.get(key, (0, ""))
+    for late_values in KERNEL_FORMS[refused:]:
+        try:
+            return launch(q, k, v, params, scale, eta, zeta, attn_mask, bisect_iters, newton_iters,
+                          minus_dense=minus_dense, late_values=late_values)
+        except OutOfResources as exc:
+            refused, why = refused + 1, str(exc)
+            _refusals[key] = (refused, why)
+    what = f"{k.shape[2]} keys x head_dim {q.shape[3]} in {q.dtype}"
+    if not fallback:
+        raise InvalidInputError(f"gag_attention(method='fused'): this GPU cannot run the kernel for {what}: {why}")
+    _warn_fallback_once(what, why)
+    from .. import guidance
 
-        gag = (params[0], params[1], params[2]) if params is not None else (scale, eta, zeta)
-        return guidance._pytorch_gag(q, k, v, *gag, 1.5, "bisect", attn_mask, minus_dense)
+    gag = (params[0], params[1], params[2]) if params is not None else (scale, eta, zeta)
+    return guidance._pytorch_gag(q, k, v, *gag, 1.5, "bisect", attn_mask, minus_dense)
 
 
 @functools.lru_cache(maxsize=None)
