@@ -512,7 +512,12 @@ def core_section(args, device, timer) -> dict:
 
 
 def joint_section(args, device, timer) -> dict:
-    """FLUX joint attention (head_dim 128): plain SDPA over [text; image] vs GAG bisect vs fused."""
+    """FLUX joint attention (head_dim 128): plain SDPA over [text; image] vs GAG bisect vs fused.
+
+    Also the kernel alone on the image-query x text-key part in both of its forms
+    (`triton_gag.KERNEL_FORMS`): values loaded with the keys, what this GPU runs, and after the
+    entmax, what a 99 KiB GPU (RTX 4090, L4) runs for T5's tiles: the price of that form here.
+    """
     dtype = DTYPES[args.dtype]
     p = (args.scale, args.eta, args.zeta)
     results = {}
@@ -527,6 +532,7 @@ def joint_section(args, device, timer) -> dict:
         fused_why = variant_skip_reason("gag-fused", args) or kernels.fused_shape_reason(q_img, k_txt, k_txt, 1.5, None, *p)
         if fused_why is None:
             fns["gag-fused"] = lambda q=q, k=k, v=v, n=text: gag_joint_attention(q, k, v, n, *p, method="fused")
+            fns.update(_joint_kernel_forms(q_img, k_txt, v[:, :, :text], p))
         cuda = device == "cuda"
         with torch.inference_mode():
             entry = time_calls(fns, timer, n=20 if cuda else 3, inner=10 if cuda else 1)
@@ -540,6 +546,18 @@ def joint_section(args, device, timer) -> dict:
         results[shape] = entry
         _log(f"joint {shape}: " + ", ".join(f"{n} {r.get('p50_ms')}" for n, r in entry.items()))
     return results
+
+
+def _joint_kernel_forms(q_img, k_txt, v_txt, p) -> dict:
+    """The raw kernel launch of joint attention's GAG - dense update in each kernel form."""
+    from gag_export.kernels import triton_gag
+
+    iters = kernels.guidance_schedule()
+    return {
+        "kernel-late-values" if late else "kernel-values-with-keys":
+            lambda late=late: triton_gag.launch(q_img, k_txt, v_txt, None, *p, None, *iters, minus_dense=True, late_values=late)
+        for late in triton_gag.KERNEL_FORMS
+    }
 
 
 def fused_sweep(q, k, v, p, timer, sdpa_graph: float | None = None) -> dict:

@@ -4,7 +4,8 @@ Builds the kernel ahead of time (`gag_export/kernels/aot.py`: Triton + its bundl
 each architecture and shape, as a launch would, and prints per build: the tile, registers and
 local memory (spills) per thread, shared memory per block against the GPU's limit, resident
 blocks per SM, and the SASS instructions one thread executes (loops counted by their trip
-counts). For the SDXL shape it also totals the warp instructions of a whole call per tile, the
+counts). Where the kernel's first form does not fit a GPU, the form a launch falls back to
+(values loaded after the entmax, `triton_gag.KERNEL_FORMS`) is built too. For the SDXL shape it also totals the warp instructions of a whole call per tile, the
 kernel's work; `--measured` puts an H200 block-size sweep from `bench_gpu.py` beside it.
 
 These are static counts, not times. Use them to compare builds of the same kernel (a change to
@@ -27,6 +28,7 @@ import torch
 
 from gag_export import kernels
 from gag_export.kernels import aot, guidance_schedule
+from gag_export.kernels.triton_gag import KERNEL_FORMS
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # mask kind -> (mask_mode, per key): "-row" masks are one row of keys for all queries (text padding)
@@ -36,6 +38,7 @@ MASKS = {"none": (0, False), "additive": (1, False), "bool": (2, False), "additi
 SHAPES = [("clip77-d64", 77, 64), ("clip77-d128", 77, 128), ("t5-256-d128", 256, 128), ("t5-512-d64", 512, 64), ("300-d40", 300, 40)]
 # the SDXL cross-attention calls of one UNet step at 1024x1024: (heads, queries, layers)
 SDXL_CALLS = [(10, 4096, 10), (20, 1024, 50)]
+FORM_NAMES = {False: "values-with-keys", True: "late-values"}
 # (BLOCK_M, warps, register cap): bench_gpu.py's sweep, the two largest tiles also capped at 128
 SWEEP = [(m, w, None) for m in (16, 32, 64, 128) for w in (4, 8)] + [(128, 8, 128), (64, 4, 128)]
 
@@ -85,10 +88,13 @@ def builds(args) -> list[dict]:
                     continue  # outside the dispatch's envelope: never built
                 for mask in args.masks.split(","):
                     mode, per_key = MASKS[mask]
-                    r = row(aot.build(arch, DTYPES[dtype], lk, d, mask_mode=mode, mask_per_key=per_key), mask)
-                    r["shape"] = name
-                    rows.append(r)
-                    _print_build(r)
+                    for late_values in KERNEL_FORMS:  # the next form only where the first does not fit
+                        r = row(aot.build(arch, DTYPES[dtype], lk, d, mask_mode=mode, mask_per_key=per_key, late_values=late_values), mask)
+                        r.update(shape=name, form=FORM_NAMES[late_values])
+                        rows.append(r)
+                        _print_build(r)
+                        if r["fits"]:
+                            break
     return rows
 
 
@@ -96,7 +102,7 @@ def sweep(args, measured: dict | None) -> list[dict]:
     rows = []
     for block_m, warps, maxnreg in SWEEP:
         r = row(aot.build(args.sweep_arch, torch.float16, 77, 64, block_m=block_m, num_warps=warps, maxnreg=maxnreg), "none")
-        r["maxnreg"] = maxnreg
+        r.update(maxnreg=maxnreg, form=FORM_NAMES[False])
         per_call = [call_warp_instructions(r, h, lq) for h, lq, _ in SDXL_CALLS]
         r["call_warp_instructions"] = dict(zip((f"{h}x{lq}" for h, lq, _ in SDXL_CALLS), per_call))
         r["step_warp_instructions"] = sum(x * n for x, (_, _, n) in zip(per_call, SDXL_CALLS))
@@ -125,7 +131,7 @@ def _short(measured: dict | None) -> str:
 def _print_build(r: dict) -> None:
     spill = f"{r['local_bytes']} B SPILL" if r["local_bytes"] else "0"
     fit = "fits" if r["fits"] else "DOES NOT FIT"
-    print(f"{r['arch']:6s} {r['dtype']:8s} {r['shape']:12s} mask={r['mask']:8s} tile {r['block_m']:3d}x{r['block_n']:3d}+{r['block_n2']:<3d}/{r['num_warps']}w"
+    print(f"{r['arch']:6s} {r['dtype']:8s} {r['shape']:12s} {r['form']:16s} mask={r['mask']:8s} tile {r['block_m']:3d}x{r['block_n']:3d}+{r['block_n2']:<3d}/{r['num_warps']}w"
           f"  regs {r['registers']:3d}  local {spill:>5s}  shared {r['shared_bytes'] / 1024:6.1f} KiB of {r['shared_limit'] / 1024:.0f} ({fit})"
           f"  blocks/SM {r['blocks_per_sm']}  SASS {r['sass_instructions']:6d}  executed/thread {r['executed_per_thread']}", flush=True)
 

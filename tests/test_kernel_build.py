@@ -62,10 +62,27 @@ def test_every_accepted_tile_runs_on_hopper(aot, dtype, lk, head_dim):
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_flux_joint_tile_fits_datacenter_gpus(aot, arch):
     # FLUX.1-schnell's image queries x 256 T5 keys, 24 heads of 128, in the joint form (GAG - dense
-    # in fp32). On the 99 KiB GPUs it does not fit: there "auto" falls back at launch.
+    # in fp32), in the kernel's first form (values loaded with the keys).
     build = aot.build(arch, torch.bfloat16, lk=256, head_dim=128, minus_dense=True)
     assert build.shared_bytes <= aot.ARCHS[arch].shared_memory_per_block, build
     assert build.local_bytes == 0, f"registers spill: {build}"
+
+
+@pytest.mark.parametrize("arch", ["sm_86", "sm_89"])
+@pytest.mark.parametrize("dtype, lk, head_dim, minus_dense", [
+    (torch.bfloat16, 256, 128, True),   # FLUX.1-schnell's joint tile
+    (torch.float16, 512, 64, False),    # T5's 512 keys
+])
+def test_t5_tiles_fit_the_99_kib_gpus_in_the_late_values_form(aot, arch, dtype, lk, head_dim, minus_dense):
+    # RTX 3090/4090, A10, L4, L40: the first form holds the key and value tiles at once and is
+    # refused there; the op then launches the form that loads the values after the entmax.
+    limit = aot.ARCHS[arch].shared_memory_per_block
+    first = aot.build(arch, dtype, lk, head_dim, minus_dense=minus_dense)
+    late = aot.build(arch, dtype, lk, head_dim, minus_dense=minus_dense, late_values=True)
+    assert first.shared_bytes > limit, "the first form fits: the late form would never run here"
+    assert late.shared_bytes <= limit, late
+    assert late.local_bytes == 0, f"registers spill: {late}"
+    assert late.executed_instructions(4, 3) <= 1.5 * first.executed_instructions(4, 3), (first, late)
 
 
 @pytest.mark.parametrize("mask_mode", [1, 2])
@@ -95,9 +112,9 @@ def test_unknown_arch_is_refused(aot):
         aot.build("sm_70", torch.float16, lk=77, head_dim=64)
 
 
-def test_resource_report_shows_why_auto_needs_its_launch_fallback(tmp_path):
-    # kernels/__init__.py says T5's 512 keys overflow the 99 KiB of an RTX 4090 (hence the
-    # run-time fallback of "auto") while CLIP's 77 fit it: the benchmark's report must agree.
+def test_resource_report_shows_which_form_fits_a_99_kib_gpu(tmp_path):
+    # kernels/__init__.py says T5's 512 keys overflow the 99 KiB of an RTX 4090 in the kernel's
+    # first form (hence the op's second form) while CLIP's 77 fit it: the report must agree.
     import importlib.util as iu
     import json
     from pathlib import Path
@@ -108,8 +125,9 @@ def test_resource_report_shows_why_auto_needs_its_launch_fallback(tmp_path):
     spec.loader.exec_module(report)
     out = tmp_path / "resources.json"
     assert report.main(["--archs", "sm_89", "--dtypes", "fp16", "--masks", "none", "--sweep-arch", "", "--json", str(out)]) == 0
-    fits = {r["shape"]: r["fits"] for r in json.loads(out.read_text())["builds"]}
-    assert fits["clip77-d64"] and fits["clip77-d128"]
-    assert not fits["t5-512-d64"]
+    fits = {(r["shape"], r["form"]): r["fits"] for r in json.loads(out.read_text())["builds"]}
+    assert fits["clip77-d64", "values-with-keys"] and fits["clip77-d128", "values-with-keys"]
+    assert ("clip77-d64", "late-values") not in fits, "the second form is built only where the first does not fit"
+    assert not fits["t5-512-d64", "values-with-keys"] and fits["t5-512-d64", "late-values"]
     with pytest.raises(SystemExit):
         report.parse_args(["--archs", "sm_70"])
