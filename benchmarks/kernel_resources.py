@@ -45,7 +45,7 @@ SWEEP = [(m, w, None) for m in (16, 32, 64, 128) for w in (4, 8)] + [(128, 8, 12
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--archs", default="sm_75,sm_80,sm_86,sm_89,sm_90", help=f"of {sorted(aot.ARCHS)}")
+    parser.add_argument("--archs", default=",".join(aot.ARCHS), help=f"of {sorted(aot.ARCHS)}")
     parser.add_argument("--dtypes", default="fp16,bf16,fp32")
     parser.add_argument("--masks", default="none,bool,bool-row", help=f"of {sorted(MASKS)}")
     parser.add_argument("--sweep-arch", default="sm_90", help="architecture of the tile sweep at the SDXL shape ('' skips it)")

@@ -1,8 +1,8 @@
 """Build the fused GAG kernel ahead of time for an NVIDIA architecture, on any machine.
 
 Triton lowers a kernel to PTX and assembles it with the ptxas it ships, with no GPU involved. So
-what the kernel costs on an H200 (sm_90), an RTX 4090 (sm_89) or a T4 (sm_75) can be read on a
-CPU-only machine: registers per thread, local memory (register spills), shared memory, and the SASS
+what the kernel costs on an H200 (sm_90), a B200 (sm_100), an RTX 4090 (sm_89), a Jetson AGX Orin
+(sm_87) or a T4 (sm_75) can be read on a CPU-only machine: registers per thread, local memory (register spills), shared memory, and the SASS
 instructions one thread executes. `tests/test_kernel_build.py` builds every kind of tile the
 dispatch can pick for the GPUs in `ARCHS` and checks it fits; `benchmarks/kernel_resources.py`
 prints the table. What this cannot tell is time: that needs the GPU (`benchmarks/bench_gpu.py`).
@@ -39,8 +39,11 @@ ARCHS = {
     "sm_75": Arch(75, "T4", 64 * 1024),
     "sm_80": Arch(80, "A100", 163 * 1024),
     "sm_86": Arch(86, "RTX 3090, A10, A40", 99 * 1024),
+    "sm_87": Arch(87, "Jetson AGX Orin", 163 * 1024),
     "sm_89": Arch(89, "RTX 4090, L4, L40", 99 * 1024),
     "sm_90": Arch(90, "H100, H200", 227 * 1024),
+    "sm_100": Arch(100, "B200, GB200", 227 * 1024),  # CUTLASS's sm100_smem_capacity_bytes, 232448
+    "sm_120": Arch(120, "RTX 5090, RTX PRO 6000", 99 * 1024),  # sm120_smem_capacity_bytes, 101376
 }
 
 _POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -164,7 +167,8 @@ def build(
 
 _INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*)$")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
-_BRANCH_TARGET = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)")
+# "BRA `(.L_x_5)", "@!P0 BRA `(.L_x_4)", and on Blackwell "BRA.U UP2, `(.L_x_18)" (uniform predicate)
+_BRANCH_TARGET = re.compile(r"BRA(?:\.\w+)*\s+(?:!?U?P\w*,\s*)?`?\(?(\.L_x_\d+)")
 
 
 def _read_cubin(cubin: bytes) -> tuple[int, int, int, tuple[tuple[str, int], ...]]:
@@ -172,7 +176,10 @@ def _read_cubin(cubin: bytes) -> tuple[int, int, int, tuple[tuple[str, int], ...
 
     Each loop is (kind, instructions in its body). The kernel's loops are the bisection and the
     Newton steps, told apart by the division only Newton has (MUFU.RCP); ptxas unrolls either
-    at times, and an unrolled loop is simply counted in full.
+    at times, and an unrolled loop is simply counted in full. Not loops of the kernel, and not
+    listed: on Blackwell (sm_100) the tensor-memory allocation retries with a NANOSLEEP in the
+    prologue, and the waits for asynchronous MMAs poll in blocks placed after EXIT that branch
+    back into the body; both run as often as the hardware makes them wait, so they count once.
     """
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "kernel.cubin")
@@ -181,7 +188,7 @@ def _read_cubin(cubin: bytes) -> tuple[int, int, int, tuple[tuple[str, int], ...
         sass = _run(_tool("nvdisasm"), "-c", path)
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
-    labels, instructions, loops = {}, [], []
+    labels, instructions, loops, exited = {}, [], [], False
     for line in sass.splitlines():
         label = _LABEL.match(line.strip())
         if label:
@@ -193,11 +200,13 @@ def _read_cubin(cubin: bytes) -> tuple[int, int, int, tuple[tuple[str, int], ...
         text = instruction.group(1)
         target = _BRANCH_TARGET.search(text)
         instructions.append(text)
+        exited = exited or text.startswith("EXIT")
         # A branch backwards closes a loop; one to itself is the trap ptxas puts after EXIT.
         start = labels.get(target.group(1), len(instructions)) if target else len(instructions)
-        if start < len(instructions) - 1:
+        if start < len(instructions) - 1 and not exited:
             body = instructions[start:]
-            loops.append(("newton" if any("MUFU.RCP" in i for i in body) else "bisect", len(body)))
+            if not any("NANOSLEEP" in i for i in body):
+                loops.append(("newton" if any("MUFU.RCP" in i for i in body) else "bisect", len(body)))
     return registers, local, len(instructions), tuple(loops)
 
 
