@@ -169,7 +169,7 @@ def _gag_attention_kernel(
     BISECT_ITERS: tl.constexpr,
     NEWTON_ITERS: tl.constexpr,
     MINUS_DENSE: tl.constexpr,  # write out - dense: the update joint attention (FLUX) adds
-    LATE_VALUES: tl.constexpr,  # load V after the entmax: keys and values never share memory
+    LATE_VALUES: tl.constexpr,  # load V after the entmax: K and V never in shared memory at once
 ):
     # The keys are a main tile of BLOCK_N plus, when BLOCK_N2 > 0, a tail tile of BLOCK_N2 (77
     # keys: 64 + 16 columns instead of 128). Every per-key step runs on both tiles and sums its
@@ -413,9 +413,10 @@ def launch(
 
 # The kernel's forms, in the order a launch tries them (the `late_values` flag of `launch`):
 # values loaded with the keys, the form tuned on an H200; then values loaded after the entmax,
-# so that the key and value tiles never share memory. The second needs about 40% less shared
-# memory for long key tiles and executes 5-25% more instructions (builds in
-# benchmarks/README.md): it lets T5's tiles run on the 99 KiB GPUs (RTX 3090/4090, A10, L4, L40).
+# so that the key and value tiles are never in shared memory at once. At T5's tiles the second
+# needs 26-40% less shared memory (130-132 -> 80-96 KiB) and executes 7-24% more instructions
+# (builds in benchmarks/README.md): it lets them run on the 99 KiB GPUs (RTX 3090/4090/5090, A10,
+# L4, L40).
 KERNEL_FORMS = (False, True)
 # What a GPU refused, so that a refused form costs one compile rather than one per call:
 # launch key -> (forms refused, Triton's reason for the last).
