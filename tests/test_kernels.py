@@ -79,6 +79,17 @@ def build_cases() -> list[dict]:
     full[..., 0] = True  # every query keeps a key
     add("mask_bool_full", q, k, v, 10.0, 15.0, 0.0, mask=full)
     add("mask_fp16_additive", *(t.half() for t in (q, k, v)), 10.0, 15.0, 0.0, mask=torch.zeros(2, 1, 1, 45).masked_fill(~keep, -1e4).half())
+    # masks that vary per query enter the kernel as the score dot's accumulator, divided by the
+    # scale (1/sqrt(40) is not a power of two) and multiplied back; and one in fp16 at SDXL's tile
+    g = torch.Generator().manual_seed(182)
+    q, k, v = _qkv(1, 2, 17, 50, 40, seed=182)
+    additive = (torch.randn(1, 2, 17, 50, generator=g) * 3).masked_fill(torch.rand(1, 2, 17, 50, generator=g) > 0.7, float("-inf"))
+    additive[..., 0] = 0.0
+    add("mask_additive_full_d40", q, k, v, 10.0, 15.0, 0.3, mask=additive)
+    q, k, v = _qkv(1, 2, 20, 77, 64, seed=183, dtype=torch.float16)
+    full = torch.rand(1, 2, 20, 77, generator=g) > 0.3
+    full[..., 3] = True
+    add("mask_bool_full_fp16_lk77_d64", q, k, v, 10.0, 15.0, 0.0, mask=full)
     # key tiles split into a main power of two and a tail (`triton_gag.key_tiles`): tails of 1 to
     # 44 keys, masked by bounds; 16, 17 and 64 keys take one tile
     for lk, d in ((33, 16), (65, 64), (70, 64), (77, 64), (130, 16), (300, 16), (16, 16), (17, 16), (64, 64)):
