@@ -26,14 +26,14 @@ The checks:
 5. head_dim <= 128, key count <= 512, and the key/value tile fits in shared memory
    (next_pow2(Lk) * next_pow2(d) * itemsize <= 64 KiB: fp16 d=64 takes 512 keys, d=128 256).
    The GPU's shared memory per block is checked by Triton at launch, against what the compiled
-   kernel needs: 16-58 KiB for CLIP's 77 keys at head_dim 64, fitting every GPU from the A100
-   on, but 130 KiB for T5's 512 keys, over the 99 KiB of an RTX 3090/4090, A10 or L4/L40
+   kernel needs: 16-48 KiB for CLIP's 77 keys at head_dim 64, fitting every GPU from the T4
+   on, but 130 KiB for T5's 512 keys, over the 99 KiB of an RTX 3090/4090/5090, A10 or L4/L40
    (`gag_export/kernels/aot.py` builds the kernel for each architecture without a GPU and
    reads this). A refused launch moves on to the kernel's second form, which loads the values
-   after the entmax so that keys and values never share memory (96 KiB for those 512 keys; see
-   `triton_gag.KERNEL_FORMS`); what a GPU refused is remembered per shape. When every form is
-   refused (a T4's 64 KiB, say), "auto" runs the PyTorch path for that call (warning once per
-   shape) and "fused" raises InvalidInputError.
+   after the entmax, so that keys and values are never in shared memory at once (96 KiB for
+   those 512 keys; see `triton_gag.KERNEL_FORMS`); what a GPU refused is remembered per shape.
+   When every form is refused (a T4's 64 KiB, say), "auto" runs the PyTorch path for that call
+   (warning once per shape) and "fused" raises InvalidInputError.
 6. The mask, if any, is bool (True = attend) or floating (additive), on q's device, and
    broadcastable to [B, H, Lq, Lk].
 7. scale, eta, zeta are numbers or 0-d tensors.
