@@ -205,11 +205,11 @@ def gag_attention(
     "auto" (fused on CUDA where it can run, else bisect; exports always get the PyTorch path).
     """
     if method in ("fused", "auto"):
-        from .kernels import fused_gag_attention, resolve_method  # lazy: Triton only when used
+        from .kernels import run_fused_if_chosen  # lazy: Triton only when used
 
-        asked, method = method, resolve_method(method, q, k, v, alpha, attn_mask, scale, eta, zeta)
-        if method == "fused":
-            return fused_gag_attention(q, k, v, scale, eta, zeta, attn_mask, fallback=asked == "auto")
+        method, fused = run_fused_if_chosen(method, q, k, v, alpha, attn_mask, scale, eta, zeta)
+        if fused is not None:
+            return fused
     if COMPILE_REGION and _pytorch_gag_region is not None and torch.compiler.is_dynamo_compiling():
         from .kernels import _exporting
 
@@ -265,14 +265,12 @@ def gag_joint_attention(
     dense_joint, text_mass = joint[..., :-1], joint[..., -1:]
 
     q_img, k_txt, v_txt = q[:, :, text_len:], k[:, :, :text_len], v[:, :, :text_len]
-    asked = method
+    update = None
     if method in ("fused", "auto"):
-        from .kernels import fused_gag_attention, resolve_method  # lazy: Triton only when used
+        from .kernels import run_fused_if_chosen  # lazy: Triton only when used
 
-        method = resolve_method(method, q_img, k_txt, v_txt, alpha, None, scale, eta, zeta)
-    if method == "fused":
-        update = fused_gag_attention(q_img, k_txt, v_txt, scale, eta, zeta, fallback=asked == "auto", minus_dense=True)
-    else:
+        method, update = run_fused_if_chosen(method, q_img, k_txt, v_txt, alpha, None, scale, eta, zeta, minus_dense=True)
+    if update is None:
         z_txt = _scores(q_img, k_txt, None)
         dense_txt, sparse_txt = _dense_and_sparse(z_txt, v_txt, alpha, method)
         update = gag_combine(dense_txt, sparse_txt, scale, eta, zeta) - dense_txt

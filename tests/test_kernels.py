@@ -600,6 +600,26 @@ def test_auto_runs_the_pytorch_path_where_the_gpu_refuses_the_launch(monkeypatch
 
 
 @needs_triton
+@pytest.mark.parametrize("joint", [False, True])
+def test_only_auto_falls_back_when_every_kernel_form_is_refused(monkeypatch, joint):
+    # the rule both entry points share (`kernels.run_fused_if_chosen`): "auto" runs the PyTorch
+    # path when the GPU refuses every form, "fused" says why; the dispatch is made to pick the
+    # kernel here, on CPU, so that the launch is reached
+    _refuse_launch(monkeypatch)
+    monkeypatch.setattr(kernels, "resolve_method", lambda method, *args: "fused")
+    q, k, v = _qkv(1, 2, 28, 28 if joint else 77, 16, seed=12)
+
+    def run(method):
+        if joint:
+            return gag_joint_attention(q, k, v, 20, 10.0, 15.0, 0.0, method=method)
+        return gag_attention(q, k, v, 10.0, 15.0, 0.0, method=method)
+
+    torch.testing.assert_close(run("auto"), run("bisect"), atol=1e-5, rtol=1e-5)
+    with pytest.raises(InvalidInputError, match="cannot run the kernel"):
+        run("fused")
+
+
+@needs_triton
 def test_fused_says_why_the_gpu_refuses_the_launch(monkeypatch):
     _refuse_launch(monkeypatch)
     q, k, v = _qkv(1, 2, 8, 512, 64, seed=7)

@@ -95,9 +95,10 @@ def block_sizes(lk: int, head_dim: int, itemsize: int = 2) -> tuple[int, int, in
     For 16-bit inputs with up to 128 keys (CLIP's 77) and head_dim <= 64: 128 queries and 8 warps,
     the fastest of the (BLOCK_M in 16..128) x (4, 8 warps) sweep on an H200 at both SDXL
     cross-attention shapes (benchmarks/README.md, "Fused GAG kernel": 0.046 ms against 0.082 for
-    32 x 4 warps at 10 heads x 4096 queries, 0.041 against 0.039 at 20 x 1024). Elsewhere (fp32, head_dim 128, T5's 512 keys: unmeasured) the query block shrinks as
-    the key tile grows so the few [BLOCK_M, BLOCK_N] fp32 tiles stay in registers and the dot
-    operands fit the shared memory of smaller GPUs than Hopper.
+    32 x 4 warps at 10 heads x 4096 queries, 0.041 against 0.039 at 20 x 1024). Elsewhere (fp32,
+    head_dim 128, T5's 512 keys: unmeasured) the query block shrinks as the key tile grows so the
+    few [BLOCK_M, BLOCK_N] fp32 tiles stay in registers and the dot operands fit the shared memory
+    of smaller GPUs than Hopper.
     """
     padded = max(16, _next_pow2(lk))
     block_n, block_n2 = key_tiles(lk)
@@ -211,6 +212,20 @@ def resolve_method(method: str, q, k, v, alpha, attn_mask, scale, eta, zeta) -> 
         return "bisect"
     error, reason = why
     raise error(f"gag_attention(method='fused'): {reason}")
+
+
+def run_fused_if_chosen(method: str, q, k, v, alpha, attn_mask, scale, eta, zeta, minus_dense: bool = False):
+    """(method resolved, the fused kernel's output or None) for "fused" / "auto".
+
+    The one place of the rule both GAG entry points follow: `resolve_method` picks the kernel or
+    the PyTorch path; the kernel then falls back at launch (a GPU short of shared memory for
+    every form) only when "auto" asked for it. None: run the returned PyTorch method instead.
+    """
+    resolved = resolve_method(method, q, k, v, alpha, attn_mask, scale, eta, zeta)
+    if resolved != "fused":
+        return resolved, None
+    out = fused_gag_attention(q, k, v, scale, eta, zeta, attn_mask, fallback=method == "auto", minus_dense=minus_dense)
+    return resolved, out
 
 
 def guidance_schedule() -> tuple[int, int]:
