@@ -19,8 +19,6 @@ ONE_THREAD = BackendOptions(threads=1)
 PROMPT = "a photo of a cat sitting on a wooden table"
 
 
-
-
 def exported_graphs(tmp_path_factory, model: str) -> Path:
     """The graphs root holding `<root>/<model>/manifest.json` (exported once per session, GAG bisect)."""
     from gag_export.export import DEFAULT_EXPORT_GAG, ExportConfig, export_model
