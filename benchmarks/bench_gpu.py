@@ -573,8 +573,7 @@ def fused_sweep(q, k, v, p, timer, sdpa_graph: float | None = None) -> dict:
     iters = kernels.guidance_schedule()
     default = kernels.block_sizes(k.shape[2], q.shape[3], q.element_size())
     out = {"default": {"block_m": default[0], "num_warps": default[-1]}}
-    tiles = [(m, w, None) for m in (16, 32, 64, 128) for w in (4, 8)] + [(128, 8, 128), (64, 4, 128)]
-    for block_m, warps, maxnreg in tiles:
+    for block_m, warps, maxnreg in kernels.SWEEP_TILES:
         name = f"m{block_m}_w{warps}" + (f"_r{maxnreg}" if maxnreg else "")
 
         def fn(block_m=block_m, warps=warps, maxnreg=maxnreg):

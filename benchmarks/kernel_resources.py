@@ -39,8 +39,6 @@ SHAPES = [("clip77-d64", 77, 64), ("clip77-d128", 77, 128), ("t5-256-d128", 256,
 # the SDXL cross-attention calls of one UNet step at 1024x1024: (heads, queries, layers)
 SDXL_CALLS = [(10, 4096, 10), (20, 1024, 50)]
 FORM_NAMES = {False: "values-with-keys", True: "late-values"}
-# (BLOCK_M, warps, register cap): bench_gpu.py's sweep, the two largest tiles also capped at 128
-SWEEP = [(m, w, None) for m in (16, 32, 64, 128) for w in (4, 8)] + [(128, 8, 128), (64, 4, 128)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,7 +98,7 @@ def builds(args) -> list[dict]:
 
 def sweep(args, measured: dict | None) -> list[dict]:
     rows = []
-    for block_m, warps, maxnreg in SWEEP:
+    for block_m, warps, maxnreg in kernels.SWEEP_TILES:
         r = row(aot.build(args.sweep_arch, torch.float16, 77, 64, block_m=block_m, num_warps=warps, maxnreg=maxnreg), "none")
         r.update(maxnreg=maxnreg, form=FORM_NAMES[False])
         per_call = [call_warp_instructions(r, h, lq) for h, lq, _ in SDXL_CALLS]

@@ -87,6 +87,12 @@ def key_tiles(lk: int) -> tuple[int, int]:
     return (main, tail) if main + tail < padded else (padded, 0)
 
 
+# The (BLOCK_M, num_warps, register cap) tiles a block-size sweep compares at the SDXL shape: GPU
+# times in benchmarks/bench_gpu.py, builds in benchmarks/kernel_resources.py. The two largest
+# also capped at 128 registers per thread (None: ptxas's choice).
+SWEEP_TILES = tuple((m, w, None) for m in (16, 32, 64, 128) for w in (4, 8)) + ((128, 8, 128), (64, 4, 128))
+
+
 def block_sizes(lk: int, head_dim: int, itemsize: int = 2) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_N2, BLOCK_D, num_warps) for a key count, head size and input item size.
 
