@@ -638,12 +638,15 @@ def deserialize_engine(plan: bytes):
 
 
 def find_engine(
-    out_dir: Path, model: str, component: str, target: RuntimeTarget, onnx_sha256: str, precision: Precision
+    out_dir: Path, model: str, component: str, target: RuntimeTarget, onnx_sha256: str, precision: Precision | None = None
 ) -> Path | None:
-    """The cached plan for this component, ONNX graph, target and precision, if one exists (the
-    newest of any builder settings). Loading it still goes through `load_engine_bytes`."""
+    """The cached plan for this component, ONNX graph and target, if one exists: the newest of any
+    builder settings, and of any engine precision unless `precision` names one (an fp32 graph
+    can have fp32 engines and weakly typed fp16/bf16 ones). Loading it still goes through
+    `load_engine_bytes`."""
     folder = Path(out_dir) / model / component
-    prefix = f"{onnx_sha256[:12]}-trt{_version_tag(target.trt_version)}-{target.sm_tag}-{Precision(precision).value}-"
+    precision_tag = "*" if precision is None else Precision(precision).value
+    prefix = f"{onnx_sha256[:12]}-trt{_version_tag(target.trt_version)}-{target.sm_tag}-{precision_tag}-"
     plans = sorted(folder.glob(f"{prefix}*.plan"), key=lambda p: p.stat().st_mtime, reverse=True)
     return plans[0] if plans else None
 
@@ -691,8 +694,11 @@ def _raise_os_error(exc: OSError, dest: Path):
 
 
 def default_timing_cache(out_dir: Path, target: RuntimeTarget) -> Path:
-    """Timing caches are per TensorRT version and GPU architecture, so the default path says both."""
-    return Path(out_dir) / "timing" / f"trt{_version_tag(target.trt_version)}-{target.sm_tag}.cache"
+    """Timing caches hold kernel timings of one TensorRT version on one GPU model (TensorRT's docs:
+    specific to the device and the versions), so the default path names all three: two GPUs of
+    the same architecture (an H100 PCIe and an SXM) must not pool their timings."""
+    gpu = re.sub(r"[^0-9A-Za-z]+", "_", target.gpu_name).strip("_") or "gpu"
+    return Path(out_dir) / "timing" / f"trt{_version_tag(target.trt_version)}-{target.sm_tag}-{gpu}.cache"
 
 
 def component_specs(

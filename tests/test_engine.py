@@ -309,6 +309,32 @@ def test_load_engine_bytes_returns_the_validated_plan(tmp_path):
     assert eng.find_engine(tmp_path / "engines", "tiny-test", "unet", H100, sha, Precision.FP32) is None
 
 
+def test_the_runtime_finds_the_weakly_typed_engines_of_an_fp32_graph(tmp_path):
+    # an fp32 graph built with --weakly-typed --precision fp16 has an engine named fp16: the
+    # runtime (and generate's "build what is missing") must take it, not look for fp32 only
+    from gag_export.runtime.prepare import _missing_engines
+
+    onnx_path = tmp_path / "m.onnx"
+    attn = _onnx_with_scopes(onnx_path)
+    graphs = write_graphs(tmp_path, dtype="fp32", data=onnx_path.read_bytes(), rewritten=[attn])
+    out = tmp_path / "engines"
+    (record,) = build_fake(graphs, out, FakePlanBuilder(), precision="fp16", weakly_typed=True)
+    sha = record.sidecar.onnx_sha256
+    assert "-fp16-" in record.path.name
+    assert eng.find_engine(out, "tiny-test", "unet", H100, sha, Precision.FP32) is None
+    assert eng.find_engine(out, "tiny-test", "unet", H100, sha) == record.path
+    manifest = SimpleNamespace(model="tiny-test", components={"unet": {"sha256": sha}})
+    assert _missing_engines(manifest, out, H100) == []
+    assert _missing_engines(manifest, tmp_path / "elsewhere", H100) == ["unet"]
+
+
+def test_timing_caches_are_per_tensorrt_version_and_gpu_model(tmp_path):
+    pcie = RuntimeTarget(H100.trt_version, "NVIDIA H100 PCIe", H100.sm)  # same sm as the SXM H100
+    paths = {eng.default_timing_cache(tmp_path, t) for t in (H100, pcie, dataclasses.replace(H100, trt_version="11.4.0.9"))}
+    assert len(paths) == 3
+    assert eng.default_timing_cache(tmp_path, H100).name == "trt10.13.0.35-sm90-NVIDIA_H100_80GB_HBM3.cache"
+
+
 @pytest.fixture
 def built(tmp_path):
     graphs = write_graphs(tmp_path)

@@ -576,14 +576,13 @@ def load_components(
 
 
 def _tensorrt_components(manifest: Manifest, graphs_root: Path, engines_root: Path, options: BackendOptions) -> dict:
-    from ..engine import Precision as EnginePrecision  # noqa: PLC0415
     from ..engine import RuntimeTarget, find_engine, trt_features  # noqa: PLC0415
 
     caps = trt_features()  # MissingDependencyError without tensorrt
     target = RuntimeTarget.current(caps)  # MissingDependencyError without a GPU
     components = {}
     for name, entry in manifest.components.items():
-        plan = find_engine(engines_root, manifest.model, name, target, entry["sha256"], EnginePrecision(manifest.data["dtype"]))
+        plan = find_engine(engines_root, manifest.model, name, target, entry["sha256"])  # any precision, newest first
         if plan is None:
             raise ArtifactError(
                 f"no TensorRT engine for {manifest.model}/{name} (graph {entry['sha256'][:12]}, TensorRT {target.trt_version}, "

@@ -31,13 +31,12 @@ class PrepareStep:
 
 
 def _missing_engines(manifest, engines: Path, target) -> list[str]:
-    from ..engine import Precision as EnginePrecision  # noqa: PLC0415
     from ..engine import find_engine  # noqa: PLC0415
 
     return [
         name
         for name, entry in manifest.components.items()
-        if find_engine(engines, manifest.model, name, target, entry["sha256"], EnginePrecision(manifest.data["dtype"])) is None
+        if find_engine(engines, manifest.model, name, target, entry["sha256"]) is None
     ]
 
 
