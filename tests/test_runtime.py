@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -427,3 +428,30 @@ def test_tensorrt_component_io(trt_samplers):
     assert shape == ImageShape(64, 64)
     out = components["text_encoder"].infer({"input_ids": np.full((1, 77), 999, dtype=np.int64)})
     assert out["text_embeddings"].shape == (1, 77, 32) and isinstance(out["text_embeddings"], np.ndarray)
+
+
+def _fake_engine(tensors: dict[str, tuple[str, str]]):
+    """A stand-in for a TensorRT engine: name -> (mode, location); and the enums it answers with."""
+    trt = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="in", OUTPUT="out"),
+                          TensorLocation=SimpleNamespace(DEVICE="device", HOST="host"))
+    engine = SimpleNamespace(get_tensor_location=lambda name: tensors[name][1])
+    inputs = [n for n, (mode, _) in tensors.items() if mode == "in"]
+    outputs = [n for n, (mode, _) in tensors.items() if mode == "out"]
+    return engine, trt, inputs, outputs
+
+
+def test_tensorrt_component_accepts_inputs_the_builder_dropped_and_refuses_other_io():
+    from gag_export.models.base import TensorSpec
+    from gag_export.runtime.backends import TensorRTComponent
+
+    specs = [TensorSpec("sample", "float32", (1, 4, 8, 8)), TensorSpec("gag_zeta", "float32", ())]
+    component = TensorRTComponent("unet", "denoiser", specs, [TensorSpec("noise_pred", "float32", (1, 4, 8, 8))],
+                                  plan_path="unet.plan", target=None)
+    # TensorRT drops inputs no output depends on (gag_zeta when the graph folded it away): fine
+    component._check_io(*_fake_engine({"sample": ("in", "device"), "noise_pred": ("out", "device")}))
+    with pytest.raises(ArtifactError, match="the manifest says"):  # an input the manifest lacks
+        component._check_io(*_fake_engine({"sample": ("in", "device"), "extra": ("in", "device"), "noise_pred": ("out", "device")}))
+    with pytest.raises(ArtifactError, match="the manifest says"):  # a missing output
+        component._check_io(*_fake_engine({"sample": ("in", "device")}))
+    with pytest.raises(ArtifactError, match="host"):
+        component._check_io(*_fake_engine({"sample": ("in", "host"), "noise_pred": ("out", "device")}))

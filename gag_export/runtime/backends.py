@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError
+from ..errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError, ResourceExhaustedError
 from ..export import Manifest, to_numpy, to_torch
 from ..models.base import TensorSpec
 
@@ -325,7 +325,11 @@ class TensorRTComponent(Component):
     addresses set on the execution context; each call copies the feed into them, runs, and copies
     the outputs back to the host. With `cuda_graph`, the first run at a shape is a warm-up and
     the second captures `execute_async_v3` into a CUDA graph that later calls replay (TensorRT
-    needs one enqueue before capture to finish its lazy allocations).
+    needs one enqueue before capture to finish its lazy allocations; a capture that fails is not
+    tried again at that shape, the calls enqueue instead).
+
+    TensorRT may drop graph inputs that no output depends on; the engine then takes a subset of
+    the manifest's inputs, and the others are checked and not fed.
     """
 
     backend = "tensorrt"
@@ -342,6 +346,8 @@ class TensorRTComponent(Component):
         self._buffers: dict[str, torch.Tensor] = {}
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._runs_at_shape = 0
+        self._capture_failed = False
+        self._engine_inputs: list[str] = []
 
     def _activate(self) -> None:
         from ..engine import deserialize_engine, import_tensorrt, load_engine_bytes  # noqa: PLC0415
@@ -349,21 +355,40 @@ class TensorRTComponent(Component):
         trt = import_tensorrt()
         if not torch.cuda.is_available():
             raise MissingDependencyError("the tensorrt backend needs a CUDA GPU that torch can see (torch.cuda is unavailable)")
-        engine = deserialize_engine(load_engine_bytes(self.plan_path, self.target, onnx_sha256=self.onnx_sha256))
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if sorted(inputs) != sorted(self.input_names) or sorted(outputs) != sorted(self.output_names):
+        # TensorRT deserializes onto, and runs on, the current CUDA device: make it this component's
+        with torch.cuda.device(self.device):
+            engine = deserialize_engine(load_engine_bytes(self.plan_path, self.target, onnx_sha256=self.onnx_sha256))
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+            self._check_io(engine, trt, inputs, outputs)
+            context = engine.create_execution_context()
+            if context is None:  # TensorRT returns None (and logs why) when it cannot allocate one
+                raise ResourceExhaustedError(
+                    f"{self.name}: TensorRT could not create an execution context for {self.plan_path} "
+                    "(out of GPU memory? see the TensorRT log)"
+                )
+            self._stream = torch.cuda.Stream(self.device)
+        self._trt = trt
+        self._engine = engine
+        self._context = context
+        self._engine_inputs = inputs
+        self._dtypes = {n: _trt_torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
+        self._dynamic = {n for n in inputs if any(d < 0 for d in engine.get_tensor_shape(n))}
+
+    def _check_io(self, engine, trt, inputs: list[str], outputs: list[str]) -> None:
+        """The engine's tensors must be the manifest's (inputs TensorRT dropped aside), all on the GPU."""
+        if not set(inputs) <= set(self.input_names) or sorted(outputs) != sorted(self.output_names):
             raise ArtifactError(
                 f"engine {self.plan_path} takes {inputs} -> {outputs}, the manifest says {self.input_names} -> "
                 f"{self.output_names}; rebuild it with `gag-export engine <graphs> --rebuild`"
             )
-        self._trt = trt
-        self._engine = engine
-        self._context = engine.create_execution_context()
-        self._stream = torch.cuda.Stream(self.device)
-        self._dtypes = {n: _trt_torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
-        self._dynamic = {n for n in inputs if any(d < 0 for d in engine.get_tensor_shape(n))}
+        dropped = [n for n in self.input_names if n not in inputs]
+        if dropped:
+            log.debug("%s: the engine has no input(s) %s (TensorRT dropped them as unused)", self.name, dropped)
+        on_host = [n for n in inputs + outputs if engine.get_tensor_location(n) == trt.TensorLocation.HOST]
+        if on_host:  # shape tensors live on the host; this runtime binds device buffers only
+            raise ArtifactError(f"engine {self.plan_path}: tensors {on_host} are host (shape) tensors, which this runtime does not feed")
 
     def _deactivate(self) -> None:
         self._graph = None
@@ -375,6 +400,7 @@ class TensorRTComponent(Component):
         """Set input shapes, allocate every buffer for them and bind the addresses (once per shape set)."""
         self._graph = None
         self._runs_at_shape = 0
+        self._capture_failed = False
         for name, shape in shapes.items():
             if name in self._dynamic and not self._context.set_input_shape(name, shape):
                 raise InvalidInputError(
@@ -397,26 +423,41 @@ class TensorRTComponent(Component):
             raise GagExportError(f"{self.name}: TensorRT execute_async_v3 failed (see the TensorRT log)")
 
     def _infer(self, feed):
+        feed = {name: feed[name] for name in self._engine_inputs}
         shapes = {name: tuple(tensor.shape) for name, tensor in feed.items()}
-        if shapes != self._shapes:
-            self._allocate(shapes)
-        with torch.cuda.stream(self._stream):
-            for name, tensor in feed.items():
-                self._buffers[name].copy_(tensor, non_blocking=True)
-            if self._graph is not None:
-                self._graph.replay()
-            elif self.cuda_graph and self._runs_at_shape >= 1:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self._stream):
-                    self._enqueue()
-                self._graph = graph
-                graph.replay()  # capture records the work; replay does it
-            else:
-                self._enqueue()
-            outputs = {name: self._buffers[name].to("cpu", non_blocking=False) for name in self.output_names}
-        self._stream.synchronize()
+        with torch.cuda.device(self.device):
+            if shapes != self._shapes:
+                self._allocate(shapes)
+            # CUDA inputs may still be being written on the caller's stream (check_feed's dtype cast
+            # among them): the copies on this component's stream must wait for that work
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                for name, tensor in feed.items():
+                    self._buffers[name].copy_(tensor, non_blocking=True)
+                self._run()
+                outputs = {name: self._buffers[name].to("cpu", non_blocking=False) for name in self.output_names}
+            self._stream.synchronize()
         self._runs_at_shape += 1
         return {name: to_numpy(tensor) for name, tensor in outputs.items()}
+
+    def _run(self) -> None:
+        """Replay the captured graph, capture one (second run at a shape), or enqueue."""
+        if self._graph is not None:
+            self._graph.replay()
+            return
+        if self.cuda_graph and self._runs_at_shape >= 1 and not self._capture_failed:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=self._stream):
+                    self._enqueue()
+            except RuntimeError as exc:  # e.g. a plugin or layer that cannot be captured
+                self._capture_failed = True
+                log.warning("%s: CUDA graph capture failed (%s); enqueueing without a graph", self.name, exc)
+            else:
+                self._graph = graph
+                graph.replay()  # capture records the work; replay does it
+                return
+        self._enqueue()
 
 
 # --------------------------------------------------------------------------------------------
