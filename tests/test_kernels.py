@@ -86,6 +86,11 @@ def build_cases() -> list[dict]:
     additive = (torch.randn(1, 2, 17, 50, generator=g) * 3).masked_fill(torch.rand(1, 2, 17, 50, generator=g) > 0.7, float("-inf"))
     additive[..., 0] = 0.0
     add("mask_additive_full_d40", q, k, v, 10.0, 15.0, 0.3, mask=additive)
+    # torch.finfo(float32).min as "masked" (as some pipelines write it): divided by the scale it
+    # must not overflow to -inf, or a row masked everywhere gives NaN where the PyTorch path does not
+    finfo_min = torch.zeros(1, 2, 17, 50).masked_fill(torch.rand(1, 2, 17, 50, generator=g) > 0.6, torch.finfo(torch.float32).min)
+    finfo_min[:, :, 3] = torch.finfo(torch.float32).min
+    add("mask_additive_finfo_min_rows_d40", q, k, v, 10.0, 15.0, 0.3, mask=finfo_min)
     q, k, v = _qkv(1, 2, 20, 77, 64, seed=183, dtype=torch.float16)
     full = torch.rand(1, 2, 20, 77, generator=g) > 0.3
     full[..., 3] = True
@@ -303,6 +308,18 @@ def test_fused_kernel_on_cuda_realistic_shapes(dtype, heads, lq, lk, d):
     ref = gag_attention(q.float(), k.float(), v.float(), 10.0, 15.0, 0.0, method="sort")
     torch.testing.assert_close(out.float(), ref, **tolerance(dtype))
     assert gag_attention(q, k, v, 10.0, 15.0, 0.0, method="auto").equal(out)
+
+
+@gpu
+@needs_triton
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_fused_kernel_runs_on_the_tensors_gpu_not_the_current_one():
+    torch.cuda.set_device(0)
+    q, k, v = (t.to("cuda:1") for t in _qkv(1, 10, 1024, 77, 64, seed=5, dtype=torch.float16))
+    out = gag_attention(q, k, v, 10.0, 15.0, 0.0, method="fused")
+    assert out.device == q.device and torch.cuda.current_device() == 0
+    ref = gag_attention(q.float(), k.float(), v.float(), 10.0, 15.0, 0.0, method="sort")
+    torch.testing.assert_close(out.float(), ref, **tolerance(torch.float16))
 
 
 @gpu
