@@ -440,6 +440,43 @@ def test_explicit_fused_without_triton_raises_missing_dependency(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "shapes, match",
+    [
+        # FLUX at 2048x2048 (24 heads x 16384 image tokens x 128) from batch 43 on: int32 offsets wrap
+        (dict(q=(43, 24, 16384, 128), kv=(43, 24, 256, 128)), "q, output span 2"),
+        (dict(q=(42, 24, 16384, 128), kv=(42, 24, 256, 128)), None),
+        # a per-query mask spans far more than q: [B, H, Lq, Lk]
+        (dict(q=(48, 24, 4096, 64), kv=(48, 24, 512, 64), mask=(48, 24, 4096, 512)), "attention mask span"),
+        (dict(q=(48, 24, 4096, 64), kv=(48, 24, 512, 64), mask=(48, 1, 1, 512)), None),
+        (dict(q=(3277, 20, 16, 64), kv=(3277, 20, 77, 64)), "grid limit"),
+    ],
+)
+def test_fused_limits_of_the_launch(shapes, match):
+    # what the interpreter cannot show (it computes offsets in int64 and has no grid limit),
+    # checked on meta tensors: the shapes alone decide
+    q = torch.empty(shapes["q"], dtype=torch.float16, device="meta")
+    k = v = torch.empty(shapes["kv"], dtype=torch.float16, device="meta")
+    mask = torch.empty(shapes["mask"], dtype=torch.float16, device="meta") if "mask" in shapes else None
+    reason = kernels.fused_shape_reason(q, k, v, 1.5, mask, 10.0, 15.0, 0.0)
+    if match is None:
+        assert reason is None
+    else:
+        assert reason is not None and match in reason, reason
+
+
+def test_a_mask_that_needs_grad_takes_the_pytorch_path(monkeypatch):
+    monkeypatch.setattr(kernels, "_device_ok", lambda q, explicit: True)
+    monkeypatch.setattr(kernels, "_TRITON_OK", True)
+    q, k, v = _small()
+    bias = torch.zeros(k.shape[2], requires_grad=True)  # a learned additive bias
+    with pytest.raises(InvalidInputError, match="backward"):
+        kernels.resolve_method("fused", q, k, v, 1.5, bias, 10.0, 15.0, 0.0)
+    assert kernels.resolve_method("auto", q, k, v, 1.5, bias, 10.0, 15.0, 0.0) == "bisect"
+    with torch.no_grad():
+        assert kernels.resolve_method("auto", q, k, v, 1.5, bias, 10.0, 15.0, 0.0) == "fused"
+
+
+@pytest.mark.parametrize(
     "change, match",
     [
         (dict(lk=513), "keys"),

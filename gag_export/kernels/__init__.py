@@ -34,10 +34,14 @@ The checks:
    those 512 keys; see `triton_gag.KERNEL_FORMS`); what a GPU refused is remembered per shape.
    When every form is refused (a T4's 64 KiB, say), "auto" runs the PyTorch path for that call
    (warning once per shape) and "fused" raises InvalidInputError.
+   Launch limits the interpreter cannot show: batch x heads <= 65535 (the grid's second axis,
+   which CUDA caps), and q, k, v, the output and the mask each span < 2**31 elements (the
+   kernel's offsets are 32-bit integers: FLUX at 2048x2048 reaches that from batch 43 on).
 6. The mask, if any, is bool (True = attend) or floating (additive), on q's device, and
    broadcastable to [B, H, Lq, Lk].
 7. scale, eta, zeta are numbers or 0-d tensors.
-8. No autograd needed (no input requires grad while grad is enabled): the kernel has no backward.
+8. No autograd needed (no input, mask included, requires grad while grad is enabled): the
+   kernel has no backward.
 
 `gag_joint_attention` (FLUX) runs the kernel on its image-query x text-key part, with the same
 checks on those shapes, asking it for GAG minus the dense output (the update it adds).
@@ -58,6 +62,8 @@ log = logging.getLogger(__name__)
 MAX_KEYS = 512
 MAX_HEAD_DIM = 128
 MAX_KV_TILE_BYTES = 64 * 1024
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, where the kernel puts batch x heads
+MAX_SPAN = 2**31  # elements a tensor may span: the kernel computes its offsets in int32
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Whether Triton is installed, looked up once without importing it (importing torch._dynamo or
@@ -185,6 +191,14 @@ def fused_shape_reason(q, k, v, alpha, attn_mask, scale, eta, zeta) -> str | Non
     tile = _next_pow2(max(Lk, 16)) * _next_pow2(max(d, 16)) * q.element_size()
     if tile > MAX_KV_TILE_BYTES:
         return f"key/value tile of {Lk} keys x head_dim {d} in {q.dtype} exceeds {MAX_KV_TILE_BYTES} bytes"
+    if B * H > MAX_GRID_Y:
+        return f"batch x heads = {B * H} is over the kernel's grid limit of {MAX_GRID_Y}"
+    spans = {"q": _span(q), "k": _span(k), "v": _span(v), "output": q.numel()}
+    if attn_mask is not None:
+        spans["attention mask"] = _span(attn_mask)
+    too_long = [name for name, span in spans.items() if span >= MAX_SPAN]
+    if too_long:
+        return f"{', '.join(too_long)} span 2**31 elements or more, past the kernel's 32-bit offsets"
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             return f"attention mask must be bool or floating, got {attn_mask.dtype}"
@@ -201,10 +215,15 @@ def fused_shape_reason(q, k, v, alpha, attn_mask, scale, eta, zeta) -> str | Non
                 return f"{name} must be a number or a 0-d tensor, got shape {tuple(value.shape)}"
         elif not isinstance(value, (int, float)):
             return f"{name} must be a number or a 0-d tensor, got {type(value).__name__}"
-    tensors = [q, k, v] + [p for p in (scale, eta, zeta) if isinstance(p, torch.Tensor)]
+    tensors = [q, k, v] + [p for p in (scale, eta, zeta, attn_mask) if isinstance(p, torch.Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "the fused kernel has no backward; inputs require grad (use torch.no_grad or 'bisect')"
     return None
+
+
+def _span(t: torch.Tensor) -> int:
+    """How many elements apart a tensor's first and last element lie, plus one (its strided extent)."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
 
 
 def resolve_method(method: str, q, k, v, alpha, attn_mask, scale, eta, zeta) -> str:
