@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gag_export import kernels  # noqa: E402
-from gag_export.guidance import GAGConfig, gag_attention, gag_joint_attention  # noqa: E402
+from gag_export.guidance import JOINT_PAD, GAGConfig, gag_attention, gag_joint_attention  # noqa: E402
 
 VARIANTS = {
     # name: GAGConfig.method, or None for the plain model
@@ -514,6 +514,9 @@ def core_section(args, device, timer) -> dict:
 def joint_section(args, device, timer) -> dict:
     """FLUX joint attention (head_dim 128): plain SDPA over [text; image] vs GAG bisect vs fused.
 
+    Also SDPA alone in the padded layout GAG's dense call uses, and in the layout it used before
+    (v one channel wider than q and k, which keeps SDPA off its flash kernels).
+
     Also the kernel alone on the image-query x text-key part in both of its forms
     (`triton_gag.KERNEL_FORMS`): values loaded with the keys, what this GPU runs, and after the
     entmax, what a 99 KiB GPU (RTX 4090, L4) runs for T5's tiles: the price of that form here.
@@ -526,6 +529,11 @@ def joint_section(args, device, timer) -> dict:
         q, k, v = (torch.randn(args.batch, heads, text + image, 128, generator=g).to(device, dtype) for _ in range(3))
         fns = {
             "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+            # the dense call's layout in gag_joint_attention: q, k, v padded by JOINT_PAD channels
+            # (v's first is the text indicator), and the layout before it, v alone one wider
+            "sdpa-joint-padded": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                *(F.pad(t, (0, JOINT_PAD)) for t in (q, k, v)), scale=q.shape[-1] ** -0.5),
+            "sdpa-v-one-wider": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, F.pad(v, (0, 1))),
             "gag-bisect": lambda q=q, k=k, v=v, n=text: gag_joint_attention(q, k, v, n, *p, method="bisect"),
         }
         q_img, k_txt = q[:, :, text:], k[:, :, :text]

@@ -95,4 +95,5 @@ def test_tiny_cpu_smoke_run(bench, tmp_path, capsys):
     assert core["gag-fused"] == {"skipped": "the fused kernel needs CUDA"}
     joint = result["joint"]["B1 H2 image16 text8 d128 fp32"]
     assert joint["gag-bisect"]["n"] == 3 and "p50_vs_sdpa" in joint["gag-bisect"]
+    assert "p50_vs_sdpa" in joint["sdpa-joint-padded"] and "p50_vs_sdpa" in joint["sdpa-v-one-wider"]
     assert joint["gag-fused"] == {"skipped": "the fused kernel needs CUDA"}

@@ -240,6 +240,19 @@ def test_joint_attention_identity_and_text_queries_untouched():
     assert (guided[:, :, 7:] - plain[:, :, 7:]).abs().max() > 1e-2
 
 
+def test_joint_attention_dense_call_runs_on_the_flash_backend():
+    # one head size for q, k and v (a multiple of 8): with v alone a channel wider, SDPA could only
+    # run its math backend, which holds the whole score matrix (2.2x the time on CPU)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = qkv(lq=40, lk=40, d=16, seed=11)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = gag_joint_attention(q, k, v, 7, 10.0, 15.0, 0.0)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = gag_joint_attention(q, k, v, 7, 10.0, 15.0, 0.0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------ configuration
 
 
