@@ -822,7 +822,7 @@ def build_engine(
     missing = [r.name for r in spec.profile.inputs if io and r.name not in {t["name"] for t in io}]
     if missing:
         log.warning(
-            "%s: TensorRT dropped unused input(s) %s from the engine; feed only the engine's inputs",
+            "%s: TensorRT dropped unused input(s) %s from the engine (the tensorrt backend feeds only the engine's inputs)",
             spec.component,
             ", ".join(missing),
         )
