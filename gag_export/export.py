@@ -306,7 +306,8 @@ def load_graph_structure(onnx_path: Path):
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A tensor as numpy; bfloat16 becomes `ml_dtypes.bfloat16` (what ONNX Runtime takes)."""
+    """A tensor as numpy; bfloat16 becomes `ml_dtypes.bfloat16` (numpy has none of its own; ONNX
+    Runtime's `session.run` does not take it: the ort backend binds bf16 tensors by address)."""
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         import ml_dtypes

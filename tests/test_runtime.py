@@ -455,3 +455,56 @@ def test_tensorrt_component_accepts_inputs_the_builder_dropped_and_refuses_other
         component._check_io(*_fake_engine({"sample": ("in", "device")}))
     with pytest.raises(ArtifactError, match="host"):
         component._check_io(*_fake_engine({"sample": ("in", "host"), "noise_pred": ("out", "device")}))
+
+
+def test_ort_component_runs_bf16_inputs_and_outputs(tmp_path):
+    # ONNX Runtime's session.run takes no bfloat16 numpy array ("Numpy_type 256 can't be
+    # converted") and OrtValue.numpy() returns none: the component binds them by address
+    import onnx
+    from onnx import TensorProto, helper
+
+    from gag_export.models.base import TensorSpec
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["sample"], ["same"]), helper.make_node("Cast", ["sample"], ["as_float"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["as_float", "gag_scale"], ["shifted"])],
+        "bf16_io",
+        [helper.make_tensor_value_info("sample", TensorProto.BFLOAT16, [2, 3]), helper.make_tensor_value_info("gag_scale", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("same", TensorProto.BFLOAT16, [2, 3]), helper.make_tensor_value_info("shifted", TensorProto.FLOAT, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "model.onnx")
+    component = OrtComponent(
+        "unet", "denoiser", [TensorSpec("sample", "bfloat16", (2, 3)), TensorSpec("gag_scale", "float32", ())],
+        [TensorSpec("same", "bfloat16", (2, 3)), TensorSpec("shifted", "float32", (2, 3))], path=tmp_path / "model.onnx",
+        providers=("CPUExecutionProvider",),
+    )
+    sample = torch.tensor([[1.5, -2.0, 3.25], [0.0, 1e3, -7.5]], dtype=torch.bfloat16)
+    with component:
+        out = component.infer({"sample": sample, "gag_scale": np.float32(0.5)})
+    assert str(out["same"].dtype) == "bfloat16" and out["same"].shape == (2, 3)
+    from gag_export.export import to_torch
+
+    assert torch.equal(to_torch(out["same"]), sample)
+    np.testing.assert_array_equal(out["shifted"], sample.float().numpy() + 0.5)
+
+
+def test_ort_component_without_a_kernel_for_the_graph_says_so(tmp_path):
+    # ONNX Runtime's CPU provider has no bfloat16 Softmax: a sound graph, a runtime that cannot run it
+    import onnx
+    from onnx import TensorProto, helper
+
+    from gag_export.errors import MissingDependencyError
+    from gag_export.models.base import TensorSpec
+
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"])], "bf16_softmax",
+                              [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "model.onnx")
+    component = OrtComponent("unet", "denoiser", [TensorSpec("x", "bfloat16", (2, 3))], [TensorSpec("y", "bfloat16", (2, 3))],
+                             path=tmp_path / "model.onnx", providers=("CPUExecutionProvider",))
+    with pytest.raises(MissingDependencyError, match="no kernel"):
+        component.activate()
