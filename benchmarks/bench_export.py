@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+    from gag_export.bench import peak_rss_bytes  # VmHWM: ru_maxrss carries a parent's peak into its children
+
+    return peak_rss_bytes() / 2**30
 
 
 def rss_gib() -> float:

@@ -120,9 +120,9 @@ def rss_gib() -> float:
 
 
 def peak_rss_gib() -> float:
-    import resource
+    from gag_export.bench import peak_rss_bytes  # VmHWM: ru_maxrss carries a parent's peak into its children
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_bytes() / 2**30
 
 
 def ms_by_op(profile_path: str, calls: int) -> dict[str, float]:

@@ -29,7 +29,7 @@ Memory, per variant, in bytes converted to MiB:
 - `isolate="none"`: all variants share one process. `rss_delta_mib` is the growth of
   the process RSS (psutil) across the variant's loading, activation and first call (for torch:
   the pipeline's weights are loaded once and counted in `pipeline_rss_mib`, not per variant);
-  `peak_rss_mib` is the process's high-water mark (`ru_maxrss`) at the end, shared by all.
+  `peak_rss_mib` is the process's high-water mark (VmHWM on Linux) at the end, shared by all.
 - `isolate="backend"` (default): each backend runs in its own child process (its GAG and plain variants
   still interleaved inside it, unless their ONNX Runtime sessions would not fit in memory
   together: then one child each); `peak_rss_mib` is that child's own high-water mark, so it
@@ -205,8 +205,21 @@ class CudaEventTimer(Timer):
 
 
 def timer_for(device: str) -> Timer:
-    """The timer for a variant running on `device` ("cpu", "cuda", "cuda:N")."""
-    return CudaEventTimer(device) if str(device).startswith("cuda") else WallTimer()
+    """The timer for a variant running on `device` ("cpu", "cuda", "cuda:N").
+
+    CUDA events need torch's CUDA: with onnxruntime-gpu beside a CPU build of torch, ort-cuda
+    variants get the wall clock, which is exact for them (every call returns host arrays, so it
+    ends synchronized).
+    """
+    if str(device).startswith("cuda") and _torch_cuda_available():
+        return CudaEventTimer(device)
+    return WallTimer()
+
+
+def _torch_cuda_available() -> bool:
+    import torch  # noqa: PLC0415
+
+    return torch.cuda.is_available()
 
 
 def rss_bytes() -> int:
@@ -216,7 +229,18 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The process's RSS high-water mark (`ru_maxrss`, KiB on Linux, bytes on macOS)."""
+    """The process's RSS high-water mark: Linux's VmHWM, else `ru_maxrss` (KiB on Linux, bytes on macOS).
+
+    Not `ru_maxrss` on Linux: the kernel carries it over fork and exec, so a bench child would
+    report its parent's peak when that was higher (seen: a child of 13 MiB read 813).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource  # noqa: PLC0415
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

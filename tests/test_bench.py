@@ -69,6 +69,28 @@ def test_wall_timer_measures_the_call():
 # ------------------------------------------------------------------------------- configuration
 
 
+def test_a_child_reports_its_own_peak_rss_not_its_parents():
+    # bench children measure their backend's peak; Linux's ru_maxrss carries the parent's over
+    # fork and exec (a 28 MiB child read the parent's 613)
+    import subprocess
+    import sys
+
+    ballast = bytearray(300 * 2**20)
+    ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touched, so resident
+    parent = bench.peak_rss_bytes()
+    child = subprocess.run([sys.executable, "-c", "from gag_export.bench import peak_rss_bytes; print(peak_rss_bytes())"],
+                           capture_output=True, text=True, check=True)
+    assert 0 < int(child.stdout) < parent - 250 * 2**20, (int(child.stdout), parent)
+    del ballast
+
+
+def test_timer_for_cuda_needs_torch_cuda(monkeypatch):
+    # onnxruntime-gpu beside a CPU build of torch: ort-cuda variants cannot use CUDA events
+    monkeypatch.setattr(bench, "_torch_cuda_available", lambda: False)
+    assert isinstance(bench.timer_for("cuda"), bench.WallTimer)
+    assert isinstance(bench.timer_for("cpu"), bench.WallTimer)
+
+
 def test_parse_backends_and_config_validation():
     assert bench.parse_backends("torch, ORT,torch") == ("torch", "ort")
     with pytest.raises(InvalidInputError, match="tensort"):
