@@ -638,16 +638,20 @@ def deserialize_engine(plan: bytes):
 
 
 def find_engine(
-    out_dir: Path, model: str, component: str, target: RuntimeTarget, onnx_sha256: str, precision: Precision | None = None
+    out_dir: Path, model: str, component: str, target: RuntimeTarget, onnx_sha256: str,
+    precision: Precision | None = None, prefer: Precision | None = None,
 ) -> Path | None:
     """The cached plan for this component, ONNX graph and target, if one exists: the newest of any
-    builder settings, and of any engine precision unless `precision` names one (an fp32 graph
-    can have fp32 engines and weakly typed fp16/bf16 ones). Loading it still goes through
-    `load_engine_bytes`."""
+    builder settings. `precision` names the engine precision, or None for any: an fp32 graph
+    can have fp32 engines and weakly typed fp16/bf16 ones; `prefer` (the graph's own dtype, say)
+    is then taken first where it exists, so that a weakly typed engine runs only where asked
+    for or alone. Loading it still goes through `load_engine_bytes`."""
     folder = Path(out_dir) / model / component
     precision_tag = "*" if precision is None else Precision(precision).value
     prefix = f"{onnx_sha256[:12]}-trt{_version_tag(target.trt_version)}-{target.sm_tag}-{precision_tag}-"
     plans = sorted(folder.glob(f"{prefix}*.plan"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if prefer is not None:  # names are sha-trtVERSION-smXY-PRECISION-settings.plan, with no other dashes
+        plans.sort(key=lambda p: p.name.split("-")[3] != Precision(prefer).value)  # stable: newest first within each
     return plans[0] if plans else None
 
 

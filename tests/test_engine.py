@@ -323,6 +323,12 @@ def test_the_runtime_finds_the_weakly_typed_engines_of_an_fp32_graph(tmp_path):
     assert "-fp16-" in record.path.name
     assert eng.find_engine(out, "tiny-test", "unet", H100, sha, Precision.FP32) is None
     assert eng.find_engine(out, "tiny-test", "unet", H100, sha) == record.path
+    # with an engine of the graph's own precision beside it, that one comes first when preferred
+    (fp32,) = build_fake(graphs, out, FakePlanBuilder(), precision="fp32")
+    assert eng.find_engine(out, "tiny-test", "unet", H100, sha, prefer=Precision.FP32) == fp32.path
+    record.path.touch()  # the weakly typed one is the newest, and is still passed over when preferring fp32
+    assert eng.find_engine(out, "tiny-test", "unet", H100, sha, prefer=Precision.FP32) == fp32.path
+    assert eng.find_engine(out, "tiny-test", "unet", H100, sha) == record.path
     manifest = SimpleNamespace(model="tiny-test", components={"unet": {"sha256": sha}})
     assert _missing_engines(manifest, out, H100) == []
     assert _missing_engines(manifest, tmp_path / "elsewhere", H100) == ["unet"]

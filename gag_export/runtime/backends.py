@@ -493,7 +493,7 @@ class TensorRTComponent(Component):
             try:
                 with torch.cuda.graph(graph, stream=self._stream):
                     self._enqueue()
-            except RuntimeError as exc:  # e.g. a plugin or layer that cannot be captured
+            except (RuntimeError, GagExportError) as exc:  # a layer or plugin that cannot be captured
                 self._capture_failed = True
                 log.warning("%s: CUDA graph capture failed (%s); enqueueing without a graph", self.name, exc)
             else:
@@ -660,13 +660,17 @@ def load_components(
 
 
 def _tensorrt_components(manifest: Manifest, graphs_root: Path, engines_root: Path, options: BackendOptions) -> dict:
+    from ..engine import Precision as EnginePrecision  # noqa: PLC0415
     from ..engine import RuntimeTarget, find_engine, trt_features  # noqa: PLC0415
 
     caps = trt_features()  # MissingDependencyError without tensorrt
     target = RuntimeTarget.current(caps)  # MissingDependencyError without a GPU
     components = {}
     for name, entry in manifest.components.items():
-        plan = find_engine(engines_root, manifest.model, name, target, entry["sha256"])  # any precision, newest first
+        # any engine precision (a weakly typed fp16 engine of an fp32 graph), the graph's own first
+        plan = find_engine(engines_root, manifest.model, name, target, entry["sha256"], prefer=EnginePrecision(manifest.data["dtype"]))
+        if plan is not None:
+            log.info("%s: TensorRT engine %s", name, plan.name)
         if plan is None:
             raise ArtifactError(
                 f"no TensorRT engine for {manifest.model}/{name} (graph {entry['sha256'][:12]}, TensorRT {target.trt_version}, "
