@@ -41,8 +41,11 @@ Memory, per variant, in bytes converted to MiB:
 - `isolate="variant"`: a child process per backend and GAG setting, for when even one
   backend's two variants do not fit in memory together; GAG overheads then compare children
   that ran one after the other too (`interleaved: false`).
-- GPU: `torch.cuda.max_memory_allocated` over the variant's loading and first call, and the
-  process's used GPU memory from NVML when nvidia-ml-py is installed.
+- GPU: for torch variants, the peak of `torch.cuda.max_memory_allocated` over the variant's
+  loading and first call, absolute (weights resident on the GPU included, so a GAG variant that
+  shares its twin's weights reads the same kind of figure); ONNX Runtime and TensorRT allocate
+  outside torch's allocator, so their rows have none. For every backend, the process's used GPU
+  memory from NVML when nvidia-ml-py is installed (cumulative within one child process).
 
 JSON schema (`schema_version` 1; times in milliseconds, memory in MiB, null when not measured):
 
@@ -781,7 +784,8 @@ def measure(config: BenchConfig, p: Plan, pipe=None, pipeline_rss: int | None = 
                 label = f"{backend}/{'gag' if gag else 'no-gag'}"
                 notify(f"loading {label}")
                 gc.collect()
-                before, gpu_before = rss_bytes(), _gpu_reset()
+                before = rss_bytes()
+                _gpu_reset()
                 try:
                     variant = load_variant(config, p, backend, gag, pipe)
                 except Skip as exc:
@@ -795,7 +799,7 @@ def measure(config: BenchConfig, p: Plan, pipe=None, pipeline_rss: int | None = 
                 if p.e2e and not variant.error:
                     _activate_and_first_call(variant, "e2e")
                 variant.rss_delta = rss_bytes() - before
-                variant.gpu_peak, variant.gpu_used = _gpu_peak(gpu_before), nvml_used_bytes()
+                variant.gpu_peak, variant.gpu_used = _gpu_peak(backend), nvml_used_bytes()
                 variants.append(variant)
 
         def on_round(measure_name):
@@ -816,21 +820,22 @@ def measure(config: BenchConfig, p: Plan, pipe=None, pipeline_rss: int | None = 
     return {"results": rows, "memory": {"pipeline_rss_mib": _mib(pipeline_rss), "peak_rss_mib": _mib(peak)}}
 
 
-def _gpu_reset() -> int | None:
-    if not _cuda_in_use():
+def _gpu_reset() -> None:
+    """Start a variant's peak (not yet initialized, CUDA's counters start at zero anyway)."""
+    if _cuda_in_use():
+        import torch  # noqa: PLC0415
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak(backend: str) -> int | None:
+    """torch's CUDA allocator peak since `_gpu_reset`, for torch variants only: it holds everything
+    they allocate, and nothing of ONNX Runtime's or TensorRT's (whose rows would read ~0)."""
+    if not backend.startswith("torch") or not _cuda_in_use():
         return None
     import torch  # noqa: PLC0415
 
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
-
-
-def _gpu_peak(before: int | None) -> int | None:
-    if not _cuda_in_use():
-        return None
-    import torch  # noqa: PLC0415
-
-    return torch.cuda.max_memory_allocated() - (before or 0)
+    return torch.cuda.max_memory_allocated()
 
 
 def _skipped_row(backend: str, gag: bool, status: str, reason: str) -> dict:
@@ -1189,16 +1194,16 @@ def render_markdown(doc: Mapping) -> str:
     sd, ed = _ms_digits(ok, "step"), _ms_digits(ok, "e2e")
     isolated = doc["memory"].get("method") == "child-peak-rss"
     mem_header = "peak RSS MiB" if isolated else "RSS + MiB"
-    # CUDA memory (torch.cuda.max_memory_allocated over loading and the first call) where any row has it
+    # torch's CUDA allocator peak (torch rows only: see the module doc) where any row has it
     cuda_mem = any(r["memory"].get("gpu_peak_mib") is not None for r in ok)
     lines = [f"_{environment_line(doc)}_", "",
-             f"| backend | GAG | step p50 ms | step mean ± std | p90 | p99 | min | vs eager | e2e p50 ms | e2e mean ± std "
-             f"| e2e vs eager | first call ms | {mem_header} |" + (" CUDA peak MiB |" if cuda_mem else ""),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda_mem else "")]
+             f"| backend | GAG | device | step p50 ms | step mean ± std | p90 | p99 | min | vs eager | e2e p50 ms | e2e mean ± std "
+             f"| e2e vs eager | first call ms | {mem_header} |" + (" torch CUDA peak MiB |" if cuda_mem else ""),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda_mem else "")]
     for r in rows:
         gag = "on" if r["gag"] else "off"
         if r["status"] != "ok":
-            lines.append(f"| {r['backend']} | {gag} | {r['status']}: {r['reason']} | | | | | | | | | | |" + (" |" if cuda_mem else ""))
+            lines.append(f"| {r['backend']} | {gag} | - | {r['status']}: {r['reason']} | | | | | | | | | | |" + (" |" if cuda_mem else ""))
             continue
         st = r["step"]["stats"]
         e2e = r["e2e"]["stats"] if r["e2e"] else None
@@ -1206,7 +1211,7 @@ def render_markdown(doc: Mapping) -> str:
         eup = speed.get((r["backend"], r["gag"], "e2e"))
         mem = r["memory"]["peak_rss_mib"] if isolated else r["memory"]["rss_delta_mib"]
         lines.append(
-            f"| {r['backend']} | {gag} | {_fmt(st['p50_ms'], sd)} | {_fmt(st['mean_ms'], sd)} ± {_fmt(st['std_ms'], sd)} "
+            f"| {r['backend']} | {gag} | {r.get('device') or '-'} | {_fmt(st['p50_ms'], sd)} | {_fmt(st['mean_ms'], sd)} ± {_fmt(st['std_ms'], sd)} "
             f"| {_fmt(st['p90_ms'], sd)} | {_fmt(st['p99_ms'], sd)} | {_fmt(st['min_ms'], sd)} "
             f"| {'1.00x (baseline)' if r['backend'] == BASELINE else (f'{up:.2f}x' if up else '-')} "
             f"| {_fmt(e2e['p50_ms'], ed) if e2e else '-'} "

@@ -180,8 +180,8 @@ def test_markdown_lists_measured_and_skipped_backends():
     doc = _doc([_row("torch", False, [10, 12, 11]), _row("torch", True, [11, 13, 12]),
                 _row("tensorrt", False, [], status="skipped", reason="TensorRT is not available here")])
     text = bench.render_markdown(doc)
-    assert "| backend | GAG | step p50 ms |" in text
-    assert "| torch | off | 11.0 |" in text
+    assert "| backend | GAG | device | step p50 ms |" in text
+    assert "| torch | off | cpu | 11.0 |" in text
     assert "skipped: TensorRT is not available here" in text
     assert "| torch | step | 1.091 |" in text  # GAG / plain of the medians 12 / 11
     assert "Test CPU" in text
@@ -192,9 +192,20 @@ def test_markdown_has_a_cuda_memory_column_only_where_measured():
     assert "CUDA peak MiB" not in bench.render_markdown(_doc(rows))
     rows[1]["memory"]["gpu_peak_mib"] = 40.0
     text = bench.render_markdown(_doc(rows))
-    header, rule, off, on = [line for line in text.splitlines() if line.startswith("| torch") or line.startswith("| backend | GAG") or line.startswith("|---|---|---:")][:4]
-    assert header.endswith("| CUDA peak MiB |") and rule.count("|") == header.count("|")
+    header, rule, off, on = [line for line in text.splitlines() if line.startswith("| torch") or line.startswith("| backend | GAG") or line.startswith("|---|---|---|---:")][:4]
+    assert header.endswith("| torch CUDA peak MiB |") and rule.count("|") == header.count("|")
     assert on.endswith("| 40 |") and off.endswith("| - |") and off.count("|") == header.count("|")
+
+
+
+def test_torch_cuda_peak_is_reported_for_torch_rows_only(monkeypatch):
+    # ONNX Runtime and TensorRT allocate outside torch's allocator: their rows would read ~0
+    import torch
+
+    monkeypatch.setattr(bench, "_cuda_in_use", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    assert bench._gpu_peak("torch") == bench._gpu_peak("torch-compile") == 3 * 2**30
+    assert bench._gpu_peak("ort") is None and bench._gpu_peak("tensorrt") is None
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -234,7 +245,7 @@ def test_cli_bench_tiny_sdxl_writes_json_markdown_and_plot(tmp_path):
     assert rows[("torch", True)]["memory"]["peak_rss_mib"] > 0 and rows[("torch", True)]["load_average_after"]
 
     markdown = (out / "bench.md").read_text()
-    assert "| backend | GAG | step p50 ms | step mean ± std | p90 | p99 | min | vs eager |" in markdown
+    assert "| backend | GAG | device | step p50 ms | step mean ± std | p90 | p99 | min | vs eager |" in markdown
     assert "| torch | off |" in markdown and "| torch | on |" in markdown and "| tensorrt | off |" in markdown
     assert "| backend | measure | GAG / plain (p50) |" in markdown
 
