@@ -8,6 +8,31 @@ import tempfile
 from pathlib import Path
 
 
+def umask() -> int:
+    """This process's umask (read without changing it where Linux tells it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # the only portable way to read it: set and restore
+    os.umask(mask)
+    return mask
+
+
+def as_if_created_plainly(path: Path) -> Path:
+    """Give a `tempfile.mkstemp`/`mkdtemp` result the mode `open()`/`mkdir()` would have given it.
+
+    Those make 0600 files and 0700 folders whatever the umask, and an artifact renamed into
+    place keeps its temp file's mode: exported graphs, images and engines would be readable by
+    their owner alone (a serving account or a teammate could not read them).
+    """
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask())
+    return Path(path)
+
+
 def swap_into_place(tmp: Path, final: Path) -> None:
     """Move the finished folder `tmp` to `final` (same file system); a previous `final` is replaced.
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol
 
 from . import __version__
+from .atomic import as_if_created_plainly
 from .errors import ArtifactError, CheckFailedError, InvalidInputError, MissingDependencyError, ResourceExhaustedError
 
 log = logging.getLogger(__name__)
@@ -678,7 +679,7 @@ class EngineRecord:
 def _tmp_path(dest: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
-    return Path(name)
+    return as_if_created_plainly(Path(name))
 
 
 def _write_text_atomic(dest: Path, text: str) -> None:

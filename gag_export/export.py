@@ -61,7 +61,7 @@ from polygraphy.comparator import Comparator
 from polygraphy.comparator.compare import SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
-from .atomic import swap_into_place
+from .atomic import as_if_created_plainly, swap_into_place
 from . import __version__
 from .attention import apply_gag, is_gag_applied, remove_gag
 from .errors import (
@@ -793,7 +793,7 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
     notify = progress or (lambda event: None)
     try:
         config.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{config.model}.", suffix=".tmp", dir=config.out_dir))
+        tmp = as_if_created_plainly(Path(tempfile.mkdtemp(prefix=f".{config.model}.", suffix=".tmp", dir=config.out_dir)))
     except OSError as exc:
         raise _resource_error(exc) or ArtifactError(f"cannot write to {config.out_dir}: {exc}") from None
     work = pipe

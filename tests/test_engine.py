@@ -246,6 +246,10 @@ def test_cache_path_names_what_the_engine_was_built_from(tmp_path):
     assert record.status == "built" and builder.builds == 1
     # nothing half-written is left beside it
     assert sorted(p.name for p in record.path.parent.iterdir()) == sorted([record.path.name, record.path.with_suffix(".json").name])
+    # and the plan has the mode open() would give it, not mkstemp's 0600
+    from gag_export.atomic import umask
+
+    assert record.path.stat().st_mode & 0o777 == 0o666 & ~umask()
 
 
 def test_settings_change_the_key(tmp_path):

@@ -10,6 +10,7 @@ from typing import Mapping
 
 from PIL import Image, PngImagePlugin
 
+from ..atomic import as_if_created_plainly
 from ..errors import ArtifactError, ResourceExhaustedError
 
 
@@ -25,6 +26,7 @@ def save_png(image: Image.Image, path: Path, metadata: Mapping[str, str]) -> Pat
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        as_if_created_plainly(Path(tmp))
     except OSError as exc:
         raise ArtifactError(f"cannot write {path}: {exc}") from None
     try:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..atomic import swap_into_place
+from ..atomic import as_if_created_plainly, swap_into_place
 from ..errors import GagExportError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def ensure_environment(path: Path | None = None, *, rebuild: bool = False,
         if not rebuild and _matches(path, record):
             return describe(path / "bin" / "python")
         start = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = as_if_created_plainly(Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)))
         try:
             notify(f"creating the serving environment in {path} (Python {record['python']}, {NUMPY}, {PYTRITON})")
             venv.EnvBuilder(with_pip=True, symlinks=True).create(tmp)

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..atomic import swap_into_place
+from ..atomic import as_if_created_plainly, swap_into_place
 from ..errors import ArtifactError, InvalidInputError, ResourceExhaustedError
 from ..export import Manifest, data_path
 from . import pbtxt
@@ -546,7 +546,7 @@ def build_repository(graphs_dir: Path, out_dir: Path, options: RepositoryOptions
         raise InvalidInputError(f"--out {out_dir} exists and is not a folder")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        tmp = as_if_created_plainly(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent)))
     except OSError as exc:
         raise ArtifactError(f"cannot write {out_dir}: {exc}") from None
     try:
