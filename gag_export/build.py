@@ -326,12 +326,17 @@ def _engine_stage(config: BuildConfig, result: BuildResult, manifest: Manifest, 
 
 def _smoke_stage(config: BuildConfig, result: BuildResult, entry: ModelEntry, assets, descriptors, notify) -> None:
     from .runtime import GenerationConfig, Sampler, load_components  # noqa: PLC0415
+    from .runtime.sampler import static_batch_reason  # noqa: PLC0415
 
     backend, label = _smoke_backend(bool(result.engines))
     path = config.image_path(entry)
     with _Stage(result, "smoke", notify, f"generating one image on {label}") as stage:
         if backend == "ort" and label == "ort" and result.manifest.precision is Precision.BF16:
             stage.finish("skipped", "bf16 graphs cannot run on ONNX Runtime's CPU provider (no bfloat16 kernels)")
+            return
+        batch_reason = static_batch_reason(result.manifest)
+        if batch_reason:
+            stage.finish("skipped", batch_reason)
             return
         components = load_components(entry.name, backend, graphs=config.graphs_root, engines=config.engines_root)
         sampler = Sampler(entry, components, assets, descriptors)

@@ -153,3 +153,24 @@ def test_skip_smoke(run, tmp_path, monkeypatch):
     result = run_build(BuildConfig(MODEL, graphs_root=tmp_path / "graphs", smoke=False, image=tmp_path / "x.png"))
     assert result.stage("smoke").status == "skipped" and result.image_path is None
     assert not (tmp_path / "x.png").exists()
+
+
+def test_smoke_is_skipped_with_the_reason_for_a_static_batch_over_one(run, tmp_path, monkeypatch):
+    # generation feeds batch 1: a `--batch 2` static export failed the build after exporting
+    # everything ("input 'input_ids' has shape [1, 77], the graph takes [2, 77]")
+    graphs_dir = graphs_copy(run, tmp_path)
+    manifest_path = graphs_dir / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    data["shape"]["batch"] = 2
+    manifest_path.write_text(json.dumps(data))
+    _reuse_export(monkeypatch, graphs_dir, [])
+    monkeypatch.setattr(build, "check_graphs", lambda *a, **k: build.CheckReport(graphs_dir, MODEL))
+    result = run_build(BuildConfig(MODEL, graphs_root=tmp_path / "graphs", image=tmp_path / "x.png"))
+    assert result, [(s.name, s.status, s.details) for s in result.stages]
+    smoke = result.stage("smoke")
+    assert smoke.status == "skipped" and "static at batch 2" in smoke.details
+    assert not (tmp_path / "x.png").exists()
+    from gag_export.runtime import GenerationConfig, Sampler
+
+    with pytest.raises(InvalidInputError, match="static at batch 2"):
+        Sampler.load(MODEL, "ort", graphs=tmp_path / "graphs").resolve_shape(GenerationConfig("a fox"))

@@ -418,6 +418,19 @@ def load_assets(model, weights: str | None = None, pipe=None) -> SamplerAssets:
     return SamplerAssets.from_pipeline(pipe)
 
 
+def static_batch_reason(manifest) -> str | None:
+    """Why this export cannot generate (its graphs are static at a batch other than 1), or None.
+
+    The sampler makes one image per request: every graph is fed batch 1 (classifier-free
+    guidance's pair goes to the denoiser as two calls or as a batch of two where it takes one).
+    """
+    batch = manifest.shape().batch
+    if manifest.data.get("dynamic") or batch == 1:
+        return None
+    return (f"the graphs in {manifest.graphs_dir} are static at batch {batch}, and generation runs at batch 1 "
+            "(one image per request); export at --batch 1 or with --dynamic to generate from them")
+
+
 def check_request(entry, config: GenerationConfig, pixel_multiple: int | None = None) -> tuple[int, ImageShape]:
     """(steps, image shape) of a request for `entry`, or InvalidInputError: steps outside the model's
     range, or a size that is not a multiple of the model's latent factor. Needs no weights or graphs."""
@@ -483,6 +496,8 @@ class Sampler:
                 f"got {shape.height}x{shape.width}; export at that size (`gag-export export --model {self.entry.name} "
                 f"--height {shape.height} --width {shape.width}`) or with --dynamic"
             )
+        if static and manifest.shape().batch != 1:
+            raise InvalidInputError(static_batch_reason(manifest))
         return shape
 
     def gag_params(self, scale: float | None = None, eta: float | None = None, zeta: float | None = None) -> GAGParams:
