@@ -71,7 +71,7 @@ from .errors import (
     ResourceExhaustedError,
 )
 from .guidance import GAGConfig
-from .models import ImageShape, Precision, descriptors_for
+from .models import FAMILIES, ImageShape, Precision, descriptors_for
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +237,37 @@ class Manifest:
         for key in ("model", "dtype", "components", "shape"):
             if key not in data:
                 raise ArtifactError(f"{path} has no {key!r}: re-export the model")
+        if not isinstance(data["components"], dict) or not data["components"]:
+            raise ArtifactError(f"{path} lists no components: re-export the model")
         for name, comp in data["components"].items():
             for key in ("role", "path", "sha256", "inputs", "outputs"):
-                if key not in comp:
+                if not isinstance(comp, dict) or key not in comp:
                     raise ArtifactError(f"{path}: component {name!r} has no {key!r}: re-export the model")
-        return cls(graphs_dir, data)
+        manifest = cls(graphs_dir, data)
+        manifest._check_values()
+        return manifest
+
+    def _check_values(self) -> None:
+        """The values every reader relies on, read once here: a manifest edited by hand (or damaged)
+        is an ArtifactError naming the field, not an invalid-input error from deep in a command."""
+        problems = []
+        if self.data.get("family", "sdxl") not in FAMILIES:
+            problems.append(f"family {self.data.get('family')!r} is not one of {FAMILIES}")
+        try:
+            self.precision
+        except InvalidInputError as exc:
+            problems.append(f"dtype: {exc}")
+        shape = self.data["shape"]
+        sizes = {key: shape.get(key) if isinstance(shape, dict) else None for key in ("batch", "height", "width")}
+        for key, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"shape.{key} must be a positive integer, got {value!r}")
+        try:
+            self.gag
+        except (InvalidInputError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"gag: {exc}")
+        if problems:
+            raise ArtifactError(f"{self.path}: {'; '.join(problems)}; re-export the model")
 
 
 # --------------------------------------------------------------------------------------------

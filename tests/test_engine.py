@@ -93,7 +93,8 @@ def write_graphs(root: Path, *, dtype: str = "fp16", dynamic: bool = True, data:
         "dynamic": dynamic,
         "opset": 20,
         "shape": {"batch": 1, "height": 64, "width": 64},
-        "gag": {"enabled": True, "method": "bisect", "rewritten": rewritten or []},
+        "gag": {"enabled": True, "scale": 10.0, "eta": 15.0, "zeta": 0.0, "alpha": 1.5, "method": "bisect",
+                "layers": "down,up", "rewritten": rewritten or []},
         "components": {"unet": component_entry("unet/model.onnx", data, dynamic=dynamic)},
         "versions": {"gag_export": "0.1.0"},
     }
@@ -413,6 +414,29 @@ def test_onnx_changed_after_export(tmp_path):
         build_fake(graphs, tmp_path / "engines", FakePlanBuilder())
 
 
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda m: m.update(dtype="int3"), "dtype"),
+        (lambda m: m.update(family="unet-ish"), "family"),
+        (lambda m: m["shape"].update(height="abc"), "shape.height"),
+        (lambda m: m["shape"].update(batch=0), "shape.batch"),
+        (lambda m: m["gag"].update(scale=float("nan")), "gag"),
+        (lambda m: m["gag"].pop("eta"), "gag"),
+        (lambda m: m.update(components={}), "no components"),
+    ],
+)
+def test_a_damaged_manifest_is_an_artifact_error_naming_the_field(tmp_path, edit, field):
+    # read once where every command reads it: a hand-edited manifest failed deep inside commands,
+    # as invalid input (exit 2), or passed `check`
+    graphs = write_graphs(tmp_path)
+    manifest = json.loads((graphs / "manifest.json").read_text())
+    edit(manifest)
+    (graphs / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=re.escape(field)):
+        eng.load_manifest(graphs)
+
+
 def test_missing_manifest_and_unknown_component(tmp_path):
     with pytest.raises(ArtifactError, match="no manifest.json"):
         build_fake(tmp_path, tmp_path / "engines", FakePlanBuilder())
@@ -622,8 +646,10 @@ def export_tiny_graphs(root: Path, dtype: str) -> Path:
     onnx_dtype = "float32" if dtype == "fp32" else "float16"
     entry = component_entry("unet/model.onnx", onnx_path.read_bytes(), dynamic=True, dtype=onnx_dtype)
     manifest = {
-        "format_version": 1, "model": f"tiny-attn-{dtype}", "family": "test", "dtype": dtype, "dynamic": True,
-        "opset": 20, "shape": {"batch": 1, "height": 64, "width": 64}, "gag": {"enabled": True, "rewritten": ["attn"]},
+        "format_version": 1, "model": f"tiny-attn-{dtype}", "family": "sdxl", "dtype": dtype, "dynamic": True,
+        "opset": 20, "shape": {"batch": 1, "height": 64, "width": 64},
+        "gag": {"enabled": True, "scale": 10.0, "eta": 15.0, "zeta": 0.0, "alpha": 1.5, "method": "bisect",
+                "layers": "down,up", "rewritten": ["attn"]},
         "components": {"unet": entry},
     }
     (graphs / "manifest.json").write_text(json.dumps(manifest, indent=2))
