@@ -947,6 +947,7 @@ def environment(config: BenchConfig) -> dict:
         "python": platform.python_version(),
         "versions": found,
         "precision": "fp32",
+        "tf32": False,  # off on every backend: torch (matmuls and convolutions), ort-cuda, TensorRT's builder
         "threads": {"torch": config.cpu_threads, "ort": config.cpu_threads},
         "thread_env": {name: os.environ.get(name) for name in THREAD_ENV if os.environ.get(name) is not None},
         "load_average": load_average(),

@@ -508,3 +508,35 @@ def test_ort_component_without_a_kernel_for_the_graph_says_so(tmp_path):
                              path=tmp_path / "model.onnx", providers=("CPUExecutionProvider",))
     with pytest.raises(MissingDependencyError, match="no kernel"):
         component.activate()
+
+
+def test_ort_gpu_providers_get_their_options(tmp_path, monkeypatch):
+    # TensorRT's engines cached beside the graph (else every session rebuilds them), CUDA after
+    # TensorRT for the nodes it does not take, and TF32 off so "fp32" means fp32 on every backend
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    component = OrtComponent("unet", "denoiser", [], [], path=tmp_path / "unet" / "model.onnx")
+    providers = component._with_options(["TensorrtExecutionProvider"])
+    assert [p[0] if isinstance(p, tuple) else p for p in providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    trt_options, cuda_options = providers[0][1], providers[1][1]
+    assert trt_options["trt_engine_cache_enable"] == "True"
+    assert trt_options["trt_engine_cache_path"] == str(tmp_path / "unet" / "ort-tensorrt-cache")
+    assert cuda_options == {"use_tf32": "0"}
+    assert component._with_options(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_torch_on_cuda_runs_without_tf32_and_restores_the_flags():
+    from gag_export.runtime.backends import _no_tf32
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True  # torch's default for convolutions
+    try:
+        with _no_tf32(True):
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        assert torch.backends.cudnn.allow_tf32 is True
+        with _no_tf32(False):  # CPU: untouched
+            assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

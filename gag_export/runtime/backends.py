@@ -25,6 +25,7 @@ static dims as declared; values are cast to the declared dtype.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -204,7 +205,12 @@ class Component(abc.ABC):
 
 
 class TorchComponent(Component):
-    """An eager (optionally compiled) module whose forward takes the graph inputs in order."""
+    """An eager (optionally compiled) module whose forward takes the graph inputs in order.
+
+    On CUDA it runs with TF32 off for matmuls and cuDNN convolutions alike (torch's default
+    leaves it on for convolutions): fp32 weights compute in fp32, as on the ONNX Runtime and
+    TensorRT backends, so backends compared side by side do the same math.
+    """
 
     backend = "torch"
 
@@ -225,12 +231,26 @@ class TorchComponent(Component):
 
     def _infer(self, feed):
         args = [feed[name].to(self.device) for name in self.input_names]
-        with torch.inference_mode():
+        with torch.inference_mode(), _no_tf32(self.device.type == "cuda"):
             outputs = self._call(*args)
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
         # .cpu() copies from a GPU; on the CPU the outputs are fresh tensors of this call.
         return {name: to_numpy(out) for name, out in zip(self.output_names, outputs)}
+
+
+@contextlib.contextmanager
+def _no_tf32(active: bool) -> Iterator[None]:
+    """TF32 off for CUDA matmuls and cuDNN convolutions inside the block (the flags are global)."""
+    if not active:
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +307,7 @@ class OrtComponent(Component):
             options.intra_op_num_threads = self.threads
         providers = ort_providers(self.providers)
         try:
-            session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=self._with_options(providers))
         except Exception as exc:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, ...)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if "Could not find an implementation" in first:  # a sound graph this runtime has no kernel for
@@ -306,8 +326,34 @@ class OrtComponent(Component):
                 "re-export the model"
             )
         log.debug("%s: ONNX Runtime session on %s", self.name, session.get_providers())
+        if providers[0] not in session.get_providers():  # e.g. the CUDA provider without its cuDNN
+            log.warning("%s: ONNX Runtime could not start %s and runs on %s (its log says why: -v)",
+                        self.name, providers[0], session.get_providers())
         self.session = session
         self._bf16_io = any(spec.torch_dtype == torch.bfloat16 for spec in self.inputs + self.outputs)
+
+    def _with_options(self, providers: list[str]) -> list:
+        """The providers as ONNX Runtime takes them, with the options this runtime relies on.
+
+        TensorRT: its engines cached beside the graph (a graph re-exported replaces the folder and
+        so the cache), or every session would rebuild them, minutes for a UNet; and CUDA after it,
+        so the nodes TensorRT does not take run on the GPU rather than fall to the CPU. CUDA:
+        TF32 off, as the TensorRT engines this project builds and torch's matmuls have it, so
+        an "fp32" graph computes in fp32 on every backend (ONNX Runtime's default is on).
+        """
+        names = list(providers)
+        if "TensorrtExecutionProvider" in names and "CUDAExecutionProvider" not in names:
+            import onnxruntime as ort  # noqa: PLC0415
+
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                names.insert(names.index("TensorrtExecutionProvider") + 1, "CUDAExecutionProvider")
+        cache = self.path.parent / "ort-tensorrt-cache"
+        options = {
+            "TensorrtExecutionProvider": {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+                                          "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache)},
+            "CUDAExecutionProvider": {"use_tf32": "0"},
+        }
+        return [(name, options[name]) if name in options else name for name in names]
 
     def _deactivate(self) -> None:
         self.session = None
