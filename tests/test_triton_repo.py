@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from gag_export.engine import Sidecar, sidecar_path
-from gag_export.errors import ArtifactError, InvalidInputError, MissingDependencyError
+from gag_export.errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError
 from gag_export.export import Manifest
 from gag_export.models import get_entry
 from gag_export.serving import RepositoryOptions, RequestLimits, build_repository, parse_request, pbtxt
@@ -59,6 +59,20 @@ def _fake_engines(graphs: Path, root: Path, ccs=((8, 6), (9, 0))) -> Path:
         sidecar_path(stale).write_text(Sidecar(MODEL, name, "", "", "0" * 64, "x", 1, "10.8.0", "GPU", (8, 6), "fp32",
                                                {}, {}, 1.0, "then").to_json())
     return root
+
+
+def _edited_export(graphs: Path, folder: Path, edit) -> Path:
+    """A copy of the export (files hard-linked) whose manifest `edit(data)` changed in place.
+
+    The manifest is unlinked before it is rewritten: written through the hard link, the edit would
+    land in the shared export every other test reads.
+    """
+    shutil.copytree(graphs, folder, copy_function=os.link)
+    data = json.loads((folder / "manifest.json").read_text())
+    edit(data)
+    (folder / "manifest.json").unlink()
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return folder
 
 
 def _configs(repo: Path) -> dict:
@@ -148,18 +162,17 @@ def test_standin_repository_layout_and_configs(standin_repo, graphs):
 
 def test_onnx_repository_with_symbolic_dims(graphs, tmp_path):
     """-1 for symbolic dims; a component batches only with a symbolic batch dim and no 0-d tensors."""
-    dynamic = tmp_path / "graphs" / MODEL
-    shutil.copytree(graphs, dynamic, copy_function=os.link)
-    data = json.loads((dynamic / "manifest.json").read_text())
-    for entry in data["components"].values():
-        for tensor in [*entry["inputs"], *entry["outputs"]]:
-            if tensor["shape"]:
-                tensor["shape"][0] = "batch"
-        for name, spec in entry.get("profile", {}).items():
-            if spec["max"]:
-                spec["max"][0] = 4
-    data["dynamic"] = True
-    (dynamic / "manifest.json").write_text(json.dumps(data))
+    def make_dynamic(data):
+        for entry in data["components"].values():
+            for tensor in [*entry["inputs"], *entry["outputs"]]:
+                if tensor["shape"]:
+                    tensor["shape"][0] = "batch"
+            for name, spec in entry.get("profile", {}).items():
+                if spec["max"]:
+                    spec["max"][0] = 4
+        data["dynamic"] = True
+
+    dynamic = _edited_export(graphs, tmp_path / "graphs" / MODEL, make_dynamic)
     out = tmp_path / "repo"
     report = build_repository(dynamic, out, RepositoryOptions(backend="onnx", instances=2, gpus=(0, 1), max_batch=16))
     configs = _check_layout(out)
@@ -223,6 +236,66 @@ def test_missing_graph_is_refused_before_writing(graphs, tmp_path):
     with pytest.raises(ArtifactError, match="vae_decoder/model.onnx is missing"):
         build_repository(broken, tmp_path / "out", RepositoryOptions(cpu_standin=True))
     assert not (tmp_path / "out").exists()
+
+
+def _tree(folder: Path) -> dict:
+    """Every path under `folder` with its bytes (None for folders): what a refused write must not change."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_out_that_is_not_a_previous_repository_is_refused_untouched(graphs, tmp_path):
+    """--out at the export, the graphs root holding it, inside the export, or a folder of the user's:
+    refused with exit 2 before anything is written (it used to be replaced by the repository)."""
+    from gag_export.cli import cli
+
+    root = tmp_path / "graphs"
+    export = _edited_export(graphs, root / MODEL, lambda data: None)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    cases = [(export, "is the graphs folder"), (root, "holds the graphs folder"),
+             (export / "triton", "is inside the graphs folder"), (mine, "is not a repository written by `gag-export triton`")]
+    for out, message in cases:
+        before = _tree(tmp_path)
+        with pytest.raises(InvalidInputError, match=message):
+            build_repository(export, out, RepositoryOptions(cpu_standin=True))
+        assert _tree(tmp_path) == before, out
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(cli, ["triton", str(export), "--out", str(root), "--cpu-standin"], obj={})
+    assert result.exit_code == 2 and "holds the graphs folder" in result.output, result.output
+    assert _tree(tmp_path) == before
+
+
+def test_a_previous_repository_is_replaced(graphs, standin_repo, tmp_path):
+    """What the tool wrote (marker, or from before the marker: its generated sampler), or an empty folder."""
+    out = tmp_path / "repo"
+    shutil.copytree(standin_repo, out)
+    (out / "unet" / "stale.txt").write_text("from an older run")
+    build_repository(graphs, out, RepositoryOptions(cpu_standin=True, sampler_instances=3))
+    assert not (out / "unet" / "stale.txt").exists() and (out / repo_module.MARKER).is_file()
+    assert _configs(out)["sampler"].instance_group[0].count == 3
+    (out / repo_module.MARKER).unlink()
+    assert repo_module.is_generated_repository(out)
+    build_repository(graphs, out, RepositoryOptions(cpu_standin=True))
+    assert _configs(out)["sampler"].instance_group[0].count == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    build_repository(graphs, empty, RepositoryOptions(cpu_standin=True))
+    _check_layout(empty)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "repo"], "no temp folder left behind"
+
+
+def test_cpu_standin_refuses_a_bf16_export(graphs, tmp_path):
+    """ONNX Runtime's CPU provider has no bfloat16 kernels: refused up front, not at serve time."""
+    from gag_export.cli import cli
+
+    bf16 = _edited_export(graphs, tmp_path / "graphs" / MODEL, lambda data: data.update(dtype="bf16"))
+    with pytest.raises(InvalidInputError, match="--cpu-standin cannot serve tiny-sdxl's bf16 export"):
+        build_repository(bf16, tmp_path / "repo", RepositoryOptions(cpu_standin=True))
+    result = CliRunner().invoke(cli, ["triton", str(bf16), "--out", str(tmp_path / "repo"), "--cpu-standin"], obj={})
+    assert result.exit_code == 2 and "bfloat16" in result.output, result.output
+    assert not (tmp_path / "repo").exists()
+    build_repository(bf16, tmp_path / "onnx", RepositoryOptions(backend="onnx"))  # for a GPU: written
 
 
 def test_options_are_validated():
@@ -289,7 +362,8 @@ def test_sampler_over_bls_equals_the_local_runtime(fake_triton, graphs):
     ({"steps": 0}, "steps: this model samples with 1..4 steps, got 0"),
     ({"scale": float("nan")}, "gag_scale: must be a finite number in [-1, 100], got nan"),
     ({"scale": 1e6}, "gag_scale: must be a finite number in [-1, 100]"),
-    ({"eta": 0.0}, "gag_eta: must be a finite number in (0, 1e+09]"),
+    ({"eta": 0.0}, "gag_eta: must be a number in (0, inf], got 0.0"),
+    ({"eta": float("nan")}, "gag_eta: must be a number in (0, inf], got nan"),
     ({"zeta": float("inf")}, "gag_zeta: must be a finite number in [0, 10]"),
     ({"seed": -1}, "seed: must be an integer in [0, 2**63 - 1], got -1"),
     ({"prompt": "x" * 1001}, "prompt: 1001 characters, the server accepts at most 1000"),
@@ -321,6 +395,35 @@ def test_parse_request_shapes_and_types():
     assert RequestLimits.from_parameters(RequestLimits(2, 3, max_prompt_chars=5).to_parameters()) == \
         RequestLimits(2, 3, max_prompt_chars=5)
     assert RequestLimits.for_entry(get_entry("dmd2")).max_steps == 4
+
+
+def test_gag_eta_inf_is_no_cap_and_accepted():
+    """As GAGConfig and `generate` take it: eta in (0, inf]; a deployment may still narrow the bound."""
+    limits = RequestLimits(min_steps=1, max_steps=4)
+    assert parse_request(request_values(eta=float("inf")), limits, gag=True).gag.eta == float("inf")
+    assert RequestLimits.from_parameters(limits.to_parameters()) == limits  # "inf" travels through config.pbtxt
+    narrowed = RequestLimits(1, 4, max_eta=100.0)
+    with pytest.raises(InvalidInputError, match=r"gag_eta: must be a finite number in \(0, 100\], got inf"):
+        parse_request(request_values(eta=float("inf")), narrowed, gag=True)
+    with pytest.raises(InvalidInputError, match="max_eta"):
+        RequestLimits(1, 4, max_eta=float("nan"))
+
+
+def test_export_without_norm_cap_is_served_with_its_defaults(graphs, tmp_path):
+    """`export --gag-eta inf`: the pipeline's default eta is inf and the sampler serves it."""
+    uncapped = _edited_export(graphs, tmp_path / "graphs" / MODEL, lambda data: data["gag"].update(eta=float("inf")))
+    out = tmp_path / "repo"
+    build_repository(uncapped, out, RepositoryOptions(cpu_standin=True, sampler_instances=1))
+    eta = float(_configs(out)["pipeline"].parameters["default_gag_eta"].string_value)
+    assert eta == float("inf")
+    with torch_threads(1):
+        triton = FakeTriton(out)
+        try:
+            response = triton.pipeline(**request_values(seed=2, steps=1, eta=eta))
+        finally:
+            triton.finalize()
+    assert not response.has_error(), response.error().message()
+    assert max_pixel_diff(response.output_tensors[0].as_numpy(), _local_image(graphs, 2, eta=eta, steps=1)) == 0
 
 
 def test_standin_model_config_json_is_what_the_backend_reads(standin_repo):
@@ -367,6 +470,32 @@ def test_cli_serve_and_client_errors(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["client", "--url", f"grpc://127.0.0.1:{port}", "--prompt", "p", "--timeout", "5"],
                                 obj={})
     assert result.exit_code == 2 and "cannot reach" in result.output
+
+
+def test_client_model_must_be_a_served_pipeline(standin_repo, monkeypatch):
+    """`client --model unet` (a component) or an unknown name: exit 2 naming the pipeline models (it was
+    exit 1, a KeyError for the component's missing defaults). The server's answers come from the repository."""
+    from gag_export.cli import cli
+    from gag_export.serving.client import PipelineClient
+
+    served = {name: config_json(config) for name, config in _configs(standin_repo).items()}
+
+    def config(self, model):
+        if model not in served:
+            raise GagExportError(f"reading the model config failed: Request for unknown model: '{model}' is not found")
+        return served[model]
+
+    monkeypatch.setattr(PipelineClient, "_served_models", lambda self: sorted(served))
+    monkeypatch.setattr(PipelineClient, "_config", config)
+    for model, why in (("unet", "not a pipeline model"), ("nosuch", "the server has no model of that name")):
+        result = CliRunner().invoke(cli, ["client", "--url", "http://127.0.0.1:1", "--model", model, "--prompt", "p"],
+                                    obj={})
+        assert result.exit_code == 2, result.output
+        assert f"--model {model}: {why}" in result.output, result.output
+        assert "the pipeline models served at http://127.0.0.1:1: pipeline (" in result.output
+    with PipelineClient("http://127.0.0.1:1", model="sampler") as client:  # the model behind the pipeline
+        assert client.defaults["gag_export_model"] == MODEL
+        assert client.pipeline_models() == ["pipeline"]
 
 
 def test_no_server_found_names_the_setup_command(standin_repo, tmp_path, monkeypatch):

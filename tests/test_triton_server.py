@@ -109,17 +109,17 @@ def _ready(address: str) -> bool:
 
 @pytest.fixture(scope="module")
 def reference(graphs_root):
-    """The local ONNX Runtime sampler's images, by (seed, scale)."""
+    """The local ONNX Runtime sampler's images, by (seed, scale, eta)."""
     from gag_export.runtime import GAGParams, GenerationConfig, Sampler
 
     cache = {}
 
-    def image(seed: int, scale: float = 10.0):
-        if (seed, scale) not in cache:
+    def image(seed: int, scale: float = 10.0, eta: float = 15.0):
+        if (seed, scale, eta) not in cache:
             with torch_threads(1), Sampler.load(MODEL, "ort", graphs=graphs_root, options=ONE_THREAD) as sampler:
-                cache[seed, scale] = np.asarray(sampler.generate(
-                    GenerationConfig(PROMPT, seed=seed, steps=4, gag=GAGParams(scale, 15.0, 0.0))).image)
-        return cache[seed, scale]
+                cache[seed, scale, eta] = np.asarray(sampler.generate(
+                    GenerationConfig(PROMPT, seed=seed, steps=4, gag=GAGParams(scale, eta, 0.0))).image)
+        return cache[seed, scale, eta]
 
     return image
 
@@ -168,6 +168,21 @@ def test_bad_request_is_refused_and_the_next_one_served(server, reference, proto
             client.generate(PipelineRequest("x" * 1001, seed=1, steps=4))
         image = client.generate(PipelineRequest(PROMPT, seed=7, steps=4, gag_scale=10.0))
     assert max_pixel_diff(image, reference(7)) <= TOLERANCE
+
+
+def test_gag_eta_inf_is_served(server, reference):
+    """inf: no norm cap, as `generate --gag-eta inf` takes it (the server refused it as not finite)."""
+    with PipelineClient(f"http://{server['urls']['http']}", timeout=300) as client:
+        image = client.generate(PipelineRequest(PROMPT, seed=7, steps=4, gag_scale=10.0, gag_eta=float("inf")))
+    assert max_pixel_diff(image, reference(7, eta=float("inf"))) <= TOLERANCE
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_component_or_unknown_model_is_refused_naming_the_pipeline(server, protocol):
+    for model, why in (("unet", "not a pipeline model"), ("nosuch", "the server has no model of that name")):
+        refused = pytest.raises(InvalidInputError, match=f"--model {model}: {why}.*pipeline models served at .*: pipeline")
+        with PipelineClient(f"{protocol}://{server['urls'][protocol]}", model=model, timeout=60) as client, refused:
+            client.generate(PipelineRequest(PROMPT, seed=1))
 
 
 def test_metrics_endpoint_counts_the_requests(server):

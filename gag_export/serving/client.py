@@ -8,7 +8,8 @@
 leaves out (steps, GAG parameters) come from the `pipeline` model's config parameters, which
 `gag-export triton` writes from the export (default steps, the export's GAG values). A refused
 request raises `InvalidInputError` with the server's message (exit code 2), and so does a URL where nothing
-answers; any other server failure is a `GagExportError`.
+answers, or a `model` the server does not serve as a pipeline (a component such as `unet`, or no model of
+that name: the error names the pipeline models it serves); any other server failure is a `GagExportError`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .repository import PIPELINE
 
 PROTOCOLS = ("http", "grpc")
 GAG_INPUTS = ("gag_scale", "gag_eta", "gag_zeta")
+# A parameter every config that `gag-export triton` writes for requests carries (repository.client_defaults).
+REQUEST_MODEL_PARAMETER = "default_steps"
 CLIENT_INSTALL = "pip install 'tritonclient[http,grpc]'"
 
 
@@ -113,17 +116,51 @@ class PipelineClient:
             raise InvalidInputError(f"--url: cannot reach {self.protocol}://{self.address} ({exc}); is the server "
                                     "running (`gag-export serve`) and is the URL right?") from None
 
-    def _config(self) -> dict:
+    def _config(self, model: str) -> dict:
         if self.protocol == "grpc":
-            response = self._call("reading the model config", self._client.get_model_config, self.model, as_json=True)
+            response = self._call("reading the model config", self._client.get_model_config, model, as_json=True)
             return response["config"]
-        return self._call("reading the model config", self._client.get_model_config, self.model)
+        return self._call("reading the model config", self._client.get_model_config, model)
+
+    def _served_models(self) -> list[str]:
+        """The names in the server's model repository (loaded or not)."""
+        if self.protocol == "grpc":
+            index = self._call("listing the models", self._client.get_model_repository_index, as_json=True)
+            index = index.get("models", [])
+        else:
+            index = self._call("listing the models", self._client.get_model_repository_index)
+        return sorted({entry["name"] for entry in index})
+
+    def pipeline_models(self) -> list[str]:
+        """The served models a request can go to: the ensembles `gag-export triton` writes for clients
+        (else any model carrying the client defaults, e.g. a sampler served alone)."""
+        configs = {}
+        for name in self._served_models():
+            try:
+                configs[name] = self._config(name)
+            except GagExportError:  # e.g. a model that failed to load: not one to suggest
+                continue
+        takes_requests = [name for name, config in configs.items() if _takes_requests(config)]
+        return [name for name in takes_requests if configs[name].get("platform") == "ensemble"] or takes_requests
+
+    def _not_a_pipeline(self, why: str) -> InvalidInputError:
+        url = f"{self.protocol}://{self.address}"
+        served = self.pipeline_models()
+        choice = (f"the pipeline models served at {url}: {', '.join(served)} (`--model` defaults to {PIPELINE})"
+                  if served else f"the server at {url} serves no gag-export pipeline")
+        return InvalidInputError(f"--model {self.model}: {why}; {choice}")
 
     @property
     def defaults(self) -> dict[str, str]:
         """The pipeline config's parameters (model, default/min/max steps, default GAG values)."""
         if self._defaults is None:
-            config = self._config()
+            # Checked first: a component (`unet`) or an unknown name has no defaults and would fail
+            # further on with a KeyError or a bare server error instead of naming what to call.
+            if self.model not in self._served_models():
+                raise self._not_a_pipeline("the server has no model of that name")
+            config = self._config(self.model)
+            if not _takes_requests(config):
+                raise self._not_a_pipeline("not a pipeline model: it takes no image requests (a component of one, or another model)")
             self._defaults = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
             self._inputs = [i["name"] for i in config.get("input", [])]
         return self._defaults
@@ -178,3 +215,8 @@ class PipelineClient:
         if image is None or image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise GagExportError(f"the server returned no HxWx3 uint8 image (got {None if image is None else image.shape})")
         return image
+
+
+def _takes_requests(config: dict) -> bool:
+    """Whether a model config is one `gag-export triton` writes for image requests (pipeline, sampler)."""
+    return REQUEST_MODEL_PARAMETER in (config.get("parameters") or {})

@@ -34,6 +34,12 @@ Layout (one folder per model, version 1):
 - Written atomically: the whole repository is built in a temp folder beside `out_dir` and
   renamed into place; a previous repository there is replaced only when the new one is complete.
   Graphs and plans are hard-linked where the file system allows, else copied.
+- Only a previous repository is replaced: the writer drops a marker file (`.gag-export-triton.json`)
+  at the root, and an `out_dir` that exists without one (and is not empty) is refused, as is one
+  that is, holds or lies inside the graphs or engines folder being served. Triton loads subfolders
+  only, so the marker is never taken for a model.
+- `--cpu-standin` refuses a bf16 export: ONNX Runtime's CPU provider has no bfloat16 kernels, so
+  its models would fail to load at serve time.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .. import __version__
 from ..atomic import as_if_created_plainly, swap_into_place
 from ..errors import ArtifactError, InvalidInputError, ResourceExhaustedError
 from ..export import Manifest, data_path
@@ -63,6 +70,8 @@ MODEL_FILES = {"plan": "model.plan", "onnx": "model.onnx"}
 SAMPLER = "sampler"
 PIPELINE = "pipeline"
 VERSION = "1"
+# What tells a later `gag-export triton` that a folder is a repository it wrote, and so may be replaced.
+MARKER = ".gag-export-triton.json"
 TRITON_DTYPES = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
     "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING",
@@ -524,6 +533,71 @@ def _populate(root: Path, manifest: Manifest, entry, options: RepositoryOptions,
     return records, notes
 
 
+# --------------------------------------------------------------------------------------------
+# What may be written where
+# --------------------------------------------------------------------------------------------
+
+
+def is_generated_repository(folder: Path) -> bool:
+    """Whether `folder` holds a repository written by `gag-export triton`: its marker, or (written
+    before the marker existed) the generated sampler beside a pipeline config."""
+    folder = Path(folder)
+    if (folder / MARKER).is_file():
+        return True
+    shim = folder / SAMPLER / VERSION / "model.py"
+    return ((folder / PIPELINE / "config.pbtxt").is_file() and shim.is_file()
+            and shim.read_text(errors="replace").startswith(SAMPLER_SHIM.splitlines()[0]))
+
+
+def _overlap(target: Path, source: Path) -> str | None:
+    """How the folder `target` overlaps `source` ("is", "holds", "is inside"), None if it does not."""
+    target, source = Path(target).resolve(), Path(source).resolve()
+    if target == source:
+        return "is"
+    if target in source.parents:
+        return "holds"
+    if source in target.parents:
+        return "is inside"
+    return None
+
+
+def check_destination(out_dir: Path, sources: Mapping[str, Path | None]) -> None:
+    """Refuse an `out_dir` whose replacement would destroy anything but a previous repository.
+
+    `sources`: {"graphs folder": path, ...}, the folders the repository is made from; `out_dir`
+    may not be, hold or lie inside one (replacing it would delete the export being served).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInputError(f"--out {out_dir} exists and is not a folder")
+    for label, source in sources.items():
+        relation = _overlap(out_dir, source) if source is not None else None
+        if relation:
+            raise InvalidInputError(f"--out {out_dir} {relation} the {label} {source}: write the repository "
+                                    "to a folder of its own, e.g. triton/<model>")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_generated_repository(out_dir):
+        raise InvalidInputError(
+            f"--out {out_dir} exists and is not a repository written by `gag-export triton` (no {MARKER}); "
+            "it would be replaced: choose a new or empty folder, or remove this one yourself")
+
+
+def check_servable(manifest: Manifest, options: RepositoryOptions) -> None:
+    """Refuse what would be written fine and then fail to load in the server."""
+    from ..models import Precision  # noqa: PLC0415  (the manifest's precision type)
+
+    if options.cpu_standin and manifest.precision is Precision.BF16:
+        # The stand-ins run on ONNX Runtime's CPU provider, which has no bfloat16 kernels.
+        raise InvalidInputError(
+            f"--cpu-standin cannot serve {manifest.model}'s bf16 export: ONNX Runtime's CPU provider has no "
+            f"bfloat16 kernels. Export fp32 or fp16 for a CPU stand-in (`gag-export export --model "
+            f"{manifest.model} --dtype fp16`), or serve this export on a GPU (--backend onnx or --engines)")
+
+
+def _write_marker(root: Path, manifest: Manifest) -> None:
+    marker = {"written_by": "gag-export triton", "gag_export_version": __version__, "model": manifest.model,
+              "graphs": str(manifest.graphs_dir)}
+    _write(root / MARKER, json.dumps(marker, indent=2) + "\n")
+
 
 def build_repository(graphs_dir: Path, out_dir: Path, options: RepositoryOptions = RepositoryOptions(),
                      engines_dir: Path | None = None) -> RepositoryReport:
@@ -538,12 +612,12 @@ def build_repository(graphs_dir: Path, out_dir: Path, options: RepositoryOptions
         raise ArtifactError(f"{manifest.model} has components named {sorted(clash)}, which the repository reserves")
     if options.kind == "plan" and engines_dir is None:
         raise InvalidInputError("--backend plan needs the engines folder (--engines engines/<model>)")
+    check_servable(manifest, options)
+    out_dir = Path(out_dir)
+    check_destination(out_dir, {"graphs folder": Path(graphs_dir), "engines folder": engines_dir})
     for name in manifest.components:
         _graph_files(manifest, name)  # fail before anything is written
     assets = load_assets(entry, manifest.data.get("weights"))
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InvalidInputError(f"--out {out_dir} exists and is not a folder")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = as_if_created_plainly(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent)))
@@ -551,6 +625,7 @@ def build_repository(graphs_dir: Path, out_dir: Path, options: RepositoryOptions
         raise ArtifactError(f"cannot write {out_dir}: {exc}") from None
     try:
         records, notes = _populate(tmp, manifest, entry, options, engines_dir, assets)
+        _write_marker(tmp, manifest)
         swap_into_place(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

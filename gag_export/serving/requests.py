@@ -11,7 +11,7 @@ sampler model turns that into a Triton error response and goes on serving.
 | seed | integer in [0, 2**63 - 1] |
 | steps | the model's step range (`gag-export models`), e.g. 1..4 for DMD2 |
 | gag_scale | finite, in [-1, 100] (-1 with zeta 1 and a huge eta is the unguided model) |
-| gag_eta | in (0, 1e9] (1e9: practically no norm cap) |
+| gag_eta | in (0, inf] (inf: no norm cap, as `GAGConfig` and `generate` take it) |
 | gag_zeta | finite, in [0, 10] |
 
 The limits travel in the sampler's `config.pbtxt` as parameters (`limit_*`), so a deployment can
@@ -42,7 +42,7 @@ class RequestLimits:
     max_prompt_chars: int = 1000
     min_scale: float = -1.0
     max_scale: float = 100.0
-    max_eta: float = 1e9
+    max_eta: float = math.inf  # GAGConfig's rule: any eta > 0, inf disabling the cap
     max_zeta: float = 10.0
 
     def __post_init__(self) -> None:
@@ -52,8 +52,8 @@ class RequestLimits:
             raise InvalidInputError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
         if not (math.isfinite(self.min_scale) and math.isfinite(self.max_scale) and self.min_scale <= self.max_scale):
             raise InvalidInputError(f"scale limits must be finite with min <= max, got {self.min_scale}, {self.max_scale}")
-        if not (math.isfinite(self.max_eta) and self.max_eta > 0):
-            raise InvalidInputError(f"max_eta must be finite and > 0, got {self.max_eta}")
+        if not self.max_eta > 0:  # also refuses NaN; inf: eta unbounded (no norm cap allowed)
+            raise InvalidInputError(f"max_eta must be > 0 (inf: no bound), got {self.max_eta}")
         if not (math.isfinite(self.max_zeta) and self.max_zeta >= 0):
             raise InvalidInputError(f"max_zeta must be finite and >= 0, got {self.max_zeta}")
 
@@ -106,10 +106,12 @@ def _number(values, name: str, low: float, high: float, low_open: bool = False) 
     if np.asarray(raw).dtype.kind not in "iuf":
         raise InvalidInputError(f"{name}: must be a number, got {np.asarray(raw).dtype} value {raw!r}")
     value = float(raw)
+    # NaN fails every comparison; inf passes only where the bound itself is inf (gag_eta: no cap)
     inside = (low < value if low_open else low <= value) and value <= high
-    if not math.isfinite(value) or not inside:
+    if not inside:
         bracket = "(" if low_open else "["
-        raise InvalidInputError(f"{name}: must be a finite number in {bracket}{low:g}, {high:g}], got {value!r}")
+        kind = "a finite number" if math.isfinite(high) else "a number"
+        raise InvalidInputError(f"{name}: must be {kind} in {bracket}{low:g}, {high:g}], got {value!r}")
     return value
 
 
