@@ -238,6 +238,14 @@ def test_missing_graph_is_refused_before_writing(graphs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_export_missing_a_component_is_refused_before_writing(graphs, tmp_path):
+    # a `--component` export (or an edited manifest): a repository without a denoiser was written
+    partial = _edited_export(graphs, tmp_path / "graphs" / MODEL, lambda data: data["components"].pop("unet"))
+    with pytest.raises(ArtifactError, match="has no unet"):
+        build_repository(partial, tmp_path / "out", RepositoryOptions(cpu_standin=True))
+    assert not (tmp_path / "out").exists()
+
+
 def _tree(folder: Path) -> dict:
     """Every path under `folder` with its bytes (None for folders): what a refused write must not change."""
     return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}

@@ -581,9 +581,14 @@ def check_destination(out_dir: Path, sources: Mapping[str, Path | None]) -> None
             "it would be replaced: choose a new or empty folder, or remove this one yourself")
 
 
-def check_servable(manifest: Manifest, options: RepositoryOptions) -> None:
+def check_servable(manifest: Manifest, options: RepositoryOptions, entry) -> None:
     """Refuse what would be written fine and then fail to load in the server."""
-    from ..models import Precision  # noqa: PLC0415  (the manifest's precision type)
+    from ..models import Precision, descriptors_for  # noqa: PLC0415  (the manifest's precision type)
+
+    missing = [d.name for d in descriptors_for(entry) if d.name not in manifest.components]
+    if missing:  # a `--component` export, or a manifest edited by hand: the sampler needs them all
+        raise ArtifactError(f"{manifest.graphs_dir} has no {', '.join(missing)} (the pipeline needs every component of "
+                            f"{manifest.model}); export the whole model: `gag-export export --model {manifest.model}`")
 
     if options.cpu_standin and manifest.precision is Precision.BF16:
         # The stand-ins run on ONNX Runtime's CPU provider, which has no bfloat16 kernels.
@@ -612,7 +617,7 @@ def build_repository(graphs_dir: Path, out_dir: Path, options: RepositoryOptions
         raise ArtifactError(f"{manifest.model} has components named {sorted(clash)}, which the repository reserves")
     if options.kind == "plan" and engines_dir is None:
         raise InvalidInputError("--backend plan needs the engines folder (--engines engines/<model>)")
-    check_servable(manifest, options)
+    check_servable(manifest, options, entry)
     out_dir = Path(out_dir)
     check_destination(out_dir, {"graphs folder": Path(graphs_dir), "engines folder": engines_dir})
     for name in manifest.components:
