@@ -111,6 +111,22 @@ def test_local_diffusers_folder_round_trip(tmp_path, tiny_sdxl):
     assert names == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
 
 
+@pytest.mark.parametrize("text", ["{", "[1]", "\xff"])
+def test_a_damaged_model_index_is_an_artifact_error_naming_the_file(tmp_path, text):
+    folder = tmp_path / "fakepipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ArtifactError, match="model_index.json"):
+        resolve_entry(folder)
+
+
+def test_a_model_index_with_an_odd_scheduler_entry_falls_back_to_euler(tmp_path):
+    folder = tmp_path / "oddpipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "scheduler": ["x"]}))
+    assert resolve_entry(folder).scheduler.class_name == "EulerDiscreteScheduler"
+
+
 def test_local_flux_folder_round_trip_keeps_the_t5_tokenizer(tmp_path):
     flux = load_pipeline("tiny-flux")
     flux.save_pretrained(tmp_path / "my-flux")

@@ -124,14 +124,15 @@ def resolve_entry(name_or_path: str | os.PathLike | ModelEntry) -> ModelEntry:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise InvalidInputError(f"--model {text}: not a diffusers pipeline folder (no model_index.json)")
-    index = json.loads(index_path.read_text())
-    family = PIPELINE_FAMILIES.get(index.get("_class_name"))
+    index = _read_model_index(index_path)
+    class_name = index.get("_class_name")
+    family = PIPELINE_FAMILIES.get(class_name) if isinstance(class_name, str) else None
     if family is None:
         raise InvalidInputError(
             f"--model {text}: pipeline class {index.get('_class_name')!r} is not supported "
             f"(supported: {', '.join(PIPELINE_FAMILIES)})"
         )
-    scheduler_class = (index.get("scheduler") or [None, None])[1] or "EulerDiscreteScheduler"
+    scheduler_class = _scheduler_class(index)
     size = 1024 if family == "flux" else _local_default_size(folder)
     return ModelEntry(
         name=folder.resolve().name,
@@ -145,12 +146,33 @@ def resolve_entry(name_or_path: str | os.PathLike | ModelEntry) -> ModelEntry:
     )
 
 
+def _read_model_index(path: Path) -> dict:
+    """A folder's model_index.json; ArtifactError naming the file when it is not a JSON object
+    (a damaged or half-downloaded folder is a bad artifact, not a bug)."""
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise ArtifactError(f"{path}: cannot read it as JSON ({exc}); repair or re-download the pipeline folder") from None
+    if not isinstance(index, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(index).__name__}; repair or re-download "
+                            "the pipeline folder")
+    return index
+
+
+def _scheduler_class(index: Mapping) -> str:
+    """The scheduler class model_index.json names (`"scheduler": [library, class]`), else Euler."""
+    entry = index.get("scheduler")
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str) and entry[1]:
+        return entry[1]
+    return "EulerDiscreteScheduler"
+
+
 def _local_default_size(folder: Path) -> int:
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, TypeError):  # TypeError: a config that is not an object
         return 1024
 
 
