@@ -78,12 +78,14 @@ import abc
 import contextlib
 import copy
 import datetime as _dt
+import errno
 import gc
 import json
 import logging
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,7 +96,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import GagExportError, InvalidInputError
+from .atomic import as_if_created_plainly
+from .errors import ArtifactError, GagExportError, InvalidInputError, ResourceExhaustedError
 
 log = logging.getLogger(__name__)
 
@@ -490,6 +493,9 @@ def export_graphs(config: BenchConfig, p: Plan, pipe, gag: bool) -> Path:
     root = graphs_root(config, gag)
     log.info("exporting %s (%s) at %dx%d to %s", p.entry.name, "GAG" if gag else "no GAG", p.shape.height,
              p.shape.width, root / p.entry.name)
+    # the bench's own cache, exported again because it did not fit this run: replaced whole (an
+    # export of the denoiser alone over one with other settings is otherwise refused)
+    shutil.rmtree(root / p.entry.name, ignore_errors=True)
     export_model(pipe, p.entry, ExportConfig(
         p.entry.name, root, p.shape, gag=DEFAULT_EXPORT_GAG if gag else None, weights=p.weights,
         seed=config.seed, components=p.components,
@@ -1144,17 +1150,49 @@ def validate_result(doc: Mapping) -> None:
 
 @contextlib.contextmanager
 def _atomic_path(dest: Path) -> Iterator[Path]:
-    """A temp file beside `dest`, moved onto it when the block succeeds (removed otherwise)."""
+    """A temp file beside `dest`, moved onto it when the block succeeds (removed otherwise).
+
+    A path that cannot be written (its folder is a file, no permission, a read-only or full disk)
+    is an ArtifactError or ResourceExhaustedError naming `dest`, not an internal error.
+    """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    with _writing(dest):
+        tmp = _temp_beside(dest)
     try:
-        yield Path(tmp)
-        os.replace(tmp, dest)
+        with _writing(dest):
+            yield tmp
+            os.replace(tmp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def check_writable(dest: Path) -> None:
+    """Fail now, not after a long run, when `dest` cannot be written (its folder is created)."""
+    dest = Path(dest)
+    with _writing(dest):
+        if dest.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder", str(dest))
+        _temp_beside(dest).unlink()
+
+
+def _temp_beside(dest: Path) -> Path:
+    """An empty temp file in `dest`'s folder (created if missing): same file system, so os.replace is atomic."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    return as_if_created_plainly(Path(tmp))
+
+
+@contextlib.contextmanager
+def _writing(dest: Path) -> Iterator[None]:
+    """OSError while writing `dest` as the documented errors: out of disk 7, anything else 5."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhaustedError(f"out of disk space writing {dest}: {exc}") from exc
+        raise ArtifactError(f"cannot write {dest}: {exc}") from exc
 
 
 def write_json(doc: Mapping, dest: Path) -> Path:

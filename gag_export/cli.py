@@ -273,24 +273,29 @@ def engine_command(graphs_dir: Path, out_dir: Path, precision, shapes, timing_ca
 
 
 def _shape(shape_cls, height, width, batch, default):
-    """An ImageShape from options; unset ones fall back to `default` (InvalidInputError on bad values)."""
-    return shape_cls(height=height or default.height, width=width or default.width, batch=batch or default.batch)
+    """An ImageShape from options; unset (None) ones fall back to `default` (InvalidInputError on bad values).
+
+    `is None`, not `or`: a 0 given by the user is an error to report, not a request for the default.
+    """
+    return shape_cls(height=default.height if height is None else height,
+                     width=default.width if width is None else width,
+                     batch=default.batch if batch is None else batch)
 
 
 @cli.command("export")
 @click.option("--model", required=True, help="Registry name (`gag-export models`), e.g. tiny-sdxl, dmd2, or a local diffusers folder.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("graphs"),
               show_default=True, help="Graphs root: <out>/<model>/<component>/model.onnx + manifest.json.")
-@click.option("--height", type=int, default=None, help="Image height in pixels [default: the model's].")
-@click.option("--width", type=int, default=None, help="Image width in pixels [default: the model's].")
-@click.option("--batch", type=int, default=1, show_default=True, help="Batch size (the opt shape if --dynamic).")
+@click.option("--height", type=click.IntRange(min=1), default=None, help="Image height in pixels [default: the model's].")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Image width in pixels [default: the model's].")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size (the opt shape if --dynamic).")
 @click.option("--dynamic", is_flag=True, help="Symbolic batch/height/width; traced from a batch-2 example.")
-@click.option("--min-height", type=int, default=None, help="Dynamic range [default: --height].")
-@click.option("--min-width", type=int, default=None, help="Dynamic range [default: --width].")
-@click.option("--min-batch", type=int, default=None, help="Dynamic range [default: --batch].")
-@click.option("--max-height", type=int, default=None, help="Dynamic range [default: --height].")
-@click.option("--max-width", type=int, default=None, help="Dynamic range [default: --width].")
-@click.option("--max-batch", type=int, default=None, help="Dynamic range [default: --batch].")
+@click.option("--min-height", type=click.IntRange(min=1), default=None, help="Dynamic range [default: --height].")
+@click.option("--min-width", type=click.IntRange(min=1), default=None, help="Dynamic range [default: --width].")
+@click.option("--min-batch", type=click.IntRange(min=1), default=None, help="Dynamic range [default: --batch].")
+@click.option("--max-height", type=click.IntRange(min=1), default=None, help="Dynamic range [default: --height].")
+@click.option("--max-width", type=click.IntRange(min=1), default=None, help="Dynamic range [default: --width].")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None, help="Dynamic range [default: --batch].")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Graph precision; GAG arithmetic and diffusers' upcasts stay fp32 inside.")
 @click.option("--no-gag", is_flag=True, help="Export the unmodified denoiser (the benchmark baseline).")
@@ -301,7 +306,9 @@ def _shape(shape_cls, height, width, batch, default):
 @click.option("--gag-method", type=click.Choice(["bisect", "sort"]), default="bisect", show_default=True,
               help="Sparse branch: bisect (no TopK, TensorRT-friendly) or sort (TopK).")
 @weights_option
-@click.option("--component", "components", multiple=True, metavar="NAME", help="Only this component (repeatable).")
+@click.option("--component", "components", multiple=True, metavar="NAME",
+              help="Only this component (repeatable); the other components of an export made with the same "
+                   "settings in --out are kept.")
 @click.option("--slim", is_flag=True, help="onnxslim each graph; kept only if parity still holds.")
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (TensorRT 10.0 parses 9..20).")
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
@@ -344,7 +351,10 @@ def export_command(model, out_dir, height, width, batch, dynamic, min_height, mi
         table.add_row(name, str(s.nodes), _size(s.size_bytes), f"{s.seconds:.1f} s", slim_note)
     Console().print(table)
     if not no_check:
-        report = check.check_graphs(manifest.graphs_dir, parity=True, pipe=pipe, entry=entry)
+        # components carried over from the previous export are not in `pipe` (only --component ones
+        # were loaded): then parity loads the reference pipeline of the whole manifest itself
+        kept = set(manifest.components) - set(manifest.stats)
+        report = check.check_graphs(manifest.graphs_dir, parity=True, pipe=None if kept else pipe, entry=entry)
         _print_check_report(report)
         report.raise_for_failures()
 
@@ -565,9 +575,9 @@ def _models_markdown(entries) -> str:
 @click.option("--backends", default="torch,ort", show_default=True,
               help="Comma-separated: torch, torch-compile, ort, tensorrt (unavailable ones are reported as skipped).")
 @click.option("--steps", type=int, default=None, help="Denoising steps of the end-to-end runs [default: the model's].")
-@click.option("--height", type=int, default=None, help="Image height in pixels [default: the model's].")
-@click.option("--width", type=int, default=None, help="Image width in pixels [default: the model's].")
-@click.option("--batch", type=int, default=1, show_default=True, help="Batch of the denoiser step (e2e needs 1).")
+@click.option("--height", type=click.IntRange(min=1), default=None, help="Image height in pixels [default: the model's].")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Image width in pixels [default: the model's].")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch of the denoiser step (e2e needs 1).")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
               help="Untimed rounds after each variant's first call.")
 @click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed rounds.")
@@ -604,13 +614,31 @@ def bench_command(model, backends, steps, height, width, batch, warmup, iters, g
         batch=batch, warmup=warmup, iters=iters, weights=weights, e2e=e2e, threads=threads, isolate=isolate,
         seed=seed, graphs=graphs_root, engines=engines_root, reexport=reexport,
     )
+    outputs = [(path, write) for path, write in
+               ((json_path, bench.write_json), (markdown_path, bench.write_markdown), (plot_path, bench.write_plot))
+               if path is not None]
+    for path, _ in outputs:  # a path that cannot be written fails now, not after the whole benchmark
+        bench.check_writable(path)
     with console.status(f"benchmarking {model}") as status:
         doc = bench.run_bench(config, progress=status.update)
-    for path, write in ((json_path, bench.write_json), (markdown_path, bench.write_markdown), (plot_path, bench.write_plot)):
-        if path is not None:
+    click.echo(bench.render_markdown(doc))  # first: the results survive a write that still fails
+    _write_bench_outputs(doc, outputs)
+
+
+def _write_bench_outputs(doc, outputs) -> None:
+    """Write every output that can be written; then raise the first failure (exit 5, or 7 when the disk is full)."""
+    failures = []
+    for path, write in outputs:
+        try:
             write(doc, path)
-            click.echo(f"wrote {path}", err=True)
-    click.echo(bench.render_markdown(doc))
+        except GagExportError as exc:
+            failures.append(exc)
+            continue
+        click.echo(f"wrote {path}", err=True)
+    for exc in failures[1:]:
+        click.echo(f"error: {exc}", err=True)
+    if failures:
+        raise failures[0]
 
 
 def _gpu_ids(ctx, param, value):

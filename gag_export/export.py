@@ -19,7 +19,10 @@ What is written (DESIGN.md "Manifest"):
 Atomicity: everything is written into a temp folder in the same parent (`graphs/.<model>.*.tmp`)
 and moved into place with `os.replace` at the end; a failed or interrupted export (including
 out-of-disk and out-of-memory, raised as `ResourceExhaustedError`) removes the temp folder and
-leaves the previous export, if any, untouched.
+leaves the previous export, if any, untouched. An export of some components (`components=`)
+into a folder holding an export made with the same settings carries the others over into the
+temp folder (hard links) and lists them in the new manifest; over an export made with other
+settings it is refused (InvalidInputError) rather than deleting them.
 
 Reduced precision (`fp16`/`bf16`): the pipeline is copied and cast, then exported as typed, so
 the graph's types are exactly torch's: the GAG arithmetic (which `guidance.py` does in fp32 and
@@ -806,6 +809,107 @@ def _reduced_copy(pipe, dtype: torch.dtype):
     return work
 
 
+# A partial export (`components=...`) adds to the export already in the folder: the whole folder
+# is swapped into place, so the components it does not re-export are carried over, and only from
+# an export whose settings (everything in the manifest head but the library versions) are the
+# ones of this run; otherwise the manifest would describe graphs made some other way.
+_PER_RUN_KEYS = ("components", "versions")
+
+
+def _previous_export(config: ExportConfig, names: Sequence[str]) -> Manifest | None:
+    """The export a partial export adds to, or None when this export replaces the whole folder."""
+    if not config.components or set(names) <= set(config.components) or not config.graphs_dir.exists():
+        return None
+    try:
+        return Manifest.load(config.graphs_dir)
+    except ArtifactError as exc:
+        raise ArtifactError(f"cannot add {', '.join(config.components)} to {config.graphs_dir} without deleting its "
+                            f"other components ({exc}); export every component (no --component) or remove the "
+                            "folder") from None
+
+
+def _comparable_head(head: Mapping) -> dict:
+    """The settings of a manifest head as JSON reads them back (tuples as lists, inf as Infinity)."""
+    same = {k: v for k, v in head.items() if k not in _PER_RUN_KEYS}
+    same["gag"] = {k: v for k, v in (head.get("gag") or {}).items() if k != "rewritten"}  # depends on what was loaded
+    return json.loads(json.dumps(same))
+
+
+def _range_differs(comp: Mapping, descriptor, config: ExportConfig) -> bool:
+    """Whether a kept component's min/max profile is not the one `config` asks for (dynamic exports).
+
+    Only symbolic axes are compared, against the descriptor's value of the symbol: the fixed
+    dims are the graph's own and need no loaded weights to be right.
+    """
+    lo, _, hi = config.shape_range
+    wanted = {"min": descriptor.dim_values(lo), "max": descriptor.dim_values(hi)}
+    try:
+        for spec in comp["inputs"]:
+            recorded = comp["profile"][spec["name"]]
+            for axis, dim in enumerate(spec["shape"]):
+                if isinstance(dim, str) and any(recorded[b][axis] != wanted[b].get(dim) for b in wanted):
+                    return True
+    except (KeyError, IndexError, TypeError):
+        return True  # no readable profile: nothing shows the range is the same
+    return False
+
+
+def _components_to_keep(previous: Manifest | None, entry, config: ExportConfig, chosen: Sequence[str]) -> dict[str, dict]:
+    """{name: manifest entry} of the previous export's components this export carries over.
+
+    InvalidInputError when the previous export was made with other settings (carrying its
+    components over would mix two exports), ArtifactError when a kept component's files are gone.
+    """
+    if previous is None:
+        return {}
+    there, now = _comparable_head(previous.data), _comparable_head(_manifest_head(entry, config, []))
+    differences = [f"{key} {there.get(key)!r} there, {now.get(key)!r} now"
+                   for key in dict.fromkeys([*now, *there]) if there.get(key) != now.get(key)]
+    kept = {name: comp for name, comp in previous.components.items() if name not in chosen}
+    if config.dynamic and not differences:
+        descriptors = {d.name: d for d in descriptors_for(entry)}
+        differences += [f"{name}'s dynamic shape range" for name, comp in kept.items()
+                        if name not in descriptors or _range_differs(comp, descriptors[name], config)]
+    if differences:
+        raise InvalidInputError(
+            f"{config.graphs_dir} holds an export made with other settings ({'; '.join(differences)}): exporting only "
+            f"{', '.join(chosen)} would mix the two; use that export's settings, or export every component (no --component)")
+    for name, comp in kept.items():
+        for path in _component_files(previous.graphs_dir, comp):
+            if not path.is_file():
+                raise ArtifactError(f"{path} is missing: cannot keep {name} in {previous.graphs_dir}; export it too "
+                                    f"(--component {name}) or every component")
+    return kept
+
+
+def _component_files(graphs_dir: Path, comp: Mapping) -> list[Path]:
+    graph = graphs_dir / comp["path"]
+    return [graph, graphs_dir / comp["external_data"]["path"]] if comp.get("external_data") else [graph]
+
+
+def _carry_over(previous: Manifest, kept: Mapping[str, dict], tmp: Path) -> None:
+    """Put the kept components' folders into the temp folder: hard links where the file system
+    allows (no second copy of a 10 GB UNet; nothing ever writes a graph in place), else copies."""
+    for comp in kept.values():
+        folder = Path(comp["path"]).parent
+        shutil.copytree(previous.graphs_dir / folder, tmp / folder, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _merged_components(manifest: dict, previous: Manifest, kept: Mapping[str, dict], order: Sequence[str]) -> None:
+    """Add the kept entries to `manifest` in the family's order; a kept denoiser keeps its GAG layer list."""
+    components = {**kept, **manifest["components"]}
+    manifest["components"] = {name: components[name] for name in dict.fromkeys([*order, *components])
+                              if name in components}
+    if any(comp["role"] == "denoiser" for comp in kept.values()) and manifest["gag"]["enabled"]:
+        manifest["gag"]["rewritten"] = previous.data["gag"].get("rewritten", [])
+
 
 def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEvent], None] | None = None) -> Manifest:
     """Export every component of `entry` from `pipe` into `config.graphs_dir`; return the manifest.
@@ -825,7 +929,11 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
     work = pipe
     stats: dict[str, ComponentStats] = {}
     try:
-        descriptors = _selected(descriptors_for(entry, pipe), config)
+        family_descriptors = descriptors_for(entry, pipe)
+        descriptors = _selected(family_descriptors, config)
+        order = [d.name for d in family_descriptors]
+        previous = _previous_export(config, order)
+        kept = _components_to_keep(previous, entry, config, [d.name for d in descriptors])  # before the slow part
         if config.precision is not Precision.FP32:
             work = _reduced_copy(pipe, config.precision.torch_dtype)
         if any(d.role == "denoiser" for d in descriptors) and denoiser_module(pipe) is None:
@@ -866,6 +974,9 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
             notify(ExportEvent(descriptor.name, "done", index, len(descriptors), nodes=entry_json["nodes"],
                                size_bytes=entry_json["size_bytes"], seconds=stats[descriptor.name].seconds))
             del module
+        if kept:
+            _carry_over(previous, kept, tmp)
+            _merged_components(manifest, previous, kept, order)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         swap_into_place(tmp, config.graphs_dir)
     except GagExportError:

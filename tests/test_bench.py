@@ -208,6 +208,52 @@ def test_torch_cuda_peak_is_reported_for_torch_rows_only(monkeypatch):
     assert bench._gpu_peak("ort") is None and bench._gpu_peak("tensorrt") is None
 
 
+# ------------------------------------------------------------------------------- output paths
+
+
+def _fake_run(doc, then=lambda: None):
+    """A stand-in for run_bench: `then()` (something that happens during the run), then `doc`."""
+    def run_bench(config, progress=None):
+        then()
+        return doc
+    return run_bench
+
+
+def test_cli_bench_refuses_an_unwritable_output_before_running(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    ran = []
+    monkeypatch.setattr(bench, "run_bench", _fake_run(None, then=lambda: ran.append(True)))
+    result = CliRunner().invoke(cli, ["bench", "--model", "tiny-sdxl", "--json", str(tmp_path / "afile" / "b.json")],
+                                obj={})
+    assert result.exit_code == 5, result.output
+    assert "cannot write" in result.stderr and "afile" in result.stderr and "internal error" not in result.stderr
+    assert not ran  # refused before the benchmark, not after it
+
+
+def test_cli_bench_prints_the_results_when_writing_fails_at_the_end(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    doc = _doc([_row("torch", False, [10, 12, 11]), _row("torch", True, [11, 13, 12])])
+    # the output folder turns into a file while the benchmark runs: the preflight passed, the write fails
+    monkeypatch.setattr(bench, "run_bench", _fake_run(doc, then=lambda: (out.rmdir(), out.write_text(""))))
+    result = CliRunner().invoke(cli, ["bench", "--model", "tiny-sdxl", "--json", str(out / "b.json"),
+                                      "--markdown", str(tmp_path / "b.md")], obj={})
+    assert result.exit_code == 5, result.output
+    assert "| torch | off | cpu |" in result.stdout  # the results are not lost
+    assert "cannot write" in result.stderr and "b.json" in result.stderr and "internal error" not in result.stderr
+    assert "| torch | off | cpu |" in (tmp_path / "b.md").read_text()  # the outputs that can be written still are
+
+
+def test_atomic_write_on_a_full_disk_is_resource_exhausted_and_leaves_nothing(tmp_path):
+    import errno
+
+    from gag_export.errors import ResourceExhaustedError
+
+    dest = tmp_path / "b.json"
+    with pytest.raises(ResourceExhaustedError, match="b.json"), bench._atomic_path(dest):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------- end to end
 
 

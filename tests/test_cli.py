@@ -129,6 +129,38 @@ def test_invalid_values_exit_2_before_anything_is_loaded(args, message, monkeypa
     assert not list(tmp_path.iterdir()), "nothing written"
 
 
+@pytest.mark.parametrize("args, option", [
+    (["export", "--model", MODEL, "--height", "0"], "--height"),
+    (["export", "--model", MODEL, "--width", "0"], "--width"),
+    (["export", "--model", MODEL, "--batch", "0"], "--batch"),
+    (["export", "--model", MODEL, "--dynamic", "--min-batch", "0"], "--min-batch"),
+    (["export", "--model", MODEL, "--dynamic", "--min-height", "0"], "--min-height"),
+    (["export", "--model", MODEL, "--dynamic", "--max-width", "0"], "--max-width"),
+    (["bench", "--model", MODEL, "--height", "0"], "--height"),
+    (["bench", "--model", MODEL, "--batch", "0"], "--batch"),
+])
+def test_zero_sizes_exit_2_naming_the_option(args, option, monkeypatch, tmp_path):
+    """0 is not "the default": it was silently replaced by the model's size (or batch 1)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("gag_export.models.load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.output
+    assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_shape_keeps_a_zero_for_validation():
+    from gag_export.cli import _shape
+    from gag_export.errors import InvalidInputError
+    from gag_export.models import ImageShape
+
+    default = ImageShape(64, 64, 1)
+    assert _shape(ImageShape, None, None, None, default) == default
+    for sizes in ((0, None, None), (None, 0, None), (None, None, 0)):
+        with pytest.raises(InvalidInputError, match="positive integer"):
+            _shape(ImageShape, *sizes, default)
+
+
 def test_unknown_model_lists_every_known_one():
     line = error_line(invoke("build", "--model", "nope"))
     for entry in list_entries():
@@ -201,6 +233,82 @@ def test_check_of_an_edited_graph_exits_5(run, tmp_path):
     (graphs_dir / "manifest.json").write_text(json.dumps(manifest))
     result = invoke("check", graphs_dir, "--no-parity")
     assert result.exit_code == 5 and "sha256" in error_line(result)
+
+
+@pytest.mark.parametrize("text", ["{", "[1]"])
+def test_export_from_a_folder_with_a_damaged_model_index_exits_5(tmp_path, text):
+    (tmp_path / "fakepipe").mkdir()
+    (tmp_path / "fakepipe" / "model_index.json").write_text(text)
+    result = invoke("export", "--model", tmp_path / "fakepipe", "--out", tmp_path / "graphs")
+    assert result.exit_code == 5, result.output
+    assert "fakepipe/model_index.json" in error_line(result) and "internal error" not in result.output
+
+
+# --------------------------------------------------------------------------- export --component
+
+
+def _files(graphs_dir: Path) -> dict:
+    return {p.relative_to(graphs_dir): p.read_bytes() for p in graphs_dir.rglob("*") if p.is_file()}
+
+
+def test_export_of_one_component_keeps_the_others(run, tmp_path):
+    graphs_dir = graphs_copy(run, tmp_path)
+    before = json.loads((graphs_dir / "manifest.json").read_text())
+    kept = {path: data for path, data in _files(graphs_dir).items() if path.parts[0] != "text_encoder"}
+    result = invoke("export", "--model", MODEL, "--out", graphs_dir.parent, "--component", "text_encoder")
+    assert result.exit_code == 0, result.output  # the check (parity of every component) passed too
+    manifest = Manifest.load(graphs_dir)
+    assert list(manifest.components) == list(before["components"])
+    for name in ("text_encoder_2", "unet", "vae_decoder"):
+        assert manifest.components[name] == before["components"][name]
+    assert manifest.data["gag"] == before["gag"]  # the UNet's rewritten layers are still listed
+    after = _files(graphs_dir)
+    assert all(after[path] == data for path, data in kept.items() if path.name != "manifest.json")
+    assert graph_sha256(manifest.graph_path("text_encoder")) == manifest.components["text_encoder"]["sha256"]
+    assert sorted(p.name for p in graphs_dir.parent.iterdir()) == [MODEL]  # no temp folder left
+
+
+@pytest.mark.parametrize("args, difference", [
+    (["--dtype", "fp16"], "dtype"),
+    (["--no-gag"], "gag"),
+    (["--height", "128"], "shape"),
+])
+def test_export_of_one_component_over_an_export_with_other_settings_is_refused(run, tmp_path, args, difference):
+    graphs_dir = graphs_copy(run, tmp_path)
+    before = _files(graphs_dir)
+    result = invoke("export", "--model", MODEL, "--out", graphs_dir.parent, "--component", "text_encoder", *args)
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert difference in line and "other settings" in line and "--component" in line
+    assert _files(graphs_dir) == before  # nothing deleted, nothing replaced
+
+
+# --------------------------------------------------------------------------- generate on --no-gag graphs
+
+
+def _without_gag(run, tmp_path) -> Path:
+    """A copy of the build whose manifest says --no-gag (the torch backend reads only that of it)."""
+    graphs_dir = graphs_copy(run, tmp_path)
+    manifest = json.loads((graphs_dir / "manifest.json").read_text())
+    manifest["gag"] = {"enabled": False, "rewritten": []}
+    (graphs_dir / "manifest.json").write_text(json.dumps(manifest))
+    return graphs_dir
+
+
+def test_generate_on_a_no_gag_export_samples_plainly(run, tmp_path):
+    graphs_dir = _without_gag(run, tmp_path)
+    out = tmp_path / "plain.png"
+    result = invoke("generate", "--model", MODEL, "--graphs", graphs_dir.parent, "--backend", "torch", "--prompt", "x",
+                    "--steps", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+
+
+def test_generate_with_gag_values_on_a_no_gag_export_exits_2(run, tmp_path):
+    graphs_dir = _without_gag(run, tmp_path)
+    result = invoke("generate", "--model", MODEL, "--graphs", graphs_dir.parent, "--backend", "torch", "--prompt", "x",
+                    "--steps", "1", "--gag-scale", "3", "--out", tmp_path / "gag.png")
+    assert result.exit_code == 2 and "exported without GAG" in error_line(result)
 
 
 # --------------------------------------------------------------------------- exit 6: weights not available

@@ -28,7 +28,7 @@ import gag_export.export as export_mod
 from gag_export.attention import apply_gag, remove_gag
 from gag_export.check import check_graphs, in_modules, node_module
 from gag_export.cli import cli
-from gag_export.errors import GagExportError, InvalidInputError, ResourceExhaustedError
+from gag_export.errors import ArtifactError, GagExportError, InvalidInputError, ResourceExhaustedError
 from gag_export.export import (
     GAG_INPUTS,
     ExportConfig,
@@ -283,10 +283,39 @@ def test_failed_export_leaves_no_half_written_graph(tmp_path, monkeypatch, failu
         raise RuntimeError("exporter crashed") from failure
 
     monkeypatch.setattr(export_mod, "_trace", fail)
+    # every component (it fails at the first): a --component export would refuse to add to that manifest
+    config = ExportConfig("tiny-sdxl", tmp_path, ImageShape(64, 64, 1))
     with pytest.raises(ResourceExhaustedError, match="nothing half-written"):
-        export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"), _text_encoder_config(tmp_path))
+        export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"), config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-sdxl"]
     assert [p.name for p in previous.iterdir()] == ["manifest.json"]
+
+
+def test_component_export_into_a_folder_without_a_readable_manifest_is_refused(tmp_path):
+    previous = tmp_path / "tiny-sdxl"
+    (previous / "unet").mkdir(parents=True)
+    (previous / "unet" / "model.onnx").write_bytes(b"graph")  # whatever it is, it is not deleted
+    with pytest.raises(ArtifactError, match="without deleting its other components"):
+        export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"), _text_encoder_config(tmp_path))
+    assert [p.relative_to(previous).as_posix() for p in previous.rglob("*")] == ["unet", "unet/model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-sdxl"]
+
+
+def _dynamic_config(root: Path, components: tuple, max_height: int) -> ExportConfig:
+    return ExportConfig("tiny-sdxl", root, ImageShape(64, 64, 1), dynamic=True, components=components,
+                        min_shape=ImageShape(32, 32, 1), max_shape=ImageShape(max_height, 128, 2))
+
+
+def test_component_export_keeps_others_only_with_the_same_dynamic_range(tmp_path):
+    pipe, entry = pipeline("tiny-sdxl"), get_entry("tiny-sdxl")
+    first = export_model(pipe, entry, _dynamic_config(tmp_path, ("text_encoder", "vae_decoder"), 128))
+    with pytest.raises(InvalidInputError, match="vae_decoder's dynamic shape range"):
+        export_model(pipe, entry, _dynamic_config(tmp_path, ("text_encoder",), 96))
+    assert Manifest.load(first.graphs_dir).data == first.data  # refused: nothing changed
+    again = export_model(pipe, entry, _dynamic_config(tmp_path, ("text_encoder",), 128))
+    assert list(again.components) == ["text_encoder", "vae_decoder"] and list(again.stats) == ["text_encoder"]
+    assert again.components["vae_decoder"] == first.components["vae_decoder"]
+    assert graph_sha256(again.graph_path("vae_decoder")) == first.components["vae_decoder"]["sha256"]
 
 
 def test_export_error_is_one_clear_line(tmp_path, monkeypatch):

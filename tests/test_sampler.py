@@ -299,6 +299,22 @@ def test_gag_values_on_a_graph_without_gag_inputs_are_refused(sdxl):
     assert max_pixel_diff(off.image, identity.image) <= SAME_IMAGE
 
 
+def test_gag_params_of_a_graph_without_gag_inputs_is_none_unless_values_are_given(sdxl):
+    """A --no-gag export samples plainly when the user gave no GAG values; given values are still refused."""
+    pipe = load_pipeline("tiny-sdxl")
+    components = {
+        name: TorchComponent(name, d.role, d.inputs("fp32", False), d.outputs("fp32", False), d.export_module(pipe))
+        for name, d in sdxl.descriptors.items()
+    }
+    plain = Sampler(sdxl.entry, ComponentSet("tiny-sdxl", "torch", components, pipe=pipe), sdxl.assets, sdxl.descriptors)
+    assert plain.gag_params() is None
+    assert plain.gag_params(scale=3.0).scale == 3.0  # returned, so that gag_feed refuses it
+    with plain:
+        plain.generate(GenerationConfig(PROMPT, seed=3, steps=1, gag=plain.gag_params()))
+        with pytest.raises(InvalidInputError, match="exported without GAG"):
+            plain.generate(GenerationConfig(PROMPT, steps=1, gag=plain.gag_params(scale=3.0)))
+
+
 # --------------------------------------------------------------------------------------------
 # Output: timings, PNG metadata
 # --------------------------------------------------------------------------------------------

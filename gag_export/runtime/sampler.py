@@ -440,7 +440,8 @@ def check_request(entry, config: GenerationConfig, pixel_multiple: int | None = 
         from ..models import descriptors_for  # noqa: PLC0415
 
         pixel_multiple = next(d.pixel_multiple for d in descriptors_for(entry) if d.role == "denoiser")
-    shape = ImageShape(config.height or entry.height, config.width or entry.width)
+    shape = ImageShape(entry.height if config.height is None else config.height,  # 0 is an error, not the default
+                       entry.width if config.width is None else config.width)
     shape.require_multiple(int(pixel_multiple), f"{entry.family} ({entry.name})")
     return steps, shape
 
@@ -488,7 +489,8 @@ class Sampler:
         manifest = self.components.manifest
         static = manifest is not None and not manifest.data.get("dynamic") and self.components.backend != "torch"
         default = manifest.shape() if static else ImageShape(self.entry.height, self.entry.width)
-        shape = ImageShape(config.height or default.height, config.width or default.width)
+        shape = ImageShape(default.height if config.height is None else config.height,  # 0: an error, not the default
+                           default.width if config.width is None else config.width)
         shape.require_multiple(self.pixel_multiple, f"{self.entry.family} ({self.entry.name})")
         if static and (shape.height, shape.width) != (default.height, default.width):
             raise InvalidInputError(
@@ -500,8 +502,16 @@ class Sampler:
             raise InvalidInputError(static_batch_reason(manifest))
         return shape
 
-    def gag_params(self, scale: float | None = None, eta: float | None = None, zeta: float | None = None) -> GAGParams:
-        """GAG values for a request: those given, the rest from the export's defaults (manifest), else GAGParams()."""
+    def gag_params(self, scale: float | None = None, eta: float | None = None,
+                   zeta: float | None = None) -> GAGParams | None:
+        """GAG values for a request: those given, the rest from the export's defaults (manifest), else GAGParams().
+
+        None when none were given and the graphs take no GAG inputs (a --no-gag export): there is
+        nothing to fill in, and plain sampling is what such an export does. Values given for it are
+        returned, so that `gag_feed` refuses them.
+        """
+        if not self.components.has_gag_inputs and (scale, eta, zeta) == (None, None, None):
+            return None
         defaults = self.components.gag or GAGParams()
         return GAGParams(
             scale=defaults.scale if scale is None else scale,
