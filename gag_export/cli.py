@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_CODES, GagExportError, ResourceExhaustedError
+from .errors import EXIT_CODES, INTERRUPTED_EXIT_CODE, GagExportError, ResourceExhaustedError
 
 console = Console(stderr=True)
 log = logging.getLogger("gag_export")
@@ -42,6 +42,8 @@ class GagGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except KeyboardInterrupt:  # click would print "Aborted!" and exit 1, the code of a bug
+            self._fail(ctx, "interrupted; nothing half-written was left", INTERRUPTED_EXIT_CODE)
         except GagExportError as exc:
             self._fail(ctx, str(exc), exc.exit_code)
         except MemoryError:
@@ -362,8 +364,9 @@ def export_command(model, out_dir, height, width, batch, dynamic, min_height, mi
 def _export_with_progress(export, pipe, entry, config):
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    quiet = click.get_current_context().find_object(dict).get("quiet", False)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
+                  console=console, transient=False, disable=quiet) as progress:
         task = progress.add_task(f"exporting {config.model}", total=None)
 
         def on_event(event):

@@ -49,6 +49,9 @@ class ResourceExhaustedError(GagExportError):
     exit_code = 7
 
 
+# 128 + SIGINT, as shells report a program stopped by Ctrl-C
+INTERRUPTED_EXIT_CODE = 130
+
 EXIT_CODES = {
     0: "success",
     1: "unexpected internal error (a bug: please report it with --verbose output)",
@@ -58,4 +61,5 @@ EXIT_CODES = {
     ArtifactError.exit_code: "missing, corrupt or mismatched artifact (ONNX, manifest, engine)",
     WeightsNotFoundError.exit_code: "model weights not available locally and no network",
     ResourceExhaustedError.exit_code: "out of disk space or memory while writing an artifact",
+    INTERRUPTED_EXIT_CODE: "interrupted (Ctrl-C); nothing half-written is left",
 }

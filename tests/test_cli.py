@@ -429,4 +429,15 @@ def test_readme_tables_match_the_registry_and_exit_codes():
 
 def test_every_documented_exit_code_is_asserted_here():
     """Guards the README table: if a code is added to EXIT_CODES, a test above must trigger it."""
-    assert set(EXIT_CODES) == {0, 1, 2, 3, 4, 5, 6, 7}
+    assert set(EXIT_CODES) == {0, 1, 2, 3, 4, 5, 6, 7, 130}
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch):
+    # click alone prints "Aborted!" and exits 1, the code README keeps for bugs
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gag_export.models.list_entries", interrupted)
+    result = invoke("models")
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output
