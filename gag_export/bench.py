@@ -347,6 +347,10 @@ class BenchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InvalidInputError(f"{name}: must be an integer >= {low}, got {value!r}")
+        for name in ("height", "width"):  # None: the model's size; 0 is an error, not that default
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise InvalidInputError(f"{name}: must be a positive integer, got {value!r}")
 
     @property
     def gag_settings(self) -> tuple[bool, ...]:

@@ -99,6 +99,8 @@ def test_parse_backends_and_config_validation():
         bench.BenchConfig("tiny-sdxl", gag="sometimes")
     with pytest.raises(InvalidInputError, match="iters"):
         bench.BenchConfig("tiny-sdxl", iters=0)
+    with pytest.raises(InvalidInputError, match="height"):  # through the API too, not only the CLI
+        bench.BenchConfig("tiny-sdxl", height=0)
     config = bench.BenchConfig("tiny-sdxl", backends=("ort", "torch"), graphs="g")
     assert bench.BenchConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
