@@ -41,6 +41,7 @@ class Environment:
     platform: str
     torch: str | None = None
     torch_cuda: str | None = None  # the CUDA version torch was built with (None: a CPU build)
+    torch_sees_gpu: bool = False  # torch.cuda.is_available(): a CUDA build with a driver it can use
     torch_error: str | None = None
     gpu: GpuInfo | None = None
     tensorrt: str | None = None
@@ -106,6 +107,7 @@ def probe_environment() -> Environment:
     """Look at this machine: interpreter, torch/CUDA, GPU, TensorRT, ONNX Runtime, Triton, packages."""
     torch_version, torch_error, torch = _import_version("torch")
     torch_cuda = getattr(getattr(torch, "version", None), "cuda", None) if torch is not None else None
+    torch_sees_gpu = _torch_sees_gpu(torch)
     trt_version, trt_error, _ = _import_version("tensorrt")
     ort_version, ort_error, ort = _import_version("onnxruntime")
     providers: tuple[str, ...] = ()
@@ -120,6 +122,7 @@ def probe_environment() -> Environment:
         platform=platform.platform(),
         torch=torch_version,
         torch_cuda=torch_cuda,
+        torch_sees_gpu=torch_sees_gpu,
         torch_error=torch_error,
         gpu=detect_gpu(),
         tensorrt=trt_version,
@@ -153,6 +156,22 @@ def _trt_caps(env: Environment) -> tuple[TensorRTCapabilities | None, str | None
         return None, str(exc)
 
 
+def _torch_sees_gpu(torch) -> bool:
+    try:
+        return torch is not None and bool(torch.cuda.is_available())
+    except Exception:  # a broken CUDA install: torch runs on the CPU
+        return False
+
+
+def _why_torch_on_cpu(env: Environment) -> str:
+    if not env.torch_cuda:
+        return "a CPU build of torch"
+    if env.gpu is None:
+        return "no GPU visible"
+    # the GPU was found (NVML), but torch's CUDA cannot use it: most often a driver older than it needs
+    return f"torch's CUDA {env.torch_cuda} cannot use {env.gpu.name} (driver too old for it?)"
+
+
 def assess_backends(env: Environment) -> tuple[Backend, ...]:
     """Each backend: usable or not, why, and the exact install step."""
     gpu = env.gpu
@@ -161,11 +180,10 @@ def assess_backends(env: Environment) -> tuple[Backend, ...]:
 
     if env.torch is None:
         backends.append(Backend("torch", False, f"`import torch` failed ({env.torch_error})", "pip install torch"))
-    elif gpu is not None and env.torch_cuda:
+    elif gpu is not None and env.torch_sees_gpu:
         backends.append(Backend("torch", True, f"torch {env.torch}, CUDA {env.torch_cuda} {on_gpu}"))
     else:
-        why = "a CPU build of torch" if not env.torch_cuda else "no GPU visible"
-        backends.append(Backend("torch", True, f"torch {env.torch} on CPU ({why})"))
+        backends.append(Backend("torch", True, f"torch {env.torch} on CPU ({_why_torch_on_cpu(env)})"))
 
     providers = set(env.ort_providers)
     if env.onnxruntime is None:
@@ -217,6 +235,8 @@ def assess_backends(env: Environment) -> tuple[Backend, ...]:
     elif not env.torch_cuda:
         backends.append(Backend("triton-kernels", False, f"triton {env.triton} needs a CUDA build of torch",
                                 "pip install torch (a CUDA build: see https://pytorch.org/get-started/locally/)"))
+    elif not env.torch_sees_gpu:
+        backends.append(Backend("triton-kernels", False, f"triton {env.triton}: {_why_torch_on_cpu(env)}", ON_A_GPU))
     else:
         backends.append(Backend("triton-kernels", True, f"triton {env.triton} {on_gpu}"))
     return tuple(backends)

@@ -64,12 +64,20 @@ def test_no_gpu_rules():
 
 
 def test_gpu_machine_with_tensorrt_10():
-    env = _env(torch_cuda="12.8", gpu=H100, tensorrt="10.13.0.35", triton="3.4.0",
+    env = _env(torch_cuda="12.8", torch_sees_gpu=True, gpu=H100, tensorrt="10.13.0.35", triton="3.4.0",
                ort_providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"))
     backends = _backends(env)
     assert all(b.usable for b in backends.values()), backends
     assert "--weakly-typed available" in backends["tensorrt"].detail
     assert "sm90" in backends["tensorrt"].detail
+
+
+def test_a_gpu_that_torch_cannot_use_is_not_reported_as_torch_on_the_gpu():
+    # NVML finds the GPU, torch.cuda.is_available() is False (a driver older than torch's CUDA):
+    # "auto" runs on the CPU, and doctor must say so, not "torch on H100"
+    backends = _backends(_env(torch_cuda="13.0", torch_sees_gpu=False, gpu=H100, triton="3.6.0"))
+    assert backends["torch"].usable and "on CPU" in backends["torch"].detail and "driver" in backends["torch"].detail
+    assert not backends["triton-kernels"].usable and "cannot use" in backends["triton-kernels"].detail
 
 
 def test_tensorrt_11_needs_a_recent_onnxruntime_for_its_ep():
