@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -329,6 +330,11 @@ def export_command(model, out_dir, height, width, batch, dynamic, min_height, mi
     from .guidance import GAGConfig
     from .models import ImageShape, load_pipeline, resolve_entry
 
+    ctx = click.get_current_context()
+    gag_options = ("gag_scale", "gag_eta", "gag_zeta", "gag_layers", "gag_method")
+    typed = [f"--{n.replace('_', '-')}" for n in gag_options if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE]
+    if no_gag and typed:  # they have defaults, so only what was typed tells the conflict (build/generate refuse it too)
+        raise click.UsageError(f"--no-gag cannot be combined with {', '.join(typed)}")
     entry = resolve_entry(model)  # a registry name or a local diffusers folder
     gag = None if no_gag else GAGConfig(scale=gag_scale, eta=gag_eta, zeta=gag_zeta, method=gag_method, layers=gag_layers)
     shape = _shape(ImageShape, height, width, batch, ImageShape(entry.height, entry.width, 1))

@@ -441,3 +441,10 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch):
     result = invoke("models")
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output
+
+
+def test_export_refuses_no_gag_with_gag_values(monkeypatch):
+    # they were silently dropped (build and generate refuse the same combination)
+    monkeypatch.setattr("gag_export.models.load_pipeline", lambda *a, **k: pytest.fail("loaded before refusing"))
+    result = invoke("export", "--model", "tiny-sdxl", "--no-gag", "--gag-scale", "1")
+    assert result.exit_code == 2 and "--no-gag cannot be combined with --gag-scale" in result.output, result.output
