@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from .errors import ArtifactError, GagExportError, ResourceExhaustedError
+
+
+def write_failure(exc: OSError, dest: Path) -> GagExportError:
+    """An OSError met while writing the artifact `dest`, as the error the CLI documents: out of
+    disk space (or quota) exit 7, anything else (a folder that is a file, no permission) exit 5."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhaustedError(f"out of disk space writing {dest}; nothing half-written was left")
+    return ArtifactError(f"cannot write {dest}: {exc}")
 
 
 def umask() -> int:

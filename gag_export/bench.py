@@ -96,8 +96,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .atomic import as_if_created_plainly
-from .errors import ArtifactError, GagExportError, InvalidInputError, ResourceExhaustedError
+from .atomic import as_if_created_plainly, write_failure
+from .errors import GagExportError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -1194,9 +1194,7 @@ def _writing(dest: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceExhaustedError(f"out of disk space writing {dest}: {exc}") from exc
-        raise ArtifactError(f"cannot write {dest}: {exc}") from exc
+        raise write_failure(exc, dest) from exc
 
 
 def write_json(doc: Mapping, dest: Path) -> Path:

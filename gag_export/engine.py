@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import errno
 import hashlib
 import json
 import logging
@@ -40,8 +39,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol
 
 from . import __version__
-from .atomic import as_if_created_plainly
-from .errors import ArtifactError, CheckFailedError, InvalidInputError, MissingDependencyError, ResourceExhaustedError
+from .atomic import as_if_created_plainly, write_failure
+from .errors import ArtifactError, CheckFailedError, InvalidInputError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
@@ -689,13 +688,7 @@ def _write_text_atomic(dest: Path, text: str) -> None:
         os.replace(tmp, dest)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        _raise_os_error(exc, dest)
-
-
-def _raise_os_error(exc: OSError, dest: Path):
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise ResourceExhaustedError(f"out of disk space writing {dest}; nothing half-written was left") from None
-    raise ArtifactError(f"cannot write {dest}: {exc}") from None
+        raise write_failure(exc, dest) from None
 
 
 def default_timing_cache(out_dir: Path, target: RuntimeTarget) -> Path:
@@ -819,7 +812,7 @@ def build_engine(
         os.replace(tmp, dest)  # the plan first: a plan without a (matching) sidecar is never reused
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        _raise_os_error(exc, dest)
+        raise write_failure(exc, dest) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
