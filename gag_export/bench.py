@@ -347,10 +347,11 @@ class BenchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InvalidInputError(f"{name}: must be an integer >= {low}, got {value!r}")
+        from .models.base import require_positive_int  # noqa: PLC0415 (torch only once a config is made)
+
         for name in ("height", "width"):  # None: the model's size; 0 is an error, not that default
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise InvalidInputError(f"{name}: must be a positive integer, got {value!r}")
+            if getattr(self, name) is not None:
+                require_positive_int(name, getattr(self, name))
 
     @property
     def gag_settings(self) -> tuple[bool, ...]:

@@ -40,6 +40,7 @@ from .errors import InvalidInputError, MissingDependencyError
 from .export import DEFAULT_EXPORT_GAG, ExportConfig, ExportEvent, Manifest, export_model
 from .guidance import GAGConfig
 from .models import ImageShape, ModelEntry, Precision, descriptors_for, load_pipeline, resolve_entry
+from .models.base import require_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,10 @@ class BuildConfig:
             object.__setattr__(self, "image", Path(self.image))
         if self.weights is not None and self.weights not in ("pretrained", "random", "tiny"):
             raise InvalidInputError(f"weights: use pretrained, random or tiny, got {self.weights!r}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise InvalidInputError(f"{name}: must be a positive integer, got {value!r}")
-        if not isinstance(self.batch, int) or isinstance(self.batch, bool) or self.batch <= 0:
-            raise InvalidInputError(f"batch: must be a positive integer, got {self.batch!r}")
+        for name in ("height", "width"):  # None: the model's size
+            if getattr(self, name) is not None:
+                require_positive_int(name, getattr(self, name))
+        require_positive_int("batch", self.batch)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise InvalidInputError(f"seed: must be an integer in [0, 2**63), got {self.seed!r}")
         if self.gag is not None and not isinstance(self.gag, GAGConfig):

@@ -125,6 +125,13 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
+def require_positive_int(label: str, value: Any) -> None:
+    """InvalidInputError naming `label` unless `value` is an integer > 0 (a bool is not one): the
+    check of every size and batch, whether it arrives as an option, a config field or a shape."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidInputError(f"{label}: must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ImageShape:
     """Output image size in pixels and the batch size (checked against a family's multiple later)."""
@@ -135,9 +142,7 @@ class ImageShape:
 
     def __post_init__(self) -> None:
         for field in ("height", "width", "batch"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise InvalidInputError(f"ImageShape.{field}: must be a positive integer, got {value!r}")
+            require_positive_int(f"ImageShape.{field}", getattr(self, field))
 
     def require_multiple(self, multiple: int, family: str = "") -> "ImageShape":
         """Raise InvalidInputError naming the field unless height and width are multiples of `multiple`."""

@@ -41,7 +41,7 @@ import torch
 from .. import __version__
 from ..errors import ArtifactError, InvalidInputError
 from ..guidance import GAGConfig
-from ..models.base import ImageShape
+from ..models.base import ImageShape, require_positive_int
 from .backends import BackendOptions, Component, ComponentSet, load_components, parse_backend
 from .png import save_png
 
@@ -93,10 +93,9 @@ class GenerationConfig:
             raise InvalidInputError(f"prompt: must be text, got {type(self.prompt).__name__}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise InvalidInputError(f"seed: must be an integer in [0, 2**63), got {self.seed!r}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise InvalidInputError(f"{name}: must be a positive integer, got {value!r}")
+        for name in ("height", "width"):  # None: the model's (or the export's) size
+            if getattr(self, name) is not None:
+                require_positive_int(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
