@@ -303,6 +303,11 @@ def dtype_name(elem_type: int) -> str:
     return _ONNX_DTYPE_NAMES.get(elem_type) or f"onnx:{elem_type}"
 
 
+def onnx_element_type(name: str) -> int:
+    """The ONNX element type of a manifest dtype name (the inverse of `dtype_name`)."""
+    return next(code for code, known in _ONNX_DTYPE_NAMES.items() if known == name)
+
+
 def _value_info_spec(vi) -> dict:
     tt = vi.type.tensor_type
     dims: list[int | str] = []

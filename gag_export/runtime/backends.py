@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError, ResourceExhaustedError
-from ..export import Manifest, to_numpy, to_torch
+from ..export import Manifest, onnx_element_type, to_numpy, to_torch
 from ..models.base import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -273,10 +273,6 @@ def ort_providers(requested: Sequence[str] = ()) -> list[str]:
     return [p for p in ORT_DEFAULT_PROVIDERS if p in available]
 
 
-# ONNX element types of the tensors ONNX Runtime is fed through an I/O binding
-_ONNX_ELEMENT_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.int32: 6}
-
-
 class OrtComponent(Component):
     """An `onnxruntime.InferenceSession` on one exported graph.
 
@@ -369,8 +365,9 @@ class OrtComponent(Component):
         """One run through an I/O binding on host memory (ONNX Runtime copies to its device)."""
         binding = self.session.io_binding()
         host = {name: tensor.detach().cpu().contiguous() for name, tensor in feed.items()}  # alive until the run ends
-        for name, tensor in host.items():
-            binding.bind_input(name, "cpu", 0, _ONNX_ELEMENT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        for name, tensor in host.items():  # check_feed cast each to its spec's dtype
+            element_type = onnx_element_type(self.input_spec(name).dtype)
+            binding.bind_input(name, "cpu", 0, element_type, list(tensor.shape), tensor.data_ptr())
         for name in self.output_names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
