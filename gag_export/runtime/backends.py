@@ -712,13 +712,12 @@ def _tensorrt_components(manifest: Manifest, graphs_root: Path, engines_root: Pa
     for name, entry in manifest.components.items():
         # any engine precision (a weakly typed fp16 engine of an fp32 graph), the graph's own first
         plan = find_engine(engines_root, manifest.model, name, target, entry["sha256"], prefer=EnginePrecision(manifest.data["dtype"]))
-        if plan is not None:
-            log.info("%s: TensorRT engine %s", name, plan.name)
         if plan is None:
             raise ArtifactError(
                 f"no TensorRT engine for {manifest.model}/{name} (graph {entry['sha256'][:12]}, TensorRT {target.trt_version}, "
                 f"{target.sm_tag}) in {engines_root}: run `gag-export engine {graphs_root / manifest.model} --out {engines_root}`"
             )
+        log.info("%s: TensorRT engine %s", name, plan.name)
         components[name] = TensorRTComponent(
             name, entry["role"], *_manifest_specs(entry), plan_path=plan, target=target, onnx_sha256=entry["sha256"],
             cuda_graph=options.cuda_graph and entry["role"] == "denoiser",

@@ -497,8 +497,9 @@ class Sampler:
                 f"got {shape.height}x{shape.width}; export at that size (`gag-export export --model {self.entry.name} "
                 f"--height {shape.height} --width {shape.width}`) or with --dynamic"
             )
-        if static and manifest.shape().batch != 1:
-            raise InvalidInputError(static_batch_reason(manifest))
+        batch_reason = static_batch_reason(manifest) if static else None
+        if batch_reason:
+            raise InvalidInputError(batch_reason)
         return shape
 
     def gag_params(self, scale: float | None = None, eta: float | None = None,
