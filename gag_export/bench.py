@@ -578,11 +578,13 @@ def _shared_weights_copy(module):
     return copy.deepcopy(module, memo)
 
 
-def torch_components(p: Plan, pipe, gag: bool, compile: bool, device: str):
+def torch_components(p: Plan, pipe, gag: bool, compile: bool, device: str, dtype: str = "fp32"):
     """A torch ComponentSet over `pipe` with (DEFAULT_EXPORT_GAG) or without GAG.
 
     Like the runtime's torch loader, but on a pipeline loaded once for every variant: the GAG
     variant gets a denoiser twin sharing the weights, so plain and GAG run the same tensors.
+    `dtype`: the precision `pipe` is in; each component declares (and is fed) the types an export
+    at that precision gives it (an fp16 SDXL VAE stays fp32: `pipe` must hold it so).
     """
     from .attention import apply_gag, is_gag_applied  # noqa: PLC0415
     from .export import DEFAULT_EXPORT_GAG  # noqa: PLC0415
@@ -604,7 +606,7 @@ def torch_components(p: Plan, pipe, gag: bool, compile: bool, device: str):
             continue
         has_gag = gag and descriptor.role == "denoiser"
         components[descriptor.name] = TorchComponent(
-            descriptor.name, descriptor.role, descriptor.inputs("fp32", has_gag), descriptor.outputs("fp32", has_gag),
+            descriptor.name, descriptor.role, descriptor.inputs(dtype, has_gag), descriptor.outputs(dtype, has_gag),
             module=descriptor.export_module(view), device=device, compile=compile,
         )
     return ComponentSet(p.entry.name, "torch", components, pipe=view, gag=torch_runtime_gag(DEFAULT_EXPORT_GAG) if gag else None)
