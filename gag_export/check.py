@@ -20,8 +20,10 @@ Checks per component:
 - `tensorrt_lint`: every node against TensorRT 10.x and 11.x (`trt_ops.py`): op and opset
   supported, tensor types supported by the op, TopK with a constant K <= 3840, no float64
   anywhere, constant CumSum/Reduce axes; one finding per node with a hint;
-- `precision` (fp16/bf16 graphs): the GAG attention nodes compute in float32, the other
-  Conv/MatMul/Gemm nodes in the graph's reduced type;
+- `precision` (fp16/bf16 graphs): the GAG attention arithmetic computes in float32 (ops that
+  cannot round, like negation and zero padding, may keep the model's type, and so may joint
+  attention's own dense attention, which is the unmodified model's), the other Conv/MatMul/Gemm
+  nodes in the graph's reduced type;
 - `parity`: ONNX Runtime (CPU) vs torch eager on the descriptor's sample inputs, through
   polygraphy's comparator, against the manifest's tolerance (skipped for bf16: ONNX Runtime's
   CPU provider has no bfloat16 Conv/MatMul kernels).
@@ -66,6 +68,14 @@ _LAYOUT_OPS = frozenset({
     "Cast", "CastLike", "Reshape", "Transpose", "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice",
     "Identity", "Constant", "ConstantOfShape", "Split", "Expand", "Flatten", "Size", "Range",
 })
+# Ops that cannot round: the result is an input's values with the sign changed or zeros put
+# around them, exact in any float type, so a 16-bit one inside a GAG layer loses nothing (the
+# rotary embedding's negation, joint attention's zero padding).
+_EXACT_OPS = frozenset({"Neg", "Abs", "Pad", "Tile"})
+# Families whose GAG layers keep the model's own dense attention: joint attention (FLUX) reads the
+# plain attention over [text; image] keys, computed as the unmodified model computes it (SDPA in
+# the model's precision), and adds GAG's fp32 update for image queries x text keys to it.
+KEEPS_MODEL_ATTENTION = frozenset({"flux"})
 _HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 _PRECISION_OF = {"float32": Precision.FP32, "float16": Precision.FP16, "bfloat16": Precision.BF16}
 _REDUCE_OPS = frozenset({
@@ -415,17 +425,34 @@ def in_modules(module: str | None, names: Iterable[str]) -> bool:
     return any(module == n or module.endswith("." + n) for n in names)
 
 
-def precision_findings(model, reduced: str, gag_modules: Sequence[str]) -> tuple[list[str], str]:
-    """(problems, summary): GAG attention arithmetic must be float32; Conv/MatMul/Gemm elsewhere `reduced`."""
+def traced_from(node, aten_op: str) -> bool:
+    """Whether the exporter made `node` from `torch.ops.aten.<aten_op>` (dynamo's fx_node record)."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.fx_node":
+            return f"target=torch.ops.aten.{aten_op}." in prop.value
+    return False
+
+
+def precision_findings(model, reduced: str, gag_modules: Sequence[str],
+                       keeps_model_attention: bool = False) -> tuple[list[str], str]:
+    """(problems, summary): GAG attention arithmetic must be float32; Conv/MatMul/Gemm elsewhere `reduced`.
+
+    Inside GAG layers, ops that cannot round (`_EXACT_OPS`, layout ops) may be in any type. With
+    `keeps_model_attention` (joint attention), the model's own scaled_dot_product_attention there
+    is the unmodified model's computation and runs in `reduced` like the rest of the model.
+    """
     types = _tensor_types(model)
-    problems, gag_ops, heavy, heavy_reduced = [], 0, 0, 0
+    problems, gag_ops, model_attention, heavy, heavy_reduced = [], 0, 0, 0, 0
     for node in model.graph.node:
         outs = [types.get(o) for o in node.output if o]
         float_outs = [t for t in outs if t in ("float32", "float16", "bfloat16")]
         if not float_outs:
             continue
         if gag_modules and in_modules(node_module(node), gag_modules):
-            if node.op_type in _LAYOUT_OPS:
+            if node.op_type in _LAYOUT_OPS or node.op_type in _EXACT_OPS:
+                continue
+            if keeps_model_attention and traced_from(node, "scaled_dot_product_attention"):
+                model_attention += 1
                 continue
             gag_ops += 1
             if any(t != "float32" for t in float_outs):
@@ -440,7 +467,8 @@ def precision_findings(model, reduced: str, gag_modules: Sequence[str]) -> tuple
         problems.append("no GAG attention nodes found in the graph (name scopes missing?)")
     summary = f"{heavy_reduced}/{heavy} Conv/MatMul/Gemm nodes in {reduced}"
     if gag_modules:
-        summary = f"{gag_ops} GAG attention arithmetic nodes in float32; {summary} outside them"
+        kept = f"; {model_attention} nodes of the model's own joint attention as the model computes it" if model_attention else ""
+        summary = f"{gag_ops} GAG attention arithmetic nodes in float32{kept}; {summary} outside them"
     return problems, summary
 
 
@@ -534,7 +562,8 @@ def check_graphs(graphs_dir: Path, parity: bool = True, *, pipe=None, entry=None
         if reduced:
             notify(name, "precision")
             modules = gag_modules if comp["role"] == "denoiser" and gag_cfg is not None else []
-            problems, summary = precision_findings(model, reduced, modules)
+            keeps = manifest.data.get("family") in KEEPS_MODEL_ATTENTION
+            problems, summary = precision_findings(model, reduced, modules, keeps_model_attention=keeps)
             report.results.append(CheckResult(name, "precision", "failed" if problems else "passed",
                                               "; ".join(problems[:5]) if problems else summary))
 

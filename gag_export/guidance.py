@@ -264,7 +264,9 @@ def gag_joint_attention(
     """
     d = q.shape[-1]
     key_is_text = (torch.arange(k.shape[2], device=k.device) < text_len).to(v.dtype)
-    indicator = torch.zeros_like(v[..., :1]) + key_is_text[:, None]
+    # broadcast by Expand, not by adding zeros: an Add in the graph, exact as it is, is arithmetic
+    # in the model's 16-bit type inside a GAG layer (check's precision rule)
+    indicator = key_is_text[:, None].expand(*v.shape[:-1], 1)
     # SDPA's flash kernels (CPU and CUDA) need q, k and v of one head size, a multiple of 8 on
     # CUDA: with v alone one channel wider, SDPA ran its math backend, which holds the whole
     # [L, L] score matrix (2.2x the plain attention's time on CPU at 4 heads x 2048 tokens x 128).

@@ -31,8 +31,27 @@ EXPORTS = {
         "dynamic": True, "gag": ONE_BLOCK, "components": ("unet",),
         "min_shape": ImageShape(32, 32, 1), "max_shape": ImageShape(96, 128, 3),
     }),
-    "sdxl_fp16": ("tiny-sdxl", {"precision": "fp16", "components": ("text_encoder", "unet", "vae_decoder")}),
+    "sdxl_fp16": ("tiny-sdxl", {"precision": "fp16"}),
 }
+
+# Every tiny model x precision x static/dynamic, each exported whole with GAG (test_export.py's
+# matrix). Three of them are the exports above, shared rather than made twice.
+MATRIX_MODELS = ("tiny-sdxl", "tiny-flux")
+MATRIX_DTYPES = ("fp32", "fp16", "bf16")
+MATRIX_SHAPES = ("static", "dynamic")
+_SHARED = {("tiny-sdxl", "fp32", "static"): "sdxl", ("tiny-flux", "fp32", "static"): "flux",
+           ("tiny-sdxl", "fp16", "static"): "sdxl_fp16"}
+
+
+def matrix_export(model: str, dtype: str, shapes: str) -> str:
+    """The EXPORTS name of one matrix cell (added on first use)."""
+    name = _SHARED.get((model, dtype, shapes), f"matrix_{model}_{dtype}_{shapes}")
+    if name not in EXPORTS:
+        kwargs = {"precision": dtype}
+        if shapes == "dynamic":  # a real range: batch 1-2, 32 to 96 pixels (FLUX packs 16-pixel patches)
+            kwargs.update(dynamic=True, min_shape=ImageShape(32, 32, 1), max_shape=ImageShape(96, 96, 2))
+        EXPORTS[name] = (model, kwargs)
+    return name
 
 
 _ROOT: list[Path] = []

@@ -14,7 +14,7 @@ from export_helpers import exported, shared_root
 from onnx import TensorProto, helper, numpy_helper
 
 from gag_export import trt_ops
-from gag_export.check import CheckReport, CheckResult, check_graphs, lint_graph
+from gag_export.check import CheckReport, CheckResult, check_graphs, lint_graph, precision_findings
 from gag_export.cli import cli
 from gag_export.errors import ArtifactError, CheckFailedError
 from gag_export.export import graph_sha256, save_graph
@@ -132,6 +132,62 @@ def test_bisect_gag_unet_has_no_topk_and_lints_clean(graphs_root):
     model = onnx.load(str(manifest.graph_path("unet")), load_external_data=False)
     assert not [n for n in model.graph.node if n.op_type == "TopK"]  # bisect: no TopK at all
     assert [f for f in lint_graph(model) if f.severity == "error"] == []
+
+
+# --------------------------------------------------------------------------- precision on hand-made graphs
+
+GAG_LAYER = "blocks.0.attn"
+H = helper.make_tensor_value_info("h", TensorProto.FLOAT16, [1, 4, 8])
+
+
+def traced(node, module: str, aten_op: str):
+    """`node` as dynamo exports it: its module's name scope and the aten op it was made from."""
+    scopes = ["", "model", f"model.{module}", aten_op]
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(scopes))
+    node.metadata_props.add(key="pkg.torch.onnx.fx_node",
+                            value=f"%{aten_op} : [num_users=1] = call_function[target=torch.ops.aten.{aten_op}.default](args = ())")
+    return node
+
+
+def fp16_graph(*nodes):
+    """h (fp16) -> nodes (each on the previous output) -> Cast to fp32 -> an fp32 GAG Mul, as a real layer ends."""
+    chain, last = [], "h"
+    for i, (op, module, aten_op, extra_inputs) in enumerate(nodes):
+        out = f"t{i}"
+        chain.append(traced(helper.make_node(op, [last, *extra_inputs], [out], name=f"node_{aten_op}_{i}"), module, aten_op))
+        last = out
+    chain.append(traced(helper.make_node("Cast", [last], ["f"], to=TensorProto.FLOAT, name="up"), GAG_LAYER, "_to_copy"))
+    chain.append(traced(helper.make_node("Mul", ["f", "f"], ["y"], name="gag_mul"), GAG_LAYER, "mul"))
+    pads = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 8], dtype=np.int64), "pads")
+    return graph(chain, inputs=(H,), initializers=[pads])
+
+
+def test_precision_fails_a_gag_add_that_rounds_in_16_bits():
+    model = fp16_graph(("Add", GAG_LAYER, "add", ["h"]))
+    problems, _ = precision_findings(model, "float16", [GAG_LAYER])
+    assert problems == ["GAG node node_add_0 (Add) computes in float16, not float32"]
+    # the same Add outside the GAG layers is the model's own business
+    assert precision_findings(fp16_graph(("Add", "blocks.0.ff", "add", ["h"])), "float16", [GAG_LAYER])[0] == []
+
+
+def test_precision_passes_ops_that_cannot_round_in_a_gag_layer():
+    model = fp16_graph(("Neg", GAG_LAYER, "neg", []), ("Pad", GAG_LAYER, "pad", ["pads"]), ("Abs", GAG_LAYER, "abs", []))
+    problems, summary = precision_findings(model, "float16", [GAG_LAYER])
+    assert problems == [] and summary.startswith("1 GAG attention arithmetic nodes in float32")
+
+
+def test_precision_takes_the_models_own_attention_in_16_bits_only_where_the_layer_keeps_it():
+    model = fp16_graph(("Mul", GAG_LAYER, "scaled_dot_product_attention", ["h"]),
+                       ("Softmax", GAG_LAYER, "scaled_dot_product_attention", []))
+    problems, summary = precision_findings(model, "float16", [GAG_LAYER], keeps_model_attention=True)
+    assert problems == [] and "2 nodes of the model's own joint attention" in summary
+    # a UNet's GAG layer replaces the attention whole: there the same nodes are GAG arithmetic
+    problems, _ = precision_findings(model, "float16", [GAG_LAYER])
+    assert [p.split()[2] for p in problems] == ["node_scaled_dot_product_attention_0", "node_scaled_dot_product_attention_1"]
+    # and an Add of GAG's own next to the kept attention still fails
+    model = fp16_graph(("Softmax", GAG_LAYER, "scaled_dot_product_attention", []), ("Add", GAG_LAYER, "add", ["h"]))
+    problems, _ = precision_findings(model, "float16", [GAG_LAYER], keeps_model_attention=True)
+    assert problems == ["GAG node node_add_1 (Add) computes in float16, not float32"]
 
 
 # --------------------------------------------------------------------------- reports
