@@ -45,6 +45,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "benchmarks"))
 
 from gag_export import bench  # noqa: E402
 from gag_export.models import descriptors_for  # noqa: E402
@@ -252,26 +253,12 @@ class ChainVariant(bench.Variant):
 # --------------------------------------------------------------------------- stages alone
 
 
-def graph_ms(fn, timer, n: int = 20, inner: int = 5) -> dict:
-    """p50/p90 ms of `fn` captured `inner` times in one CUDA graph and replayed `n` times."""
-    try:
-        with torch.inference_mode():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(inner):
-                    fn()
-            graph.replay()
-            samples = [timer.measure(graph.replay) / inner for _ in range(n)]
-        return _stats(samples)
-    except Exception as exc:
-        return {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
-    finally:
-        torch.cuda.synchronize()
+def graph_ms(fn, inner: int = 5) -> dict:
+    """p50/p90 ms of `fn` captured `inner` times in one CUDA graph and replayed (bench_gpu.py's timing)."""
+    import bench_gpu  # noqa: PLC0415 (beside this file; imports torch and the kernels only)
+
+    with torch.inference_mode():
+        return bench_gpu.time_calls_as_graph(fn, bench_gpu.Timer("cuda"), n=20, inner=inner)
 
 
 @contextlib.contextmanager
@@ -284,7 +271,7 @@ def tf32(on: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def stage_section(chains: dict[bool, Chain], pipe, timer) -> dict:
+def stage_section(chains: dict[bool, Chain], pipe) -> dict:
     """Each stage of the chain alone as a CUDA graph (GPU time without the host), plain and GAG."""
     out: dict[str, Any] = {}
     for gag, chain in chains.items():
@@ -292,19 +279,19 @@ def stage_section(chains: dict[bool, Chain], pipe, timer) -> dict:
         with torch.inference_mode():
             chain.host_inputs()
             chain.forward()
-        out[f"text_encoders/{key}"] = graph_ms(chain.encode, timer)
-        out[f"unet+lcm+vae/{key}"] = graph_ms(chain.denoise_and_decode, timer, inner=2)
+        out[f"text_encoders/{key}"] = graph_ms(chain.encode)
+        out[f"unet+lcm+vae/{key}"] = graph_ms(chain.denoise_and_decode, inner=2)
     chain = chains[False]
     vae = pipe.vae
     latent = chain.final_latents.detach().clone()
     scaled = latent / float(vae.config.scaling_factor)
-    out["vae_decode/fp32"] = graph_ms(lambda: vae.decode(scaled, return_dict=False), timer, inner=2)
+    out["vae_decode/fp32"] = graph_ms(lambda: vae.decode(scaled, return_dict=False), inner=2)
     with tf32(True):
-        out["vae_decode/fp32-tf32"] = graph_ms(lambda: vae.decode(scaled, return_dict=False), timer, inner=2)
+        out["vae_decode/fp32-tf32"] = graph_ms(lambda: vae.decode(scaled, return_dict=False), inner=2)
     half = scaled.half()
     vae.half()
     try:
-        out["vae_decode/fp16"] = graph_ms(lambda: vae.decode(half, return_dict=False), timer, inner=2)
+        out["vae_decode/fp16"] = graph_ms(lambda: vae.decode(half, return_dict=False), inner=2)
     finally:
         vae.float()
     return out
@@ -409,7 +396,7 @@ def run(args) -> dict:
     result["goals"] = goals(rows)
     if cuda:
         result["peak_cuda_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        result["stages_as_cuda_graphs"] = stage_section(chains, pipe, timer)
+        result["stages_as_cuda_graphs"] = stage_section(chains, pipe)
     return result
 
 

@@ -103,7 +103,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "gag-export-bench"
 SCHEMA_VERSION = 1
-BENCH_BACKENDS = ("torch", "torch-compile", "ort", "tensorrt")
+BENCH_BACKENDS = ("torch", "torch-compile", "ort", "tensorrt", "tensorrt-rtx")
+GRAPH_BACKENDS = ("ort", "tensorrt", "tensorrt-rtx")  # the backends that run exported graphs
 GAG_MODES = {"gag": (True,), "no-gag": (False,), "both": (False, True)}
 ISOLATE_MODES = ("none", "backend", "variant")
 WEIGHTS = ("tiny", "random", "pretrained")
@@ -461,10 +462,10 @@ def unavailable(backend: str) -> str | None:
     try:
         if backend == "ort":
             import onnxruntime  # noqa: F401, PLC0415
-        elif backend == "tensorrt":
+        elif backend in ("tensorrt", "tensorrt-rtx"):
             from .engine import RuntimeTarget, trt_features  # noqa: PLC0415
 
-            RuntimeTarget.current(trt_features())
+            RuntimeTarget.current(trt_features(backend))
     except MissingDependencyError as exc:
         return str(exc)
     except ImportError as exc:
@@ -474,7 +475,7 @@ def unavailable(backend: str) -> str | None:
 
 def needs_export(config: BenchConfig, p: Plan) -> dict[bool, str]:
     """{gag setting: reason} for every graph set the (available) graph backends need but the cache lacks."""
-    if not any(b in ("ort", "tensorrt") and unavailable(b) is None for b in config.backends):
+    if not any(b in GRAPH_BACKENDS and unavailable(b) is None for b in config.backends):
         return {}
     missing = {}
     for gag in config.gag_settings:
@@ -612,19 +613,20 @@ def torch_components(p: Plan, pipe, gag: bool, compile: bool, device: str, dtype
     return ComponentSet(p.entry.name, "torch", components, pipe=view, gag=torch_runtime_gag(DEFAULT_EXPORT_GAG) if gag else None)
 
 
-def _ensure_engines(config: BenchConfig, p: Plan, gag: bool) -> None:
-    """Build the TensorRT engines of a graph set when the cache lacks them (after TensorRT and the GPU are checked)."""
+def _ensure_engines(config: BenchConfig, p: Plan, gag: bool, backend: str) -> None:
+    """Build the engines of a graph set when the cache lacks them (after the builder and the GPU are checked)."""
     from .engine import EngineOptions, RuntimeTarget, build, trt_features  # noqa: PLC0415
     from .runtime.backends import load_manifest_for  # noqa: PLC0415
     from .runtime.prepare import _missing_engines  # noqa: PLC0415
 
-    target = RuntimeTarget.current(trt_features())  # MissingDependencyError without TensorRT or a GPU
+    target = RuntimeTarget.current(trt_features(backend))  # MissingDependencyError without the builder or a GPU
     root = graphs_root(config, gag)
     manifest = load_manifest_for(p.entry.name, root)
     missing = _missing_engines(manifest, config.engines, target)
     if missing:
-        log.info("building TensorRT engines for %s (%s): %s", p.entry.name, "GAG" if gag else "plain", ", ".join(missing))
-        build(root / p.entry.name, config.engines, EngineOptions(components=tuple(missing)))
+        log.info("building %s engines for %s (%s): %s", backend, p.entry.name, "GAG" if gag else "plain", ", ".join(missing))
+        targets = target.sm_tag if backend == "tensorrt-rtx" else None
+        build(root / p.entry.name, config.engines, EngineOptions(backend=backend, targets=targets, components=tuple(missing)))
 
 
 def load_variant(config: BenchConfig, p: Plan, backend: str, gag: bool, pipe=None) -> Variant:
@@ -643,13 +645,13 @@ def load_variant(config: BenchConfig, p: Plan, backend: str, gag: bool, pipe=Non
             sampler = Sampler(p.entry, components, SamplerAssets.from_pipeline(pipe),
                               {d.name: d for d in _descriptors(p.entry, components.pipe)})
         else:
-            if backend == "tensorrt":
-                _ensure_engines(config, p, gag)
-            else:
+            if backend == "ort":
                 _check_memory_for_graphs(config, p, gag)
-            sampler = Sampler.load(p.entry.name, "ort" if backend == "ort" else "tensorrt",
-                                   graphs=graphs_root(config, gag), engines=config.engines, options=options)
-            device = "cuda" if backend == "tensorrt" else "cpu"  # ort: settled once its sessions exist
+            else:
+                _ensure_engines(config, p, gag, backend)
+            sampler = Sampler.load(p.entry.name, backend, graphs=graphs_root(config, gag), engines=config.engines,
+                                   options=options)
+            device = "cpu" if backend == "ort" else "cuda"  # ort: settled once its sessions exist
     except MissingDependencyError as exc:
         raise Skip(str(exc)) from None
     except ImportError as exc:
@@ -946,10 +948,11 @@ def environment(config: BenchConfig) -> dict:
             import importlib.metadata as md  # noqa: PLC0415
 
             found[dist] = md.version(dist)
-    with contextlib.suppress(Exception):
-        import tensorrt  # noqa: PLC0415
+    from .trt_flavors import FLAVORS  # noqa: PLC0415
 
-        found["tensorrt"] = tensorrt.__version__
+    for flavor in FLAVORS.values():
+        with contextlib.suppress(Exception):
+            found[flavor.module] = flavor.import_module().__version__
     return {
         "cpu": {"model": cpu_model(), "physical_cores": psutil.cpu_count(logical=False),
                 "logical_cores": psutil.cpu_count(logical=True), "available_to_process": default_threads()},
@@ -980,7 +983,7 @@ def graphs_used(config: BenchConfig, p: Plan) -> dict:
     """{"gag"/"no-gag": {"path", "sha256" of the denoiser graph, "exported" time}} of the cached graphs used."""
     from .export import Manifest  # noqa: PLC0415
 
-    if not any(b in ("ort", "tensorrt") for b in config.backends):
+    if not any(b in GRAPH_BACKENDS for b in config.backends):
         return {}
     used = {}
     for gag in config.gag_settings:

@@ -18,12 +18,15 @@ Stages, each recorded as a `StageRecord` (status "done", "reused", "skipped" or 
   the same weights and settings, so their sha256 and with it the engine cache keys stay the same.
 - `check`: ONNX checker, shape inference, TensorRT lint and ORT-vs-torch parity against the
   pipeline still in memory. A failed check stops the build (no engines from bad graphs).
-- `engine`: TensorRT plans through `engine.build`, which reuses a cached plan whose graph sha256,
-  TensorRT version, GPU and settings match. Without TensorRT (or without a GPU) the stage is
+- `engine`: plans through `engine.build`, which reuses a cached plan whose graph sha256, builder
+  version, GPU (or TensorRT-RTX targets) and settings match. `engine_backend` "auto" builds with
+  TensorRT where it imports and sees a GPU, else with TensorRT-RTX (ahead of time, no GPU needed)
+  where that imports; "tensorrt" or "tensorrt-rtx" asks for one. With none usable the stage is
   skipped with the reason; with `require_engine` that is an error (exit 3), found before the
   pipeline is even loaded.
-- `smoke`: one image with the best backend available: TensorRT when engines were built, else
-  ONNX Runtime (its CUDA provider when onnxruntime-gpu sees a GPU, else the CPU).
+- `smoke`: one image with the best backend available: the engines' when this machine runs them
+  (TensorRT-RTX engines need an RTX GPU), else ONNX Runtime (its CUDA provider when
+  onnxruntime-gpu sees a GPU, else the CPU).
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ from .export import DEFAULT_EXPORT_GAG, ExportConfig, ExportEvent, Manifest, exp
 from .guidance import GAGConfig
 from .models import ImageShape, ModelEntry, Precision, descriptors_for, load_pipeline, resolve_entry
 from .models.base import require_positive_int
+from .trt_flavors import FLAVORS, TENSORRT, TENSORRT_RTX, TensorRTFlavor, get_flavor
 
 log = logging.getLogger(__name__)
 
 STAGES = ("load", "export", "check", "engine", "smoke")
+ENGINE_BACKENDS = ("auto", *FLAVORS)
 DEFAULT_PROMPT = "a photo of a red fox in the snow, detailed fur, soft light"
 
 
@@ -81,6 +86,7 @@ class BuildConfig:
     image: Path | None = None
     require_engine: bool = False
     smoke: bool = True
+    engine_backend: str = "auto"  # "auto", "tensorrt" or "tensorrt-rtx"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision.parse(self.precision))
@@ -96,6 +102,8 @@ class BuildConfig:
         require_positive_int("batch", self.batch)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise InvalidInputError(f"seed: must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.engine_backend not in ENGINE_BACKENDS:
+            raise InvalidInputError(f"engine_backend: use one of {', '.join(ENGINE_BACKENDS)}, got {self.engine_backend!r}")
         if self.gag is not None and not isinstance(self.gag, GAGConfig):
             raise InvalidInputError(f"gag: a GAGConfig or None, got {type(self.gag).__name__}")
 
@@ -152,7 +160,8 @@ class BuildResult:
     check: CheckReport | None = None
     engines: list = field(default_factory=list)  # engine.EngineRecord
     engine_skip_reason: str | None = None
-    backend: str | None = None  # the smoke image's: "tensorrt" | "ort-cuda" | "ort"
+    engine_builder: str | None = None  # "TensorRT-RTX 1.7.1.116 for sm80_86_89_120_121", say
+    backend: str | None = None  # the smoke image's: "tensorrt" | "tensorrt-rtx" | "ort-cuda" | "ort"
     image_path: Path | None = None
     generation: object | None = None  # runtime.GenerationResult
 
@@ -206,20 +215,56 @@ class _Stage:
         self.notify(BuildEvent(self.name, status, details))
 
 
-def _check_engine_requirements() -> None:
-    """MissingDependencyError unless TensorRT and a GPU are usable here."""
+def engine_flavor(choice: str) -> TensorRTFlavor:
+    """The builder a build uses: the one asked for, or for "auto" TensorRT where it imports and a GPU
+    is visible (it builds on the GPU), else TensorRT-RTX where it imports (no GPU needed), else
+    `MissingDependencyError` saying how to get either."""
     from .engine import RuntimeTarget, trt_features  # noqa: PLC0415
 
-    RuntimeTarget.current(trt_features())
+    if choice != "auto":
+        return get_flavor(choice)
+    reasons = []
+    for flavor in (TENSORRT, TENSORRT_RTX):
+        try:
+            if not flavor.ahead_of_time:
+                RuntimeTarget.current(trt_features(flavor))
+            else:
+                trt_features(flavor)
+            return flavor
+        except MissingDependencyError as exc:
+            reasons.append((str(exc).splitlines() or [flavor.label])[0])
+    raise MissingDependencyError(
+        f"no engine builder here: {'; '.join(reasons)}. TensorRT-RTX builds on any machine: `{TENSORRT_RTX.install}`"
+    )
 
 
-def _smoke_backend(engines_built: bool) -> tuple[str, str]:
-    """(runtime backend, label) of the best backend available: tensorrt > ort-cuda > ort."""
-    if engines_built:
-        return "tensorrt", "tensorrt"
+def _check_engine_requirements(choice: str) -> None:
+    """MissingDependencyError unless the chosen builder can build here (TensorRT: and a GPU)."""
+    from .engine import RuntimeTarget, trt_features  # noqa: PLC0415
+
+    flavor = engine_flavor(choice)
+    caps = trt_features(flavor)
+    if not flavor.ahead_of_time:
+        RuntimeTarget.current(caps)
+
+
+def _smoke_backend(result: "BuildResult") -> tuple[str, str, str]:
+    """(runtime backend, label, note) of the best backend available: the engines' > ort-cuda > ort."""
+    if result.engines:
+        from .engine import RuntimeTarget, trt_features  # noqa: PLC0415
+
+        flavor = get_flavor(result.engines[0].sidecar.flavor)
+        try:
+            RuntimeTarget.current(trt_features(flavor))
+        except MissingDependencyError as exc:
+            note = f"{flavor.label} engines not run here ({(str(exc).splitlines() or [''])[0]})"
+        else:
+            return flavor.name, flavor.name, ""
+    else:
+        note = ""
     from .runtime.backends import ort_providers  # noqa: PLC0415
 
-    return "ort", "ort-cuda" if "CUDAExecutionProvider" in ort_providers() else "ort"
+    return "ort", "ort-cuda" if "CUDAExecutionProvider" in ort_providers() else "ort", note
 
 
 def run_build(config: BuildConfig, progress: Callable[[BuildEvent], None] | None = None) -> BuildResult:
@@ -237,7 +282,7 @@ def run_build(config: BuildConfig, progress: Callable[[BuildEvent], None] | None
     denoiser = next(d for d in descriptors if d.role == "denoiser")
     shape.require_multiple(int(denoiser.pixel_multiple), f"{entry.family} ({entry.name})")
     if config.require_engine:
-        _check_engine_requirements()  # exit 3 in a second, not after a long export
+        _check_engine_requirements(config.engine_backend)  # exit 3 in a second, not after a long export
     result = BuildResult(config, entry)
 
     with _Stage(result, "load", notify, f"loading {entry.name} ({config.weights or 'default'} weights)"):
@@ -261,7 +306,7 @@ def run_build(config: BuildConfig, progress: Callable[[BuildEvent], None] | None
     result.artifacts.append(Artifact("manifest", "manifest.json", manifest.path, manifest.path.stat().st_size))
 
     with _Stage(result, "check", notify, f"checking {manifest.graphs_dir}") as stage:
-        checks_total = len(manifest.components) * 6
+        checks_total = len(manifest.components) * 7
         counter = {"n": 0}
 
         def on_check(component: str, check: str) -> None:
@@ -304,20 +349,24 @@ def run_build(config: BuildConfig, progress: Callable[[BuildEvent], None] | None
 def _engine_stage(config: BuildConfig, result: BuildResult, manifest: Manifest, notify) -> None:
     from . import engine  # noqa: PLC0415
 
-    with _Stage(result, "engine", notify, f"building TensorRT engines into {config.engines_root}") as stage:
+    with _Stage(result, "engine", notify, f"building engines into {config.engines_root}") as stage:
         try:
-            records = engine.build(manifest.graphs_dir, config.engines_root, engine.EngineOptions())
+            flavor = engine_flavor(config.engine_backend)
+            records = engine.build(manifest.graphs_dir, config.engines_root, engine.EngineOptions(backend=flavor.name))
         except MissingDependencyError as exc:
             if config.require_engine:
                 raise
-            reason = (str(exc).splitlines() or ["TensorRT is not available"])[0]
+            reason = (str(exc).splitlines() or ["no engine builder is available"])[0]
             result.engine_skip_reason = reason
             stage.finish("skipped", reason)
             return
         result.engines = records
         built = sum(r.status == "built" for r in records)
+        if records:
+            first = records[0].sidecar
+            result.engine_builder = f"{first.builder_label} for {first.gpu_name or first.sm_tag}"
         stage.finish("reused" if records and not built else "done",
-                     f"{built} built, {len(records) - built} reused from the cache")
+                     f"{built} built, {len(records) - built} reused from the cache ({result.engine_builder})")
     for r in records:
         result.artifacts.append(Artifact("engine", r.component, r.path, r.path.stat().st_size,
                                          "built" if r.status == "built" else "reused"))
@@ -327,7 +376,7 @@ def _smoke_stage(config: BuildConfig, result: BuildResult, entry: ModelEntry, as
     from .runtime import GenerationConfig, Sampler, load_components  # noqa: PLC0415
     from .runtime.sampler import static_batch_reason  # noqa: PLC0415
 
-    backend, label = _smoke_backend(bool(result.engines))
+    backend, label, note = _smoke_backend(result)
     path = config.image_path(entry)
     with _Stage(result, "smoke", notify, f"generating one image on {label}") as stage:
         if backend == "ort" and label == "ort" and result.manifest.precision is Precision.BF16:
@@ -346,8 +395,10 @@ def _smoke_stage(config: BuildConfig, result: BuildResult, entry: ModelEntry, as
             generation = sampler.generate(request)
         result.image_path = generation.save(path)
         result.backend, result.generation = label, generation
-        stage.finish("done", f"{generation.width}x{generation.height}, {generation.steps} steps on {label}")
+        stage.finish("done", f"{generation.width}x{generation.height}, {generation.steps} steps on {label}"
+                             + (f"; {note}" if note else ""))
     result.artifacts.append(Artifact("image", path.name, result.image_path, result.image_path.stat().st_size))
 
 
-__all__ = ["BuildConfig", "BuildEvent", "BuildResult", "StageRecord", "Artifact", "run_build", "STAGES", "DEFAULT_PROMPT"]
+__all__ = ["BuildConfig", "BuildEvent", "BuildResult", "StageRecord", "Artifact", "run_build", "engine_flavor", "STAGES",
+           "DEFAULT_PROMPT", "ENGINE_BACKENDS"]

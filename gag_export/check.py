@@ -19,7 +19,13 @@ Checks per component:
 - `control_flow`: no Loop/If/Scan in the denoiser (the guidance must be static ops);
 - `tensorrt_lint`: every node against TensorRT 10.x and 11.x (`trt_ops.py`): op and opset
   supported, tensor types supported by the op, TopK with a constant K <= 3840, no float64
-  anywhere, constant CumSum/Reduce axes; one finding per node with a hint;
+  anywhere, constant CumSum/Reduce axes; one finding per node with a hint. Where a real parser
+  accepted the graph (`trt_parser`), the table's op and type verdicts that hold for every
+  version it knows give way to it (reported as warnings): the table then speaks only for the
+  differences between versions and for what a parser does not decide (TopK's K, float64, axes);
+- `trt_parser`: the graph through the real ONNX parser of TensorRT, else TensorRT-RTX (whichever
+  imports here; `parser=`), into a strongly typed network: a refused node fails the check with
+  its name, op type and the parser's message; skipped, saying how to get one, where neither is;
 - `precision` (fp16/bf16 graphs): the GAG attention arithmetic computes in float32 (ops that
   cannot round, like negation and zero padding, may keep the model's type, and so may joint
   attention's own dense attention, which is the unmodified model's), the other Conv/MatMul/Gemm
@@ -59,7 +65,8 @@ from .models import Precision
 
 log = logging.getLogger(__name__)
 
-CHECKS = ("artifact", "onnx_checker", "shape_inference", "control_flow", "tensorrt_lint", "precision", "parity")
+CHECKS = ("artifact", "onnx_checker", "shape_inference", "control_flow", "tensorrt_lint", "trt_parser", "precision", "parity")
+PARSERS = ("auto", "tensorrt", "tensorrt-rtx", "none")  # which real ONNX parser `trt_parser` uses
 CONTROL_FLOW_OPS = frozenset({"Loop", "If", "Scan"})
 TRT_VERSIONS = ("10", "11")
 # Ops that only move or reinterpret data: they keep their input's type, so the precision check
@@ -326,16 +333,21 @@ def _main_type_input(node) -> str | None:
 _BISECT_HINT = "export with GAGConfig(method='bisect') (no TopK), or use torch.topk with a Python-int k"
 
 
-def lint_graph(model, versions: Sequence[str] = TRT_VERSIONS) -> list[Finding]:
-    """TensorRT-compatibility findings for a graph (structure only; no GPU, no weights needed)."""
+def lint_graph(model, versions: Sequence[str] = TRT_VERSIONS, parsed_by: str | None = None) -> list[Finding]:
+    """TensorRT-compatibility findings for a graph (structure only; no GPU, no weights needed).
+
+    `parsed_by`: the builder ("TensorRT-RTX 1.7.1.116") whose real parser accepted the graph; the
+    table's op and type verdicts that hold for every version in `versions` then become warnings
+    (the real parser decides those), while differences between versions and the checks a parser
+    does not make (TopK's K, float64, constant axes) stay as they are."""
     types = _tensor_types(model)
     constants = _Constants(model)
     found: dict[tuple[str, str, str], dict] = {}
 
     def add(node_op: str, node_name: str, message: str, hint: str = "", version: str | None = None,
-            severity: str = "error") -> None:
+            severity: str = "error", parser_decides: bool = False) -> None:
         key = (node_name, node_op, message)
-        slot = found.setdefault(key, {"hint": hint, "versions": [], "severity": severity})
+        slot = found.setdefault(key, {"hint": hint, "versions": [], "severity": severity, "parser_decides": parser_decides})
         for v in [version] if version else versions:
             if v not in slot["versions"]:
                 slot["versions"].append(v)
@@ -360,7 +372,7 @@ def lint_graph(model, versions: Sequence[str] = TRT_VERSIONS) -> list[Finding]:
         name = node.name or (node.output[0] if node.output else "?")
         if node.domain not in ("", "ai.onnx"):
             add(node.op_type, name, f"custom-domain op {node.domain}::{node.op_type}",
-                "TensorRT needs a plugin registered for it")
+                "TensorRT needs a plugin registered for it", parser_decides=True)
             continue
         for v in versions:
             table = trt_ops.SUPPORTED[v][2]
@@ -368,13 +380,14 @@ def lint_graph(model, versions: Sequence[str] = TRT_VERSIONS) -> list[Finding]:
                 reason = ("is marked unsupported in the operator list" if node.op_type in trt_ops.UNSUPPORTED
                           else "is not in the operator list")
                 add(node.op_type, name, f"{node.op_type} {reason} of TensorRT's ONNX parser",
-                    "rewrite the model code so that the exporter emits supported ops", v)
+                    "rewrite the model code so that the exporter emits supported ops", v, parser_decides=True)
                 continue
             main = _main_type_input(node)
             kind = types.get(main) if main else None
             if kind and kind not in table[node.op_type] and kind not in trt_ops.TENSOR_TYPES_REJECTED:
                 add(node.op_type, name, f"{node.op_type} on {kind} is not supported "
-                    f"(supported: {', '.join(table[node.op_type])})", "cast to a supported type before this op", v)
+                    f"(supported: {', '.join(table[node.op_type])})", "cast to a supported type before this op", v,
+                    parser_decides=True)
         if node.op_type == "Cast":
             to = next((a.i for a in node.attribute if a.name == "to"), None)
             if to is not None and dtype_name(to) in trt_ops.TENSOR_TYPES_REJECTED:
@@ -396,8 +409,42 @@ def lint_graph(model, versions: Sequence[str] = TRT_VERSIONS) -> list[Finding]:
         if node.op_type in _REDUCE_OPS and len(node.input) > 1 and node.input[1] and not constants.is_constant(node.input[1]):
             add(node.op_type, name, "axes are not an initializer", "use Python-int dims; onnxslim (--slim) "
                 "folds computed constants", severity="warning")
-    return [Finding(op, node, msg, slot["hint"], tuple(slot["versions"]), slot["severity"])
-            for (node, op, msg), slot in found.items()]
+    findings = []
+    for (node, op, msg), slot in found.items():
+        severity, hint = slot["severity"], slot["hint"]
+        if parsed_by and slot["parser_decides"] and set(slot["versions"]) >= set(versions):
+            severity, hint = "warning", f"the op table's verdict; {parsed_by}'s parser accepted this node"
+        findings.append(Finding(op, node, msg, hint, tuple(slot["versions"]), severity))
+    return findings
+
+
+# --------------------------------------------------------------------------------------------
+# The real parser
+# --------------------------------------------------------------------------------------------
+
+
+def _parse(path: Path, parser: str, notify, component: str) -> tuple[CheckResult | None, str | None]:
+    """The `trt_parser` result of one graph (None when asked for no parser), and the builder whose
+    parser accepted it (None unless it did)."""
+    if parser == "none":
+        return None, None
+    from .engine import parse_onnx  # noqa: PLC0415
+    from .trt_flavors import TENSORRT_RTX, get_flavor, installed_flavor  # noqa: PLC0415
+
+    flavor = installed_flavor() if parser == "auto" else get_flavor(parser)
+    if flavor is None:
+        return CheckResult(component, "trt_parser", "skipped",
+                           f"neither TensorRT nor TensorRT-RTX is installed (`{TENSORRT_RTX.install}` runs its "
+                           "real parser on any machine); the lint's op table stands in"), None
+    notify(component, "trt_parser")
+    parsed = parse_onnx(path, flavor)
+    label = parsed.caps.label
+    if parsed.ok:
+        return CheckResult(component, "trt_parser", "passed", f"{label}: parsed into {parsed.num_layers} network layers"), label
+    errors = [str(e) for e in parsed.errors]
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return CheckResult(component, "trt_parser", "failed",
+                       f"{label}'s ONNX parser refused {'; '.join(errors[:5])}{more}"), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,14 +564,23 @@ def _parity(manifest: Manifest, component: str, descriptor, reference_pipe, seed
 
 
 def check_graphs(graphs_dir: Path, parity: bool = True, *, pipe=None, entry=None, seed: int = 0,
-                 trt_versions: Sequence[str] = TRT_VERSIONS,
+                 trt_versions: Sequence[str] = TRT_VERSIONS, parser: str = "auto",
                  progress: Callable[[str, str], None] | None = None) -> CheckReport:
     """Run every check on `graphs_dir` (graphs/<model>); return the report (falsy if any failed).
+
+    `parser`: the real ONNX parser of `trt_parser` ("auto": TensorRT, else TensorRT-RTX, whichever
+    imports; "none" skips it). A parser named but not installed is `MissingDependencyError`.
 
     `pipe`/`entry`: the torch pipeline and registry entry the graphs came from (export passes
     them); otherwise parity loads the pipeline again through the registry from the manifest's
     model and weights. Raises `ArtifactError` for missing or damaged artifacts (see module doc).
     """
+    if parser not in PARSERS:
+        raise InvalidInputError(f"parser: use one of {', '.join(PARSERS)}, got {parser!r}")
+    if parser not in ("auto", "none"):
+        from .trt_flavors import get_flavor  # noqa: PLC0415
+
+        get_flavor(parser).import_module()  # MissingDependencyError (exit 3) before any work
     manifest = Manifest.load(Path(graphs_dir))
     unknown = [v for v in trt_versions if v not in trt_ops.SUPPORTED]
     if unknown:
@@ -543,8 +599,8 @@ def check_graphs(graphs_dir: Path, parity: bool = True, *, pipe=None, entry=None
     for name, comp in manifest.components.items():
         path, model = manifest.graph_path(name), structures[name]
         notify(name, "onnx_checker")
-        ok, details = run_onnx_checker(path)
-        report.results.append(CheckResult(name, "onnx_checker", "passed" if ok else "failed", details))
+        checker_ok, details = run_onnx_checker(path)
+        report.results.append(CheckResult(name, "onnx_checker", "passed" if checker_ok else "failed", details))
         notify(name, "shape_inference")
         ok, details = run_shape_inference(path)
         report.results.append(CheckResult(name, "shape_inference", "passed" if ok else "failed", details))
@@ -553,8 +609,14 @@ def check_graphs(graphs_dir: Path, parity: bool = True, *, pipe=None, entry=None
             report.results.append(CheckResult(
                 name, "control_flow", "failed" if found else "passed",
                 f"control flow in the denoiser: {', '.join(found[:10])}" if found else "no Loop/If/Scan"))
+        # TensorRT's parser is native code: a graph the ONNX checker refused is not handed to it
+        parsed, parsed_by = _parse(path, parser if checker_ok else "none", notify, name)
+        if parsed is None and not checker_ok and parser != "none":
+            parsed = CheckResult(name, "trt_parser", "skipped", "not parsed: the ONNX checker refused the graph")
+        if parsed is not None:
+            report.results.append(parsed)
         notify(name, "tensorrt_lint")
-        findings = lint_graph(model, trt_versions)
+        findings = lint_graph(model, trt_versions, parsed_by=parsed_by)
         errors = [f for f in findings if f.severity == "error"]
         report.results.append(CheckResult(
             name, "tensorrt_lint", "failed" if errors else "passed",

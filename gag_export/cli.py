@@ -138,19 +138,23 @@ weights_option = click.option(
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the smoke image and parity inputs.")
 @click.option("--image", "image_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Smoke image path [default: <model>-<seed>.png].")
-@click.option("--require-engine", is_flag=True, help="Fail (exit 3) instead of skipping engines when TensorRT is missing.")
+@click.option("--engine-backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto",
+              show_default=True, help="Engine builder: auto takes TensorRT where it imports and sees a GPU, "
+                                      "else TensorRT-RTX (builds without a GPU, for RTX GPUs).")
+@click.option("--require-engine", is_flag=True, help="Fail (exit 3) instead of skipping engines when no builder is usable.")
 @click.option("--skip-smoke", is_flag=True, help="Do not generate the smoke image.")
 def build_command(model, weights, graphs_root, engines_root, height, width, batch, dynamic, dtype, no_gag, gag_scale,
-                  gag_eta, gag_zeta, gag_layers, prompt, seed, image_path, require_engine, skip_smoke) -> None:
-    """Everything for one model: load, GAG, export, check, TensorRT engines, one smoke image.
+                  gag_eta, gag_zeta, gag_layers, prompt, seed, image_path, engine_backend, require_engine, skip_smoke) -> None:
+    """Everything for one model: load, GAG, export, check, engines, one smoke image.
 
     \b
     Stages: load -> apply GAG -> export every component -> check (ONNX checker, shape inference,
-    TensorRT lint, ORT-vs-torch parity) -> TensorRT engines (skipped with the reason when
-    TensorRT is missing, unless --require-engine) -> one image with the best backend available
-    (tensorrt > ort-cuda > ort) -> a summary of artifacts, parity errors and timings.
-    Graphs are exported again on every run (same weights: identical files); engines are
-    reused from the cache when graph, TensorRT, GPU and settings match.
+    TensorRT lint and real parser, ORT-vs-torch parity) -> TensorRT or TensorRT-RTX engines
+    (skipped with the reason when neither is usable, unless --require-engine) -> one image with
+    the best backend available (the engines' where they run here > ort-cuda > ort) -> a summary
+    of artifacts, parity errors and timings. Graphs are exported again on every run (same
+    weights: identical files); engines are reused from the cache when graph, builder, GPU or
+    targets, and settings match.
 
     \b
     Examples:
@@ -168,7 +172,7 @@ def build_command(model, weights, graphs_root, engines_root, height, width, batc
     config = BuildConfig(
         model=model, weights=weights, graphs_root=graphs_root, engines_root=engines_root, height=height, width=width,
         batch=batch, dynamic=dynamic, precision=dtype, gag=gag, prompt=DEFAULT_PROMPT if prompt is None else prompt,
-        seed=seed, image=image_path, require_engine=require_engine, smoke=not skip_smoke,
+        seed=seed, image=image_path, require_engine=require_engine, smoke=not skip_smoke, engine_backend=engine_backend,
     )
     with _build_progress(quiet=click.get_current_context().find_object(dict).get("quiet", False)) as on_event:
         result = run_build(config, progress=on_event)
@@ -231,6 +235,8 @@ def _print_build_summary(result) -> None:
         stages.add_row(s.name, s.status, f"{s.seconds:.1f} s", escape(s.details))
     stages.add_row("total", "", f"{result.total_seconds:.1f} s", "")
     out.print(stages)
+    if result.engine_builder is not None:
+        click.echo(f"engines: {result.engine_builder}")
     if result.image_path is not None:
         click.echo(f"wrote {result.image_path} ({result.backend})")
 
@@ -239,6 +245,12 @@ def _print_build_summary(result) -> None:
 @click.argument("graphs_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("engines"),
               show_default=True, help="Engine cache root: <out>/<model>/<component>/<key>.plan + .json sidecar.")
+@click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default="tensorrt", show_default=True,
+              help="TensorRT (built on the GPU that runs it) or TensorRT-RTX (built ahead of time on any machine, "
+                   "CPU-only included, for RTX GPUs).")
+@click.option("--target", "targets", default=None, metavar="SM,...",
+              help="TensorRT-RTX: compute capabilities to build for, e.g. sm86,sm89 [default: every one it offers "
+                   "from sm80 up: sm80, sm86, sm89, sm120, sm121].")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "fp8"]), default=None,
               help="Engine precision; must be the exported graph's dtype (default: that dtype). fp8 is refused for now.")
 @click.option("--static", "shapes", flag_value="static", help="Fix every input at the profile's opt shape.")
@@ -251,28 +263,36 @@ def _print_build_summary(result) -> None:
               help="TensorRT 10.x only: build an fp32 graph with BuilderFlag.FP16/BF16, GAG layers pinned to fp32.")
 @click.option("--rebuild", is_flag=True, help="Build even when a matching cached engine exists.")
 @click.option("--component", "components", multiple=True, metavar="NAME", help="Only this component (repeatable).")
-def engine_command(graphs_dir: Path, out_dir: Path, precision, shapes, timing_cache, workspace_gb, opt_level,
-                   weakly_typed: bool, rebuild: bool, components: tuple[str, ...]) -> None:
-    """Build (or reuse) TensorRT engines for an exported model (exit 3 without TensorRT).
+def engine_command(graphs_dir: Path, out_dir: Path, backend: str, targets, precision, shapes, timing_cache, workspace_gb,
+                   opt_level, weakly_typed: bool, rebuild: bool, components: tuple[str, ...]) -> None:
+    """Build (or reuse) TensorRT or TensorRT-RTX engines for an exported model (exit 3 without the
+    builder, or without a GPU for TensorRT).
 
     \b
     Examples:
       gag-export engine graphs/tiny-sdxl
       gag-export engine graphs/dmd2 --dynamic --timing-cache trt.cache
+      gag-export engine graphs/tiny-sdxl --backend tensorrt-rtx --target sm86,sm89
     """
     from . import engine
 
     options = engine.EngineOptions(
-        precision=precision, shapes=shapes or "manifest", weakly_typed=weakly_typed, opt_level=opt_level,
-        workspace_gb=workspace_gb, timing_cache=timing_cache, rebuild=rebuild, components=components,
+        backend=backend, targets=targets, precision=precision, shapes=shapes or "manifest", weakly_typed=weakly_typed,
+        opt_level=opt_level, workspace_gb=workspace_gb, timing_cache=timing_cache, rebuild=rebuild, components=components,
     )
     records = engine.build(graphs_dir, out_dir, options)
-    table = Table(show_header=True, header_style="bold")
-    for column in ("component", "engine", "status", "precision", "seconds"):
-        table.add_column(column)
+    if not records:
+        return
+    first = records[0].sidecar
+    table = Table(title=f"{first.builder_label} engines for {first.gpu_name or first.sm_tag}", header_style="bold")
+    for column in ("component", "status", "precision", "size", "seconds"):
+        table.add_column(column, justify="right" if column in ("size", "seconds") else "left")
     for r in records:
-        table.add_row(r.component, str(r.path), r.status, r.sidecar.precision, f"{r.seconds:.1f}")
+        table.add_row(r.component, r.status, r.sidecar.precision, f"{r.sidecar.engine_size_bytes / 2**20:.1f} MiB",
+                      f"{r.seconds:.1f}")
     Console().print(table)
+    for r in records:  # paths whole, never folded into a table cell
+        click.echo(f"{r.component}: {r.path}")
 
 
 def _shape(shape_cls, height, width, batch, default):
@@ -404,8 +424,11 @@ def _print_check_report(report) -> None:
 @click.argument("graphs_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--no-parity", is_flag=True, help="Skip ORT-vs-torch parity (no pipeline is loaded).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the parity sample inputs.")
-def check_command(graphs_dir: Path, no_parity: bool, seed: int) -> None:
-    """Check exported graphs: checker, shape inference, TensorRT lint, parity (exit 4 on failure).
+@click.option("--parser", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx", "none"]), default="auto",
+              show_default=True, help="Real ONNX parser of the trt_parser check: auto takes TensorRT, else TensorRT-RTX.")
+def check_command(graphs_dir: Path, no_parity: bool, seed: int, parser: str) -> None:
+    """Check exported graphs: checker, shape inference, TensorRT lint, the real TensorRT(-RTX) ONNX
+    parser, precision, parity (exit 4 on failure).
 
     \b
     Examples:
@@ -415,7 +438,7 @@ def check_command(graphs_dir: Path, no_parity: bool, seed: int) -> None:
     from . import check
 
     with console.status(f"checking {graphs_dir}"):
-        report = check.check_graphs(graphs_dir, parity=not no_parity, seed=seed)
+        report = check.check_graphs(graphs_dir, parity=not no_parity, seed=seed, parser=parser)
     _print_check_report(report)
     report.raise_for_failures()
 
@@ -445,7 +468,7 @@ def doctor_command(as_json: bool) -> None:
 @click.option("--negative-prompt", default="", help="Negative prompt (only models with classifier-free guidance, e.g. sdxl).")
 @click.option("--steps", type=int, default=None, help="Denoising steps [default: the model's, e.g. 4 for DMD2].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial latents and scheduler noise.")
-@click.option("--backend", default="ort", show_default=True, help="torch | ort | tensorrt.")
+@click.option("--backend", default="ort", show_default=True, help="torch | ort | tensorrt | tensorrt-rtx (an RTX GPU).")
 @click.option("--gag-scale", type=float, default=None, help="GAG scale (lambda) [default: the export's, else 10].")
 @click.option("--gag-eta", type=float, default=None, help="GAG norm cap eta [default: the export's, else 15].")
 @click.option("--gag-zeta", type=float, default=None, help="GAG orthogonal weight zeta [default: the export's, else 0].")
@@ -459,7 +482,7 @@ def doctor_command(as_json: bool) -> None:
               help="Output PNG [default: <model>-<seed>.png].")
 @click.option("--no-build", is_flag=True, help="Fail when graphs/engines are missing instead of building them.")
 @click.option("--compile", "compile_torch", is_flag=True, help="torch backend: wrap components in torch.compile.")
-@click.option("--cuda-graph", is_flag=True, help="tensorrt backend: capture the denoiser step in a CUDA graph.")
+@click.option("--cuda-graph", is_flag=True, help="tensorrt(-rtx) backends: capture the denoiser step in a CUDA graph.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="ort backend: intra-op threads (0: ONNX Runtime's default).")
 @click.option("--ort-provider", "ort_providers", multiple=True, metavar="NAME",
@@ -474,6 +497,7 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
     Examples:
       gag-export generate --model tiny-sdxl --prompt "a red fox" --backend ort
       gag-export generate --model dmd2 --prompt "a red fox" --backend tensorrt --gag-scale 5
+      gag-export generate --model dmd2 --prompt "a red fox" --backend tensorrt-rtx    # RTX PCs
     """
     from dataclasses import replace
 
@@ -582,7 +606,7 @@ def _models_markdown(entries) -> str:
 @cli.command("bench")
 @click.option("--model", required=True, help="Registry name, e.g. tiny-sdxl, tiny-flux, dmd2.")
 @click.option("--backends", default="torch,ort", show_default=True,
-              help="Comma-separated: torch, torch-compile, ort, tensorrt (unavailable ones are reported as skipped).")
+              help="Comma-separated: torch, torch-compile, ort, tensorrt, tensorrt-rtx (unavailable ones are reported as skipped).")
 @click.option("--steps", type=int, default=None, help="Denoising steps of the end-to-end runs [default: the model's].")
 @click.option("--height", type=click.IntRange(min=1), default=None, help="Image height in pixels [default: the model's].")
 @click.option("--width", type=click.IntRange(min=1), default=None, help="Image width in pixels [default: the model's].")
@@ -665,9 +689,10 @@ def _gpu_ids(ctx, param, value):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The model repository to write, e.g. triton/<model> (replaced atomically).")
 @click.option("--engines", "engines_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The model's engine folder (engines/<model>) for --backend plan.")
-@click.option("--backend", type=click.Choice(["plan", "onnx"]), default=None,
-              help="Components as TensorRT plans or ONNX models [default: plan with --engines, else onnx].")
+              help="The model's engine folder (engines/<model>) for --backend plan or tensorrt-rtx.")
+@click.option("--backend", type=click.Choice(["plan", "onnx", "tensorrt-rtx"]), default=None,
+              help="Components as TensorRT plans, ONNX models, or TensorRT-RTX plans (Python models running them: "
+                   "Triton's TensorRT backend cannot load those) [default: plan with --engines, else onnx].")
 @click.option("--cpu-standin", is_flag=True,
               help="Every component a Python model running its ONNX graph on ONNX Runtime, KIND_CPU (loads without a GPU).")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,

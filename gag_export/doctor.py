@@ -24,6 +24,7 @@ from rich.table import Table
 
 from .engine import TENSORRT_INSTALL, GpuInfo, TensorRTCapabilities, detect_gpu
 from .errors import GagExportError
+from .trt_flavors import TENSORRT_RTX
 
 ORT_GPU_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
 TRITON_INSTALL = 'pip install "gag-export[gpu]"'
@@ -46,6 +47,9 @@ class Environment:
     gpu: GpuInfo | None = None
     tensorrt: str | None = None
     tensorrt_error: str | None = None
+    tensorrt_rtx: str | None = None
+    tensorrt_rtx_error: str | None = None
+    tensorrt_rtx_targets: tuple[tuple[int, int], ...] = ()  # what its AOT builder offers
     polygraphy: str | None = None
     onnxruntime: str | None = None
     ort_providers: tuple[str, ...] = ()
@@ -78,6 +82,7 @@ class DoctorReport:
                   "memory_bytes": gpu.memory_bytes}
         )
         env["ort_providers"] = list(self.environment.ort_providers)
+        env["tensorrt_rtx_targets"] = [f"sm{a}{b}" for a, b in self.environment.tensorrt_rtx_targets]
         env["packages"] = dict(self.environment.packages)
         return {"environment": env, "backends": [dataclasses.asdict(b) for b in self.backends]}
 
@@ -109,6 +114,7 @@ def probe_environment() -> Environment:
     torch_cuda = getattr(getattr(torch, "version", None), "cuda", None) if torch is not None else None
     torch_sees_gpu = _torch_sees_gpu(torch)
     trt_version, trt_error, _ = _import_version("tensorrt")
+    rtx_version, rtx_error, rtx = _import_version(TENSORRT_RTX.module)
     ort_version, ort_error, ort = _import_version("onnxruntime")
     providers: tuple[str, ...] = ()
     if ort is not None:
@@ -127,6 +133,9 @@ def probe_environment() -> Environment:
         gpu=detect_gpu(),
         tensorrt=trt_version,
         tensorrt_error=trt_error,
+        tensorrt_rtx=rtx_version,
+        tensorrt_rtx_error=rtx_error,
+        tensorrt_rtx_targets=TENSORRT_RTX.compute_capabilities(rtx) if rtx is not None else (),
         polygraphy=_dist_version("polygraphy"),
         onnxruntime=ort_version,
         ort_providers=providers,
@@ -228,6 +237,8 @@ def assess_backends(env: Environment) -> tuple[Backend, ...]:
         typing = "strongly typed only" if not caps.weak_typing else "strongly typed; --weakly-typed available"
         backends.append(Backend("tensorrt", True, f"TensorRT {caps.version} ({typing}), polygraphy {env.polygraphy} {on_gpu}"))
 
+    backends += _rtx_backends(env)
+
     if env.triton is None:
         backends.append(Backend("triton-kernels", False, f"`import triton` failed ({env.triton_error})", TRITON_INSTALL))
     elif gpu is None:
@@ -240,6 +251,26 @@ def assess_backends(env: Environment) -> tuple[Backend, ...]:
     else:
         backends.append(Backend("triton-kernels", True, f"triton {env.triton} {on_gpu}"))
     return tuple(backends)
+
+
+def _rtx_backends(env: Environment) -> list[Backend]:
+    """TensorRT-RTX: building (ahead of time, on any machine) and running (an RTX GPU it targets)."""
+    if env.tensorrt_rtx is None:
+        why = f"`import {TENSORRT_RTX.module}` failed ({env.tensorrt_rtx_error or 'not installed'})"
+        return [Backend("tensorrt-rtx-build", False, why, TENSORRT_RTX.install),
+                Backend("tensorrt-rtx", False, why, TENSORRT_RTX.install)]
+    targets = ", ".join(f"sm{a}{b}" for a, b in env.tensorrt_rtx_targets)
+    build = Backend("tensorrt-rtx-build", True, f"TensorRT-RTX {env.tensorrt_rtx}: engines for {targets}, no GPU needed")
+    gpu = env.gpu
+    if gpu is None:
+        run = Backend("tensorrt-rtx", False, f"its engines run on {TENSORRT_RTX.gpus}; none is visible here",
+                      "run on an RTX PC or workstation with its driver")
+    elif tuple(gpu.sm) not in env.tensorrt_rtx_targets:
+        run = Backend("tensorrt-rtx", False, f"{gpu.name} (sm{gpu.sm[0]}{gpu.sm[1]}) is no TensorRT-RTX target ({targets})",
+                      "use the tensorrt backend on this GPU" if gpu.sm[0] == 9 else "run on an RTX GPU")
+    else:
+        run = Backend("tensorrt-rtx", True, f"TensorRT-RTX {env.tensorrt_rtx} on {gpu.name} (sm{gpu.sm[0]}{gpu.sm[1]})")
+    return [build, run]
 
 
 def diagnose() -> DoctorReport:
@@ -272,6 +303,7 @@ def render(report: DoctorReport) -> Group:
         memory = f", {env.gpu.memory_bytes / (1 << 30):.1f} GiB" if env.gpu.memory_bytes else ""
         facts.add_row("GPU", escape(f"{env.gpu.name}, sm{env.gpu.sm[0]}{env.gpu.sm[1]}{memory}"))
     facts.add_row("TensorRT", _or_missing(env.tensorrt, env.tensorrt_error))
+    facts.add_row("TensorRT-RTX", _or_missing(env.tensorrt_rtx, env.tensorrt_rtx_error))
     facts.add_row("Polygraphy", _or_missing(env.polygraphy))
     ort = _or_missing(env.onnxruntime, env.onnxruntime_error)
     if env.onnxruntime is not None:

@@ -1,8 +1,12 @@
-"""TensorRT engines from exported graphs: build with Polygraphy's loaders, cache, validate.
+"""TensorRT and TensorRT-RTX engines from exported graphs: build with Polygraphy's loaders, cache, validate.
 
 Layer 6. Reads `graphs/<model>/manifest.json` (written by export) and never imports `runtime/`
-or the CLI. `tensorrt` is imported lazily in one place (`import_tensorrt`), and everything that
-depends on its major version is decided in one place (`TensorRTCapabilities`).
+or the CLI. The builder module is imported lazily in one place (`import_tensorrt`); what differs
+between TensorRT and TensorRT-RTX is a field of their `trt_flavors.TensorRTFlavor`, and what
+depends on the installed version is decided in one place (`TensorRTCapabilities`).
+
+TensorRT builds on the GPU that runs the engine. TensorRT-RTX builds ahead of time, on any
+machine (no GPU needed), for a list of compute capabilities (`RuntimeTarget.ahead_of_time`).
 
 Precision is decided at export. TensorRT 11 builds only strongly typed networks (every tensor
 has the type the ONNX graph gives it; `BuilderFlag.FP16/BF16/INT8/FP8` are gone), so an fp16
@@ -11,8 +15,8 @@ graph makes an fp16 engine and an fp32 graph an fp32 engine, on 10.x and 11.x al
 opt-in (`EngineOptions.weakly_typed`) and pins the GAG attention layers to fp32.
 
 The engine cache cannot hand out a wrong engine: a plan's file name carries what it was built
-from and for (`<onnx-sha12>-trt<version>-sm<XY>-<precision>-<settings-hash>.plan`) and its JSON
-sidecar records it in full; `load_engine_bytes` checks the sidecar against the running TensorRT
+from and for (`<onnx-sha12>-trt<version>-sm<XY>-<precision>-<settings-hash>.plan`; TensorRT-RTX:
+`-rtx<version>-sm80_86_89_120-`) and its JSON sidecar records it in full; `load_engine_bytes` checks the sidecar against the running TensorRT
 and GPU and the plan's bytes against the sidecar before anything is deserialized.
 
     caps = trt_features()                       # MissingDependencyError without tensorrt
@@ -28,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -41,12 +46,14 @@ from typing import Any, Iterable, Mapping, Protocol
 from . import __version__
 from .atomic import as_if_created_plainly, write_failure
 from .errors import ArtifactError, CheckFailedError, InvalidInputError, MissingDependencyError
+from .trt_flavors import TENSORRT, TensorRTFlavor, get_flavor, parse_sm_tag, parse_targets, sm_tag
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SIDECAR_FORMAT_VERSION = 1
 TENSORRT_INSTALL = 'pip install "gag-export[tensorrt]"'
+RUNTIME_CACHE_SUFFIX = ".runtime-cache"  # TensorRT-RTX: the JIT's runtime cache, beside its engine
 GAG_SCALAR_PREFIX = "gag_"
 
 
@@ -55,29 +62,22 @@ GAG_SCALAR_PREFIX = "gag_"
 # --------------------------------------------------------------------------------------------
 
 
-def import_tensorrt():
-    """Import and return the `tensorrt` module, or raise `MissingDependencyError` saying how to get it."""
-    try:
-        import tensorrt  # noqa: PLC0415 (optional dependency, imported on use only)
-    except Exception as exc:  # ImportError, or OSError/RuntimeError when its CUDA libraries are missing
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MissingDependencyError(
-            f"TensorRT is not available here (`import tensorrt` failed: {reason}). "
-            f"Engines are built on the machine that runs them: on a machine with an NVIDIA GPU and CUDA, "
-            f"run `{TENSORRT_INSTALL}`."
-        ) from exc
-    return tensorrt
+def import_tensorrt(flavor: TensorRTFlavor | str = TENSORRT):
+    """Import and return the `tensorrt` (or `tensorrt_rtx`) module, or raise `MissingDependencyError` saying how to get it."""
+    return get_flavor(flavor).import_module()
 
 
 @dataclass(frozen=True)
 class TensorRTCapabilities:
-    """What the installed TensorRT can do, decided from its version in one place.
+    """What the installed builder can do, decided from its flavor and version in one place.
 
-    10.x: strongly typed networks on request (`NetworkDefinitionCreationFlag.STRONGLY_TYPED`), and
-          the deprecated (since 10.12) weak-typing flags `BuilderFlag.FP16/BF16` with precision
+    TensorRT 10.x: strongly typed networks on request (`NetworkDefinitionCreationFlag.STRONGLY_TYPED`),
+          and the deprecated (since 10.12) weak-typing flags `BuilderFlag.FP16/BF16` with precision
           constraints.
-    11.x: every network is strongly typed (the flag is accepted but ignored); weak-typing flags,
-          precision constraints and implicit INT8/FP8 are removed.
+    TensorRT 11.x: every network is strongly typed (the flag is accepted but ignored); weak-typing
+          flags, precision constraints and implicit INT8/FP8 are removed.
+    TensorRT-RTX 1.x: strongly typed only, no precision flags, builds ahead of time for named
+          compute capabilities.
     """
 
     version: str
@@ -85,39 +85,109 @@ class TensorRTCapabilities:
     minor: int
     weak_typing: bool  # BuilderFlag.FP16/BF16 + OBEY_PRECISION_CONSTRAINTS exist
     strongly_typed_flag: bool  # pass STRONGLY_TYPED when creating the network
+    flavor: str = TENSORRT.name
+
+    @property
+    def trt_flavor(self) -> TensorRTFlavor:
+        return get_flavor(self.flavor)
+
+    @property
+    def label(self) -> str:
+        return f"{self.trt_flavor.label} {self.version}"
 
     @classmethod
-    def from_version(cls, version: str, *, strongly_typed_flag: bool = True) -> "TensorRTCapabilities":
-        match = re.match(r"^(\d+)\.(\d+)", version)
-        if not match:
-            raise InvalidInputError(f"cannot read a TensorRT version from {version!r}")
-        major, minor = int(match.group(1)), int(match.group(2))
-        if major < 10:
-            raise MissingDependencyError(
-                f"TensorRT {version} is too old: gag-export needs TensorRT 10.x or 11.x "
-                f"(`{TENSORRT_INSTALL}` on a machine with an NVIDIA GPU and CUDA)"
-            )
+    def from_version(cls, version: str, *, strongly_typed_flag: bool = True,
+                     flavor: TensorRTFlavor | str = TENSORRT) -> "TensorRTCapabilities":
+        flavor = get_flavor(flavor)
+        major, minor = flavor.check_version(version)
         return cls(
             version=version,
             major=major,
             minor=minor,
-            weak_typing=major < 11,
+            weak_typing=flavor is TENSORRT and major < 11,
             strongly_typed_flag=strongly_typed_flag,
+            flavor=flavor.name,
         )
 
     @classmethod
-    def from_module(cls, trt) -> "TensorRTCapabilities":
+    def from_module(cls, trt, flavor: TensorRTFlavor | str = TENSORRT) -> "TensorRTCapabilities":
         caps = cls.from_version(
             trt.__version__,
             strongly_typed_flag=hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"),
+            flavor=flavor,
         )
         # Trust the module over the version number: a 10.x build without the flags is 11-like.
         return dataclasses.replace(caps, weak_typing=caps.weak_typing and hasattr(trt.BuilderFlag, "FP16"))
 
 
-def trt_features() -> TensorRTCapabilities:
-    """The capabilities of the importable TensorRT (raises `MissingDependencyError` without one)."""
-    return TensorRTCapabilities.from_module(import_tensorrt())
+def trt_features(flavor: TensorRTFlavor | str = TENSORRT) -> TensorRTCapabilities:
+    """The capabilities of the importable TensorRT or TensorRT-RTX (`MissingDependencyError` without it)."""
+    return TensorRTCapabilities.from_module(import_tensorrt(flavor), flavor)
+
+
+# --------------------------------------------------------------------------------------------
+# The real ONNX parser, for `check` (no build, no GPU)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParserError:
+    """One node TensorRT's ONNX parser refused."""
+
+    node: str
+    op: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"node {self.node} ({self.op}): {self.message}"
+
+
+@dataclass
+class ParsedNetwork:
+    """What the parser made of a graph: the network (alive while its builder and parser are) or errors."""
+
+    caps: TensorRTCapabilities
+    errors: list[ParserError]
+    network: Any = None
+    _keep: tuple = ()  # builder and parser: the network is only valid while they live
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def num_layers(self) -> int:
+        return self.network.num_layers if self.network is not None else 0
+
+
+def parse_onnx(onnx_path: Path, flavor: TensorRTFlavor | str = TENSORRT) -> ParsedNetwork:
+    """Parse a graph (and its external data) into a strongly typed network with the real ONNX parser
+    of TensorRT or TensorRT-RTX; refused nodes come back as `ParserError`s, not as log lines."""
+    flavor = get_flavor(flavor)
+    trt = import_tensorrt(flavor)
+    caps = TensorRTCapabilities.from_module(trt, flavor)
+
+    class _Quiet(trt.ILogger):  # the parser's errors are read from the parser; its log goes to ours
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            log.debug("%s: %s", flavor.label, msg)
+
+    logger = _Quiet()
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if caps.strongly_typed_flag else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if parser.parse_from_file(str(onnx_path)):
+        return ParsedNetwork(caps, [], network, (builder, parser, logger))
+    errors = []
+    for i in range(parser.num_errors):
+        e = parser.get_error(i)
+        code, desc = str(e.code()).rsplit(".", 1)[-1], str(e.desc()).strip()
+        detail = f": {desc}" if desc and desc != "false" else f" ({e.func()})" if e.func() else ""  # "false": a failed assert
+        errors.append(ParserError(e.node_name() or f"#{e.node()}", e.node_operator() or "?", f"{code}{detail}"))
+    return ParsedNetwork(caps, errors or [ParserError("<model>", "?", "the parser failed without saying why")])
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,6 +222,8 @@ class ShapeMode(str, enum.Enum):
 class EngineOptions:
     """What `gag-export engine` was asked for. Validated on construction."""
 
+    backend: str = TENSORRT.name  # "tensorrt" or "tensorrt-rtx" (trt_flavors.FLAVORS)
+    targets: str | None = None  # TensorRT-RTX: compute capabilities, "sm80,sm86"; None: every default one
     precision: Precision | None = None  # None: the exported graph's dtype
     shapes: ShapeMode = ShapeMode.MANIFEST
     weakly_typed: bool = False  # TensorRT 10.x only: fp32 graph + BuilderFlag.FP16/BF16
@@ -162,6 +234,12 @@ class EngineOptions:
     components: tuple[str, ...] = ()  # empty: every component in the manifest
 
     def __post_init__(self) -> None:
+        flavor = get_flavor(self.backend)  # InvalidInputError for an unknown one
+        object.__setattr__(self, "backend", flavor.name)
+        if self.targets and not flavor.ahead_of_time:
+            raise InvalidInputError(f"--target is for TensorRT-RTX; {flavor.label} builds for the GPU it runs on")
+        if self.timing_cache is not None and flavor.ahead_of_time:
+            raise InvalidInputError(f"--timing-cache: {flavor.label} builds ahead of time and times no tactics; drop it")
         # accept the CLI's strings; keep the enums inside
         if isinstance(self.precision, str) and not isinstance(self.precision, Precision):
             object.__setattr__(self, "precision", Precision.parse(self.precision))
@@ -425,25 +503,63 @@ def detect_gpu(device: int = 0) -> GpuInfo | None:
 
 @dataclass(frozen=True)
 class RuntimeTarget:
-    """What an engine must match to be loaded: the TensorRT version and the GPU."""
+    """What an engine is built for and must match to be loaded: the builder (flavor and version) and the GPU.
+
+    TensorRT: one GPU model (`gpu_name`, `sm`). TensorRT-RTX, building ahead of time: the compute
+    capabilities in `targets`, no GPU involved (`gpu_name` ""); running: the GPU it runs on.
+    """
 
     trt_version: str
     gpu_name: str
     sm: tuple[int, int]
+    flavor: str = TENSORRT.name
+    targets: tuple[tuple[int, int], ...] = ()  # an ahead-of-time build's compute capabilities
+
+    @property
+    def capabilities(self) -> tuple[tuple[int, int], ...]:
+        return self.targets or (tuple(self.sm),)
 
     @property
     def sm_tag(self) -> str:
-        return f"sm{self.sm[0]}{self.sm[1]}"
+        return sm_tag(self.capabilities)
+
+    @property
+    def file_tag(self) -> str:
+        """The builder part of engine file names: `trt10.13.0.35`, `rtx1.7.1.116`."""
+        return f"{get_flavor(self.flavor).file_tag}{_version_tag(self.trt_version)}"
 
     @classmethod
     def current(cls, caps: TensorRTCapabilities, device: int = 0) -> "RuntimeTarget":
+        """This machine's GPU, for building (TensorRT) or running (both) engines."""
+        flavor = caps.trt_flavor
         gpu = detect_gpu(device)
         if gpu is None:
             raise MissingDependencyError(
-                f"TensorRT {caps.version} is installed but no NVIDIA GPU is visible (CUDA device {device}); "
-                "engines are built and run on the GPU that uses them"
+                f"{caps.label} is installed but no NVIDIA GPU is visible (CUDA device {device}); "
+                f"its engines run on {flavor.gpus}"
             )
-        return cls(caps.version, gpu.name, gpu.sm)
+        if flavor.ahead_of_time:
+            offered = flavor.compute_capabilities(import_tensorrt(flavor))
+            if tuple(gpu.sm) not in offered:
+                raise MissingDependencyError(
+                    f"{gpu.name} (sm{gpu.sm[0]}{gpu.sm[1]}) is no {flavor.label} target: its engines run on {flavor.gpus}"
+                    + ("; on Hopper use --backend tensorrt" if gpu.sm[0] == 9 else "")
+                )
+        return cls(caps.version, gpu.name, gpu.sm, flavor=flavor.name)
+
+    @classmethod
+    def ahead_of_time(cls, caps: TensorRTCapabilities, targets: str | None = None) -> "RuntimeTarget":
+        """A TensorRT-RTX build for `targets` ("sm80,sm86"; None: the defaults), on any machine."""
+        flavor = caps.trt_flavor
+        if not flavor.ahead_of_time:
+            raise InvalidInputError(f"{flavor.label} builds on the GPU that runs the engine, not ahead of time")
+        chosen = parse_targets(targets, flavor, import_tensorrt(flavor))
+        return cls(caps.version, "", chosen[0], flavor=flavor.name, targets=chosen)
+
+    @classmethod
+    def for_build(cls, caps: TensorRTCapabilities, targets: str | None = None) -> "RuntimeTarget":
+        """What `engine` builds for: ahead of time where the flavor does that, else this machine's GPU."""
+        return cls.ahead_of_time(caps, targets) if caps.trt_flavor.ahead_of_time else cls.current(caps)
 
 
 def _version_tag(version: str) -> str:
@@ -483,10 +599,7 @@ class EngineSpec:
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
 
     def filename(self, target: RuntimeTarget) -> str:
-        return (
-            f"{self.onnx_sha256[:12]}-trt{_version_tag(target.trt_version)}-{target.sm_tag}-{self.precision.precision.value}"
-            f"-{self.settings_hash()}.plan"
-        )
+        return f"{self.onnx_sha256[:12]}-{target.file_tag}-{target.sm_tag}-{self.precision.precision.value}-{self.settings_hash()}.plan"
 
     def plan_path(self, out_dir: Path, target: RuntimeTarget) -> Path:
         return Path(out_dir) / self.model / self.component / self.filename(target)
@@ -494,6 +607,11 @@ class EngineSpec:
 
 def sidecar_path(plan_path: Path) -> Path:
     return Path(plan_path).with_suffix(".json")
+
+
+def runtime_cache_path(plan_path: Path) -> Path:
+    """TensorRT-RTX's JIT runtime cache for an engine: beside it, named after it."""
+    return Path(plan_path).with_suffix(RUNTIME_CACHE_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -518,10 +636,13 @@ class Sidecar:
     gag_export_version: str = __version__
     io: tuple[dict, ...] = ()  # the engine's I/O tensors: name, mode, dtype, shape
     format_version: int = SIDECAR_FORMAT_VERSION
+    flavor: str = TENSORRT.name  # "tensorrt" or "tensorrt-rtx" (sidecars before it: TensorRT)
+    targets: tuple[tuple[int, int], ...] = ()  # TensorRT-RTX: the compute capabilities it was built for
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["compute_capability"] = list(self.compute_capability)
+        data["targets"] = [list(t) for t in self.targets]
         data["io"] = list(self.io)
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -533,18 +654,28 @@ class Sidecar:
         if data.get("format_version") != SIDECAR_FORMAT_VERSION:
             raise ValueError(f"format_version {data.get('format_version')!r}, expected {SIDECAR_FORMAT_VERSION}")
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data) - {"gag_export_version", "io", "format_version"})
+        missing = sorted(known - set(data) - {"gag_export_version", "io", "format_version", "flavor", "targets"})
         if missing:
             raise ValueError(f"missing {', '.join(missing)}")
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["compute_capability"] = tuple(int(x) for x in data["compute_capability"])
         kwargs["io"] = tuple(data.get("io", ()))
+        kwargs["targets"] = tuple(tuple(int(x) for x in t) for t in data.get("targets", ()))
+        get_flavor(kwargs.setdefault("flavor", TENSORRT.name))  # ValueError-like InvalidInputError for an unknown one
         kwargs.setdefault("gag_export_version", "unknown")
         return cls(**kwargs)
 
     @property
+    def capabilities(self) -> tuple[tuple[int, int], ...]:
+        return self.targets or (tuple(self.compute_capability),)
+
+    @property
     def sm_tag(self) -> str:
-        return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+        return sm_tag(self.capabilities)
+
+    @property
+    def builder_label(self) -> str:
+        return f"{get_flavor(self.flavor).label} {self.tensorrt_version}"
 
 
 def read_sidecar(plan_path: Path) -> Sidecar:
@@ -561,15 +692,25 @@ def read_sidecar(plan_path: Path) -> Sidecar:
 
 
 def _rebuild_hint(sidecar: Sidecar) -> str:
-    return f"rebuild it: `gag-export engine {sidecar.graphs_dir} --component {sidecar.component} --rebuild`"
+    backend = "" if sidecar.flavor == TENSORRT.name else f" --backend {sidecar.flavor}"
+    return f"rebuild it: `gag-export engine {sidecar.graphs_dir}{backend} --component {sidecar.component} --rebuild`"
 
 
 def sidecar_mismatches(sidecar: Sidecar, target: RuntimeTarget, *, onnx_sha256: str | None = None) -> list[str]:
-    """What makes an engine unusable here, one phrase per mismatch (empty: it matches)."""
+    """What makes an engine unusable here, one phrase per mismatch (empty: it matches).
+
+    TensorRT: the same version, GPU model and sm. TensorRT-RTX: the same version, and every compute
+    capability of `target` among the engine's (its GPU at run time; its targets when building)."""
     problems = []
-    if sidecar.tensorrt_version != target.trt_version:
-        problems.append(f"built with TensorRT {sidecar.tensorrt_version}, this machine runs TensorRT {target.trt_version}")
-    if tuple(sidecar.compute_capability) != tuple(target.sm):
+    here = f"{get_flavor(target.flavor).label} {target.trt_version}"
+    if sidecar.flavor != target.flavor or sidecar.tensorrt_version != target.trt_version:
+        problems.append(f"built with {sidecar.builder_label}, this machine runs {here}")
+    elif get_flavor(target.flavor).ahead_of_time:
+        missing = [c for c in target.capabilities if c not in sidecar.capabilities]
+        if missing:
+            what = f"{target.gpu_name} ({target.sm_tag})" if target.gpu_name else sm_tag(target.capabilities)
+            problems.append(f"built for {sidecar.sm_tag}, not for {what}")
+    elif tuple(sidecar.compute_capability) != tuple(target.sm):
         problems.append(
             f"built for {sidecar.gpu_name} ({sidecar.sm_tag}), this GPU is {target.gpu_name} ({target.sm_tag})"
         )
@@ -625,16 +766,18 @@ def load_engine_bytes(path: Path, target: RuntimeTarget, *, onnx_sha256: str | N
     return validate_engine(path, target, onnx_sha256=onnx_sha256)[1]
 
 
-def deserialize_engine(plan: bytes):
-    """A `tensorrt.ICudaEngine` from validated plan bytes (Polygraphy's `EngineFromBytes`)."""
-    import_tensorrt()
+def deserialize_engine(plan: bytes, flavor: TensorRTFlavor | str = TENSORRT):
+    """A `tensorrt.ICudaEngine` (or TensorRT-RTX's) from validated plan bytes (Polygraphy's `EngineFromBytes`)."""
+    flavor = get_flavor(flavor)
+    flavor.import_module()
+    flavor.use_in_polygraphy()
     from polygraphy.backend.trt import EngineFromBytes  # noqa: PLC0415
     from polygraphy.exception import PolygraphyException  # noqa: PLC0415
 
     try:
         return EngineFromBytes(plan)()
     except PolygraphyException as exc:
-        raise ArtifactError(f"TensorRT could not deserialize the engine: {exc}; rebuild it with --rebuild") from None
+        raise ArtifactError(f"{flavor.label} could not deserialize the engine: {exc}; rebuild it with --rebuild") from None
 
 
 def find_engine(
@@ -645,12 +788,15 @@ def find_engine(
     builder settings. `precision` names the engine precision, or None for any: an fp32 graph
     can have fp32 engines and weakly typed fp16/bf16 ones; `prefer` (the graph's own dtype, say)
     is then taken first where it exists, so that a weakly typed engine runs only where asked
-    for or alone. Loading it still goes through `load_engine_bytes`."""
+    for or alone. A TensorRT-RTX engine is found when it was built for the target's compute
+    capability among others. Loading it still goes through `load_engine_bytes`."""
     folder = Path(out_dir) / model / component
     precision_tag = "*" if precision is None else Precision(precision).value
-    prefix = f"{onnx_sha256[:12]}-trt{_version_tag(target.trt_version)}-{target.sm_tag}-{precision_tag}-"
-    plans = sorted(folder.glob(f"{prefix}*.plan"), key=lambda p: p.stat().st_mtime, reverse=True)
-    if prefer is not None:  # names are sha-trtVERSION-smXY-PRECISION-settings.plan, with no other dashes
+    # names are sha-<flavor><version>-<sm tag>-PRECISION-settings.plan, with no other dashes
+    plans = [p for p in folder.glob(f"{onnx_sha256[:12]}-{target.file_tag}-sm*-{precision_tag}-*.plan")
+             if set(target.capabilities) <= set(parse_sm_tag(p.name.split("-")[2]))]
+    plans.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    if prefer is not None:
         plans.sort(key=lambda p: p.name.split("-")[3] != Precision(prefer).value)  # stable: newest first within each
     return plans[0] if plans else None
 
@@ -663,7 +809,7 @@ def find_engine(
 class PlanBuilder(Protocol):
     """Builds one plan file at `dest` and returns the engine's I/O description."""
 
-    def __call__(self, spec: EngineSpec, dest: Path, timing_cache: Path) -> list[dict]: ...
+    def __call__(self, spec: EngineSpec, dest: Path, timing_cache: Path | None) -> list[dict]: ...
 
 
 @dataclass(frozen=True)
@@ -691,10 +837,13 @@ def _write_text_atomic(dest: Path, text: str) -> None:
         raise write_failure(exc, dest) from None
 
 
-def default_timing_cache(out_dir: Path, target: RuntimeTarget) -> Path:
+def default_timing_cache(out_dir: Path, target: RuntimeTarget) -> Path | None:
     """Timing caches hold kernel timings of one TensorRT version on one GPU model (TensorRT's docs:
     specific to the device and the versions), so the default path names all three: two GPUs of
-    the same architecture (an H100 PCIe and an SXM) must not pool their timings."""
+    the same architecture (an H100 PCIe and an SXM) must not pool their timings. An ahead-of-time
+    build times nothing (no GPU): None."""
+    if get_flavor(target.flavor).ahead_of_time:
+        return None
     gpu = re.sub(r"[^0-9A-Za-z]+", "_", target.gpu_name).strip("_") or "gpu"
     return Path(out_dir) / "timing" / f"trt{_version_tag(target.trt_version)}-{target.sm_tag}-{gpu}.cache"
 
@@ -760,7 +909,7 @@ def build_engine(
     target: RuntimeTarget,
     plan_builder: PlanBuilder,
     *,
-    timing_cache: Path,
+    timing_cache: Path | None,
     rebuild: bool = False,
 ) -> EngineRecord:
     """Reuse the cached engine of `spec` when it validates, else build it (temp file + rename)."""
@@ -775,22 +924,26 @@ def build_engine(
             return EngineRecord(spec.component, dest, sidecar, "reused", 0.0)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
+    if timing_cache is not None:
+        Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
+    builder = get_flavor(target.flavor).label
     log.info(
-        "%s: building %s engine (%s typed) from %s",
+        "%s: building %s %s engine (%s typed) for %s from %s",
         spec.component,
+        builder,
         spec.precision.precision.value,
         "strongly" if spec.precision.strongly_typed else "weakly",
+        target.gpu_name or target.sm_tag,
         spec.onnx_path,
     )
     tmp = _tmp_path(dest)
     start = time.perf_counter()
     try:
-        io = plan_builder(spec, tmp, Path(timing_cache))
+        io = plan_builder(spec, tmp, None if timing_cache is None else Path(timing_cache))
         seconds = time.perf_counter() - start
         size = tmp.stat().st_size
         if size == 0:
-            raise CheckFailedError(f"TensorRT produced an empty engine for {spec.component}")
+            raise CheckFailedError(f"{builder} produced an empty engine for {spec.component}")
         sidecar = Sidecar(
             model=spec.model,
             component=spec.component,
@@ -808,6 +961,8 @@ def build_engine(
             build_seconds=round(seconds, 3),
             built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             io=tuple(io),
+            flavor=target.flavor,
+            targets=tuple(target.targets),
         )
         os.replace(tmp, dest)  # the plan first: a plan without a (matching) sidecar is never reused
     except OSError as exc:
@@ -847,11 +1002,12 @@ def build_engines(
 
 
 def build(graphs_dir: Path, out_dir: Path, options: EngineOptions) -> list[EngineRecord]:
-    """`gag-export engine`: build with the installed TensorRT on this machine's GPU."""
-    caps = trt_features()
-    target = RuntimeTarget.current(caps)
-    log.info("TensorRT %s on %s (%s)", caps.version, target.gpu_name, target.sm_tag)
-    return build_engines(graphs_dir, out_dir, options, target, PolygraphyPlanBuilder(caps), caps)
+    """`gag-export engine`: build with the installed TensorRT on this machine's GPU, or with
+    TensorRT-RTX ahead of time for its targets (any machine)."""
+    caps = trt_features(options.backend)
+    target = RuntimeTarget.for_build(caps, options.targets)
+    log.info("%s for %s", caps.label, f"{target.gpu_name} ({target.sm_tag})" if target.gpu_name else target.sm_tag)
+    return build_engines(graphs_dir, out_dir, options, target, PolygraphyPlanBuilder(caps, target), caps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -859,39 +1015,50 @@ def build(graphs_dir: Path, out_dir: Path, options: EngineOptions) -> list[Engin
 # --------------------------------------------------------------------------------------------
 
 
-def engine_io(engine) -> list[dict]:
-    """The I/O tensors of a `tensorrt.ICudaEngine`: name, mode, dtype, shape (-1: dynamic)."""
-    trt = import_tensorrt()
+def engine_io(engine, trt=None) -> list[dict]:
+    """The I/O tensors of an `ICudaEngine`: name, mode, dtype, shape (-1: dynamic)."""
+    trt = trt or import_tensorrt()
     tensors = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         mode = engine.get_tensor_mode(name)
-        tensors.append(
-            {
-                "name": name,
-                "mode": "input" if mode == trt.TensorIOMode.INPUT else "output",
-                "dtype": str(engine.get_tensor_dtype(name)).rsplit(".", 1)[-1].lower(),
-                "shape": [int(d) for d in engine.get_tensor_shape(name)],
-            }
-        )
+        tensors.append(_io_entry(name, "input" if mode == trt.TensorIOMode.INPUT else "output",
+                                 engine.get_tensor_dtype(name), engine.get_tensor_shape(name)))
     return tensors
+
+
+def network_io(network) -> list[dict]:
+    """The same for an `INetworkDefinition`: an ahead-of-time engine cannot be deserialized without a
+    GPU, and its network has every input the engine takes (it keeps unused ones)."""
+    tensors = [network.get_input(i) for i in range(network.num_inputs)]
+    outputs = [network.get_output(i) for i in range(network.num_outputs)]
+    return [_io_entry(t.name, mode, t.dtype, t.shape) for mode, group in (("input", tensors), ("output", outputs)) for t in group]
+
+
+def _io_entry(name: str, mode: str, dtype, shape) -> dict:
+    return {"name": name, "mode": mode, "dtype": str(dtype).rsplit(".", 1)[-1].lower(), "shape": [int(d) for d in shape]}
 
 
 @dataclass(frozen=True)
 class PolygraphyPlanBuilder:
-    """`PlanBuilder` on Polygraphy's loaders:
+    """`PlanBuilder` on Polygraphy's loaders. TensorRT:
 
         SaveEngine(EngineFromNetwork(NetworkFromOnnxPath(onnx, strongly_typed=...),
                                      config=CreateConfig(profiles=[...], ...),
                                      save_timing_cache=cache), path=tmp)
 
     The engine is deserialized before it is saved, so a plan that does not load on this GPU is
-    never written to the cache.
+    never written to the cache. TensorRT-RTX, ahead of time (no GPU to deserialize on):
+
+        SaveBytes(EngineBytesFromNetwork(NetworkFromOnnxPath(onnx, strongly_typed=True),
+                                         config=CreateConfigRTX(compute_capabilities=[...], profiles=[...])), path=tmp)
     """
 
     caps: TensorRTCapabilities
+    target: RuntimeTarget | None = None  # for TensorRT-RTX: the compute capabilities to build for
 
     def network(self, spec: EngineSpec):
+        self.caps.trt_flavor.use_in_polygraphy()
         from polygraphy.backend.trt import NetworkFromOnnxPath, PostprocessNetwork  # noqa: PLC0415
 
         strongly = spec.precision.strongly_typed
@@ -904,47 +1071,65 @@ class PolygraphyPlanBuilder:
             network = PostprocessNetwork(network, _Fp32Pinning(frozenset(spec.fp32_nodes)), name="PinGagLayersFp32")
         return network
 
-    def config(self, spec: EngineSpec, timing_cache: Path):
+    def config(self, spec: EngineSpec, timing_cache: Path | None):
+        self.caps.trt_flavor.use_in_polygraphy()  # its config classes check the flavor they are built for
+        from polygraphy import func  # noqa: PLC0415
         from polygraphy.backend.trt import CreateConfig  # noqa: PLC0415
 
-        trt = import_tensorrt()
-        kwargs: dict[str, Any] = {
-            "profiles": [spec.profile.to_polygraphy()],
-            "load_timing_cache": str(timing_cache),
-            "tf32": False,
-        }
+        trt = import_tensorrt(self.caps.flavor)
+        kwargs: dict[str, Any] = {"profiles": [spec.profile.to_polygraphy()]}
+        if timing_cache is not None:
+            kwargs["load_timing_cache"] = str(timing_cache)
         if spec.opt_level is not None:
             kwargs["builder_optimization_level"] = spec.opt_level
         if spec.workspace_bytes is not None:
             kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: spec.workspace_bytes}
+        if self.caps.trt_flavor.ahead_of_time:
+            from polygraphy.backend.tensorrt_rtx import CreateConfigRTX  # noqa: PLC0415
+
+            targets = self.target.capabilities if self.target is not None else ()
+            config = CreateConfigRTX(compute_capabilities=list(targets), **kwargs)
+
+            @func.extend(config)
+            def no_tf32(builder_config):  # CreateConfigRTX has no tf32 option: fp32 stays fp32, as on TensorRT
+                builder_config.clear_flag(trt.BuilderFlag.TF32)
+
+            return no_tf32
+        kwargs["tf32"] = False
         if not spec.precision.strongly_typed:
             if not self.caps.weak_typing:  # resolve_precision refuses this; a second guard costs nothing
-                raise InvalidInputError(f"TensorRT {self.caps.version} has no weakly typed builds")
+                raise InvalidInputError(f"{self.caps.label} has no weakly typed builds")
             kwargs["fp16"] = spec.precision.precision is Precision.FP16
             kwargs["bf16"] = spec.precision.precision is Precision.BF16
             kwargs["precision_constraints"] = "obey"
         return CreateConfig(**kwargs)
 
-    def __call__(self, spec: EngineSpec, dest: Path, timing_cache: Path) -> list[dict]:
-        from polygraphy.backend.trt import EngineFromNetwork, SaveEngine  # noqa: PLC0415
+    def __call__(self, spec: EngineSpec, dest: Path, timing_cache: Path | None) -> list[dict]:
+        from polygraphy.backend.common import SaveBytes  # noqa: PLC0415
+        from polygraphy.backend.trt import EngineBytesFromNetwork, EngineFromNetwork, SaveEngine  # noqa: PLC0415
         from polygraphy.exception import PolygraphyException  # noqa: PLC0415
         from polygraphy.logger import G_LOGGER  # noqa: PLC0415
 
-        loader = SaveEngine(
-            EngineFromNetwork(
-                self.network(spec),
-                config=self.config(spec, timing_cache),
-                save_timing_cache=str(timing_cache),
-            ),
-            path=str(dest),
-        )
+        self.caps.trt_flavor.use_in_polygraphy()
+        # Polygraphy asks for colors by default and prints a warning when `colored` is missing: ask only where it is
+        G_LOGGER.colors = G_LOGGER.colors and importlib.util.find_spec("colored") is not None
+        cache = None if timing_cache is None else str(timing_cache)
         try:
             with G_LOGGER.verbosity(_polygraphy_severity(G_LOGGER)):
-                engine = loader()
+                if self.caps.trt_flavor.ahead_of_time:
+                    builder, network, parser = self.network(spec)()
+                    io = network_io(network)
+                    SaveBytes(EngineBytesFromNetwork((builder, network, parser), config=self.config(spec, None)),
+                              path=str(dest))()
+                    return io
+                engine = SaveEngine(
+                    EngineFromNetwork(self.network(spec), config=self.config(spec, timing_cache), save_timing_cache=cache),
+                    path=str(dest),
+                )()
         except PolygraphyException as exc:
             raise CheckFailedError(
-                f"TensorRT {self.caps.version} could not build {spec.component} from {spec.onnx_path}: {exc} "
-                "(run with --verbose for TensorRT's log)"
+                f"{self.caps.label} could not build {spec.component} from {spec.onnx_path}: {exc} "
+                "(run with --verbose for its log)"
             ) from None
         try:
             return engine_io(engine)
@@ -953,10 +1138,9 @@ class PolygraphyPlanBuilder:
 
 
 def _polygraphy_severity(g_logger) -> int:
-    """Polygraphy's log level following ours: its build progress at INFO, TensorRT's detail at DEBUG."""
-    if log.isEnabledFor(logging.DEBUG):
-        return g_logger.VERBOSE
-    return g_logger.INFO if log.isEnabledFor(logging.INFO) else g_logger.WARNING
+    """Polygraphy's log level following ours: its configuration and progress, and the builder's
+    detail, with --verbose (our DEBUG) only; warnings and errors always (ours says what it builds)."""
+    return g_logger.VERBOSE if log.isEnabledFor(logging.DEBUG) else g_logger.WARNING
 
 
 @dataclass(frozen=True)
@@ -994,6 +1178,8 @@ __all__ = [
     "EngineSpec",
     "GpuInfo",
     "InputRange",
+    "ParsedNetwork",
+    "ParserError",
     "PlanBuilder",
     "PolygraphyPlanBuilder",
     "Precision",
@@ -1016,6 +1202,9 @@ __all__ = [
     "import_tensorrt",
     "load_engine_bytes",
     "load_manifest",
+    "network_io",
+    "parse_onnx",
+    "runtime_cache_path",
     "read_sidecar",
     "resolve_precision",
     "sidecar_mismatches",

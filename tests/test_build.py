@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 
 import pytest
 from PIL import Image
@@ -10,6 +12,7 @@ from PIL import Image
 from build_helpers import MODEL, add_float64_cast, built_tiny_sdxl, graphs_copy, rewrite_component
 from gag_export import build
 from gag_export.build import BuildConfig, run_build
+from gag_export.engine import detect_gpu
 from gag_export.errors import CheckFailedError, InvalidInputError, MissingDependencyError
 from gag_export.export import Manifest, graph_sha256
 from gag_export.guidance import GAGConfig
@@ -18,6 +21,10 @@ from gag_export.guidance import GAGConfig
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     return built_tiny_sdxl(tmp_path_factory)
+
+
+def _rtx_importable() -> bool:
+    return importlib.util.find_spec("tensorrt_rtx") is not None
 
 
 def _tensorrt_importable() -> bool:
@@ -62,8 +69,10 @@ def test_build_summary_names_artifacts_parity_stages_and_the_image(run):
     for part in ("artifacts", "manifest.json", "model.onnx", "parity", "load", "export", "check", "engine", "smoke",
                  "total", f"wrote {MODEL}-0.png"):
         assert part in out, part
-    if not _tensorrt_importable():
+    if not _tensorrt_importable() and not _rtx_importable():
         assert "skipped" in out and "TensorRT is not available" in out
+    elif not _tensorrt_importable():  # TensorRT-RTX builds here without a GPU; its engines run on RTX GPUs only
+        assert "engines: TensorRT-RTX 1." in out and "sm80_86_89_120_121" in out
 
 
 # --------------------------------------------------------------------------- configuration
@@ -87,11 +96,21 @@ def test_bad_size_fails_before_loading(monkeypatch):
         run_build(BuildConfig(MODEL, height=72))
 
 
-@pytest.mark.skipif(_tensorrt_importable(), reason="tensorrt is importable here")
 def test_require_engine_fails_before_loading(monkeypatch):
     monkeypatch.setattr(build, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
-    with pytest.raises(MissingDependencyError, match="tensorrt"):
+    for module in ("tensorrt", "tensorrt_rtx"):
+        monkeypatch.setitem(sys.modules, module, None)  # neither builder imports
+    with pytest.raises(MissingDependencyError, match=r"no engine builder here.*gag-export\[tensorrt-rtx\]"):
         run_build(BuildConfig(MODEL, require_engine=True))
+    with pytest.raises(MissingDependencyError, match=r"TensorRT is not available"):
+        run_build(BuildConfig(MODEL, require_engine=True, engine_backend="tensorrt"))
+
+
+@pytest.mark.skipif(not _rtx_importable(), reason="tensorrt_rtx is not installed")
+def test_auto_takes_tensorrt_rtx_without_tensorrt_or_a_gpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert build.engine_flavor("auto").name == "tensorrt-rtx"
+    assert build.engine_flavor("tensorrt").name == "tensorrt"  # asked for: no fallback
 
 
 # --------------------------------------------------------------------------- orchestration, without exporting again
@@ -118,9 +137,14 @@ def test_stages_after_a_good_export(run, tmp_path, monkeypatch):
     assert seen[0].gag.scale == 4.0 and seen[0].seed == 3 and seen[0].model == MODEL
     assert result.stage("check").status == "done"
     assert all(errors is not None and errors[0] < 1e-3 for errors in result.parity().values())
-    if not _tensorrt_importable():
+    if not _tensorrt_importable() and not _rtx_importable():
         assert result.stage("engine").status == "skipped" and "tensorrt" in result.engine_skip_reason.lower()
-    assert result.stage("smoke").status == "done" and result.backend in ("ort", "ort-cuda", "tensorrt")
+    elif not _tensorrt_importable():
+        assert result.stage("engine").status == "done" and result.engine_builder.startswith("TensorRT-RTX 1.")
+        assert [r.sidecar.flavor for r in result.engines] == ["tensorrt-rtx"] * 4
+        if detect_gpu() is None:
+            assert "TensorRT-RTX engines not run here" in result.stage("smoke").details
+    assert result.stage("smoke").status == "done" and result.backend in ("ort", "ort-cuda", "tensorrt", "tensorrt-rtx")
     assert result.image_path == tmp_path / "out" / "fox.png"
     with Image.open(result.image_path) as image:
         assert image.text["prompt"] == "a fox" and image.text["seed"] == "3"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -293,6 +294,26 @@ def test_check_raises_artifact_error_in_the_api_too(graphs_copy):
 # --------------------------------------------------------------------------- failed checks via the CLI
 
 
+def _one_component_export(root: Path, nodes, inputs, outputs, initializers=()) -> Path:
+    """A graphs folder whose one denoiser graph is `nodes`, with a manifest that matches it."""
+    model = graph(nodes, inputs=inputs, outputs=outputs, initializers=initializers)
+    onnx.checker.check_model(model)
+    (root / "unet").mkdir(parents=True)
+    onnx.save(model, str(root / "unet/model.onnx"))
+    io = lambda values: [{"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                          "shape": [d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]  # noqa: E731
+    manifest = {
+        "format_version": 1, "model": "tiny-sdxl", "dtype": "fp32", "shape": {"batch": 1, "height": 64, "width": 64},
+        "gag": {"enabled": False, "rewritten": []},
+        "components": {"unet": {
+            "role": "denoiser", "path": "unet/model.onnx", "external_data": None,
+            "sha256": graph_sha256(root / "unet/model.onnx"), "size_bytes": 0, "nodes": len(nodes),
+            "inputs": io(inputs), "outputs": io(outputs), "profile": {}, "tolerance": {"atol": 1e-4, "rtol": 1e-4}}},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
 def test_cli_check_fails_with_a_per_check_report(tmp_path):
     """A denoiser graph with control flow, a runtime-K TopK and a double: exit 4, each check named."""
     then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then",
@@ -306,23 +327,8 @@ def test_cli_check_fails_with_a_per_check_report(tmp_path):
         helper.make_node("TopK", ["branch", "k"], ["v", "i"], axis=-1, name="sort_keys"),
         helper.make_node("Cast", ["v"], ["latent"], to=TensorProto.DOUBLE, name="to_double"),
     ]
-    model = graph(nodes, initializers=[const_int64("axis2", [2]), numpy_helper.from_array(np.float32(0), "zero")],
-                  outputs=[helper.make_tensor_value_info("latent", TensorProto.DOUBLE, [1, 4, 5000])])
-    onnx.checker.check_model(model)
-    root = tmp_path / "bad"
-    (root / "unet").mkdir(parents=True)
-    onnx.save(model, str(root / "unet/model.onnx"))
-    manifest = {
-        "format_version": 1, "model": "tiny-sdxl", "dtype": "fp32", "shape": {"batch": 1, "height": 64, "width": 64},
-        "gag": {"enabled": False, "rewritten": []},
-        "components": {"unet": {
-            "role": "denoiser", "path": "unet/model.onnx", "external_data": None,
-            "sha256": graph_sha256(root / "unet/model.onnx"), "size_bytes": 0, "nodes": len(nodes),
-            "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4, 5000]}],
-            "outputs": [{"name": "latent", "dtype": "float64", "shape": [1, 4, 5000]}],
-            "profile": {}, "tolerance": {"atol": 1e-4, "rtol": 1e-4}}},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    root = _one_component_export(tmp_path / "bad", nodes, [X], [helper.make_tensor_value_info("latent", TensorProto.DOUBLE, [1, 4, 5000])],
+                                 [const_int64("axis2", [2]), numpy_helper.from_array(np.float32(0), "zero")])
     result = invoke_check(root, "--no-parity")
     assert result.exit_code == 4, result.output
     assert "unet/control_flow" in result.stderr and "unet/tensorrt_lint" in result.stderr
@@ -331,3 +337,59 @@ def test_cli_check_fails_with_a_per_check_report(tmp_path):
     assert not report
     assert report.get("unet", "onnx_checker").passed  # a valid ONNX graph, just not a TensorRT one
     assert {r.check for r in report.failures()} == {"control_flow", "tensorrt_lint"}
+
+
+# --------------------------------------------------------------------------- the real parser
+
+
+needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
+                               reason='tensorrt_rtx is not installed: `pip install "gag-export[tensorrt-rtx]"`')
+
+
+@needs_rtx
+def test_an_op_tensorrt_cannot_take_fails_the_real_parser_with_its_node(tmp_path):
+    square = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3])
+    root = _one_component_export(tmp_path / "det", [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Det", ["r"], ["latent"], name="volume_of_keys"),
+    ], [square], [helper.make_tensor_value_info("latent", TensorProto.FLOAT, [2])])
+    result = invoke_check(root, "--no-parity", "--parser", "tensorrt-rtx")
+    assert result.exit_code == 4, result.output
+    assert "unet/trt_parser" in result.stderr and "Traceback" not in result.output
+    report = check_graphs(root, parity=False, parser="tensorrt-rtx")
+    parsed = report.get("unet", "trt_parser")
+    assert not parsed.passed
+    assert "TensorRT-RTX 1." in parsed.details and "node volume_of_keys (Det): UNSUPPORTED_NODE" in parsed.details
+
+
+@needs_rtx
+def test_a_graph_the_parser_takes_passes_and_says_how_many_layers(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])
+    root = _one_component_export(tmp_path / "ok", [helper.make_node("Relu", ["x"], ["latent"], name="relu")],
+                                 [x], [helper.make_tensor_value_info("latent", TensorProto.FLOAT, [1, 4, 8])])
+    report = check_graphs(root, parity=False, parser="tensorrt-rtx")
+    assert report.get("unet", "trt_parser").passed and "parsed into 1 network layers" in report.get("unet", "trt_parser").details
+    assert check_graphs(root, parity=False, parser="none").get("unet", "trt_parser") is None
+
+
+def test_without_a_parser_the_check_is_skipped_saying_how_to_get_one(tmp_path, monkeypatch):
+    from gag_export import trt_flavors
+
+    monkeypatch.setattr(trt_flavors, "installed_flavor", lambda *a: None)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])
+    root = _one_component_export(tmp_path / "ok", [helper.make_node("Relu", ["x"], ["latent"], name="relu")],
+                                 [x], [helper.make_tensor_value_info("latent", TensorProto.FLOAT, [1, 4, 8])])
+    skipped = check_graphs(root, parity=False).get("unet", "trt_parser")
+    assert skipped.status == "skipped" and 'gag-export[tensorrt-rtx]' in skipped.details
+
+
+def test_the_op_table_gives_way_to_a_parser_that_accepted_the_graph_except_where_versions_differ():
+    det = graph([helper.make_node("Det", ["x"], ["y"], name="det")], opset=22)
+    plain = {(f.op, f.severity) for f in lint_graph(det)}
+    assert ("Det", "error") in plain and ("opset", "error") in plain
+    parsed = lint_graph(det, parsed_by="TensorRT-RTX 1.7.1.116")
+    by_op = {f.op: f for f in parsed}
+    assert by_op["Det"].severity == "warning" and "TensorRT-RTX 1.7.1.116's parser accepted" in by_op["Det"].hint
+    # opset 22 is outside 10.x's range only: a difference between versions, which the table keeps deciding
+    assert by_op["opset"].severity == "error" and by_op["opset"].versions == ("10",)
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,8 +181,11 @@ def test_engine_without_tensorrt_exits_3(tmp_path):
 @needs_no_tensorrt
 def test_build_require_engine_without_tensorrt_exits_3_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr("gag_export.build.load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    for module in ("tensorrt", "tensorrt_rtx"):
+        monkeypatch.setitem(sys.modules, module, None)  # neither builder imports, whatever is installed
     result = invoke("build", "--model", MODEL, "--require-engine", "--out", tmp_path / "graphs")
     assert result.exit_code == 3 and "TensorRT is not available" in error_line(result)
+    assert "TensorRT-RTX builds on any machine" in error_line(result)
     assert not (tmp_path / "graphs").exists()
 
 
@@ -411,7 +415,7 @@ def readme_setup_commands() -> list[str]:
 
 def test_readme_setup_commands_and_ci():
     build_cmd, test_cmd = readme_setup_commands()
-    assert build_cmd == ("python -m pip install torch==2.13.0 && python -m pip install -e . && "
+    assert build_cmd == ('python -m pip install torch==2.13.0 && python -m pip install -e ".[tensorrt-rtx]" && '
                          "gag-export build --model tiny-sdxl")
     assert test_cmd == 'python -m pip install torch==2.13.0 && python -m pip install -e ".[dev]" && python -m pytest'
     ci = (ROOT / ".ci" / "run").read_text()

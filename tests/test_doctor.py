@@ -14,6 +14,8 @@ from gag_export.cli import cli
 from gag_export.engine import GpuInfo
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 80 * (1 << 30))
+RTX4090 = GpuInfo("NVIDIA GeForce RTX 4090", (8, 9), 24 * (1 << 30))
+RTX_TARGETS = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
 
 
 def _backends(env: doctor.Environment) -> dict[str, doctor.Backend]:
@@ -32,7 +34,8 @@ def report():
 
 
 def test_report_names_every_backend(report):
-    assert [b.name for b in report.backends] == ["torch", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "triton-kernels"]
+    assert [b.name for b in report.backends] == ["torch", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "tensorrt-rtx-build",
+                                                  "tensorrt-rtx", "triton-kernels"]
     for b in report.backends:
         assert b.usable or b.install, f"{b.name} is unusable without an install step"
 
@@ -67,9 +70,21 @@ def test_gpu_machine_with_tensorrt_10():
     env = _env(torch_cuda="12.8", torch_sees_gpu=True, gpu=H100, tensorrt="10.13.0.35", triton="3.4.0",
                ort_providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"))
     backends = _backends(env)
-    assert all(b.usable for b in backends.values()), backends
+    assert all(b.usable for n, b in backends.items() if not n.startswith("tensorrt-rtx")), backends
     assert "--weakly-typed available" in backends["tensorrt"].detail
     assert "sm90" in backends["tensorrt"].detail
+    assert backends["tensorrt-rtx"].install == 'pip install "gag-export[tensorrt-rtx]"'  # not installed in this made-up machine
+
+
+def test_tensorrt_rtx_builds_anywhere_and_runs_on_its_targets_only():
+    rtx = {"tensorrt_rtx": "1.7.1.116", "tensorrt_rtx_targets": RTX_TARGETS}
+    no_gpu = _backends(_env(**rtx))
+    assert no_gpu["tensorrt-rtx-build"].usable and "no GPU needed" in no_gpu["tensorrt-rtx-build"].detail
+    assert not no_gpu["tensorrt-rtx"].usable and "RTX" in no_gpu["tensorrt-rtx"].detail
+    hopper = _backends(_env(gpu=H100, **rtx))["tensorrt-rtx"]
+    assert not hopper.usable and "sm90" in hopper.detail and "tensorrt backend" in hopper.install
+    ada = _backends(_env(gpu=RTX4090, **rtx))["tensorrt-rtx"]
+    assert ada.usable and "RTX 4090" in ada.detail
 
 
 def test_a_gpu_that_torch_cannot_use_is_not_reported_as_torch_on_the_gpu():

@@ -512,7 +512,7 @@ def test_polygraphy_chain_strongly_typed(tmp_path, monkeypatch, caps, flag):
     """The loaders' settings (constructing Polygraphy loaders needs no tensorrt; calling them does)."""
     from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath
 
-    monkeypatch.setattr(eng, "import_tensorrt", lambda: SimpleNamespace(MemoryPoolType=SimpleNamespace(WORKSPACE="ws")))
+    monkeypatch.setattr(eng, "import_tensorrt", lambda *flavor: SimpleNamespace(MemoryPoolType=SimpleNamespace(WORKSPACE="ws")))
     spec = _spec(tmp_path, EngineOptions(opt_level=2, workspace_gb=1.5), caps)
     builder = eng.PolygraphyPlanBuilder(caps)
     network = builder.network(spec)
@@ -530,7 +530,7 @@ def test_polygraphy_chain_strongly_typed(tmp_path, monkeypatch, caps, flag):
 def test_polygraphy_chain_weakly_typed_on_trt10(tmp_path, monkeypatch):
     from polygraphy.backend.trt import PostprocessNetwork
 
-    monkeypatch.setattr(eng, "import_tensorrt", lambda: SimpleNamespace())
+    monkeypatch.setattr(eng, "import_tensorrt", lambda *flavor: SimpleNamespace())
     spec = _spec(tmp_path, EngineOptions(precision="bf16", weakly_typed=True), TRT10, dtype="fp32")
     builder = eng.PolygraphyPlanBuilder(TRT10)
     network = builder.network(spec)
@@ -556,7 +556,7 @@ class _FakeLayer:
 
 def test_fp32_pinning_step(monkeypatch):
     fake_trt = SimpleNamespace(float32="f32", float16="f16", bfloat16="bf16", LayerType=SimpleNamespace(SHAPE="SHAPE"))
-    monkeypatch.setattr(eng, "import_tensorrt", lambda: fake_trt)
+    monkeypatch.setattr(eng, "import_tensorrt", lambda *flavor: fake_trt)
     layers = [_FakeLayer("node_softmax"), _FakeLayer("node_softmax_1"), _FakeLayer("node_mul_3", "SHAPE"),
               _FakeLayer("node_mul_3_2", dtype="i64"), _FakeLayer("node_linear")]
     network = SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
@@ -837,3 +837,156 @@ def test_gag_nodes_found_under_the_export_wrapper_prefix(tmp_path):
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     assert eng.gag_node_names(tmp_path / "m.onnx", [attn]) == ("node_softmax",)
     assert eng.gag_node_names(tmp_path / "m.onnx", ["up_blocks.0.attentions.0.transformer_blocks.0.attn2"]) == ()
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT-RTX: the real parser and ahead-of-time builder, here on the CPU (no GPU needed)
+# --------------------------------------------------------------------------------------------
+
+needs_rtx = pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt_rtx") is None,
+    reason='tensorrt_rtx is not installed: `pip install "gag-export[tensorrt-rtx]"` (x86-64 Linux and Windows wheels)',
+)
+RTX_4090 = ("NVIDIA GeForce RTX 4090", (8, 9))
+
+
+def rtx_runtime_target(version: str, gpu=RTX_4090) -> RuntimeTarget:
+    """The target a TensorRT-RTX engine meets on an RTX GPU at run time."""
+    return RuntimeTarget(version, gpu[0], gpu[1], flavor="tensorrt-rtx")
+
+
+@needs_rtx
+@pytest.mark.parametrize("shapes", ["static", "dynamic"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_tensorrt_rtx_builds_and_parses_every_tiny_component(tmp_path_factory, model, dtype, shapes):
+    """Every component of every tiny model, static and dynamic, fp32 and fp16: the real parser
+    accepts it (`check`) and the real builder makes a plan for RTX GPUs, here without a GPU."""
+    from export_helpers import exported, matrix_export, shared_root
+
+    from gag_export.check import check_graphs
+
+    manifest = exported(matrix_export(model, dtype, shapes), shared_root(tmp_path_factory))
+    report = check_graphs(manifest.graphs_dir, parity=False, parser="tensorrt-rtx")
+    assert report, report.summary()
+    for name in manifest.components:
+        parsed = report.get(name, "trt_parser")
+        assert parsed.passed and parsed.details.startswith("TensorRT-RTX 1.") and "network layers" in parsed.details
+
+    out = tmp_path_factory.mktemp("rtx-engines")
+    records = eng.build(manifest.graphs_dir, out, EngineOptions(backend="tensorrt-rtx", targets="sm86,sm89"))
+    assert [r.component for r in records] == list(manifest.components) and {r.status for r in records} == {"built"}
+    for r in records:
+        side, entry = r.sidecar, manifest.components[r.component]
+        assert (side.flavor, side.targets, side.gpu_name) == ("tensorrt-rtx", ((8, 6), (8, 9)), "")
+        assert re.fullmatch(rf"{entry['sha256'][:12]}-rtx1\.[0-9.]+-sm86_89-{dtype}-[0-9a-f]{{10}}\.plan", r.path.name)
+        assert side.engine_size_bytes == r.path.stat().st_size > 0
+        # the network's inputs are the manifest's, in its types (fp16 stays fp16, gag_* float32)
+        io = {t["name"]: t for t in side.io if t["mode"] == "input"}
+        for spec in entry["inputs"]:
+            assert io[spec["name"]]["dtype"] == {"float32": "float", "float16": "half", "int64": "int64"}[spec["dtype"]]
+        dims = {tuple(v["min"]) != tuple(v["max"]) for v in side.profile.values()}
+        assert (True in dims) == (shapes == "dynamic")
+
+
+@needs_rtx
+def test_tensorrt_rtx_engine_found_and_validated_for_a_gpu_among_its_targets(tmp_path):
+    graphs = export_tiny_graphs(tmp_path, "fp32")
+    out = tmp_path / "engines"
+    (record,) = eng.build(graphs, out, EngineOptions(backend="tensorrt-rtx", targets="sm89,sm86"))
+    version = record.sidecar.tensorrt_version
+    sha = record.sidecar.onnx_sha256
+    ada = rtx_runtime_target(version)
+    assert eng.find_engine(out, "tiny-attn-fp32", "unet", ada, sha) == record.path
+    assert eng.load_engine_bytes(record.path, ada, onnx_sha256=sha) == record.path.read_bytes()
+    blackwell = rtx_runtime_target(version, ("NVIDIA GeForce RTX 5090", (12, 0)))
+    assert eng.find_engine(out, "tiny-attn-fp32", "unet", blackwell, sha) is None
+    with pytest.raises(ArtifactError, match=r"built for sm86_89, not for NVIDIA GeForce RTX 5090 \(sm120\)"):
+        eng.load_engine_bytes(record.path, blackwell)
+    trt_on_ada = RuntimeTarget("10.13.0.35", RTX_4090[0], RTX_4090[1])  # TensorRT, same GPU: not its engine
+    assert eng.find_engine(out, "tiny-attn-fp32", "unet", trt_on_ada, sha) is None
+    with pytest.raises(ArtifactError, match=r"built with TensorRT-RTX 1\..*this machine runs TensorRT 10\.13.*--backend tensorrt-rtx"):
+        eng.load_engine_bytes(record.path, trt_on_ada)
+    # the same request reuses the plan; other targets make another
+    (again,) = eng.build(graphs, out, EngineOptions(backend="tensorrt-rtx", targets="sm86,sm89"))
+    assert again.status == "reused" and again.path == record.path
+    (other,) = eng.build(graphs, out, EngineOptions(backend="tensorrt-rtx", targets="sm120"))
+    assert other.status == "built" and "-sm120-" in other.path.name
+    assert eng.find_engine(out, "tiny-attn-fp32", "unet", blackwell, sha) == other.path
+
+
+@needs_rtx
+def test_tensorrt_rtx_engine_runs_nothing_without_a_gpu_but_its_sidecar_round_trips(tmp_path):
+    graphs = export_tiny_graphs(tmp_path, "fp16")
+    (record,) = eng.build(graphs, tmp_path / "e", EngineOptions(backend="tensorrt-rtx", targets="sm89"))
+    assert eng.read_sidecar(record.path) == record.sidecar
+    assert eng.runtime_cache_path(record.path).name == record.path.name.replace(".plan", ".runtime-cache")
+    if eng.detect_gpu() is None:
+        with pytest.raises(MissingDependencyError, match="no NVIDIA GPU is visible.*RTX GPU"):
+            RuntimeTarget.current(eng.trt_features("tensorrt-rtx"))
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"backend": "tensorrt", "targets": "sm89"}, "--target is for TensorRT-RTX"),
+    ({"backend": "tensorrt-rtx", "timing_cache": Path("t.cache")}, "times no tactics"),
+    ({"backend": "onnxruntime"}, "unknown TensorRT backend"),
+])
+def test_engine_options_per_backend(options, match):
+    with pytest.raises(InvalidInputError, match=match):
+        EngineOptions(**options)
+
+
+@needs_rtx
+def test_cli_engine_tensorrt_rtx_on_a_machine_without_a_gpu(tmp_path):
+    graphs = export_tiny_graphs(tmp_path, "fp32")
+    out = tmp_path / "engines"
+    result = CliRunner().invoke(cli, ["engine", str(graphs), "--out", str(out), "--backend", "tensorrt-rtx", "--target", "sm89"])
+    assert result.exit_code == 0, result.output
+    (plan,) = (out / "tiny-attn-fp32" / "unet").glob("*.plan")
+    assert f"unet: {plan}" in result.output and "TensorRT-RTX 1." in result.output  # the path whole, the builder named
+    result = CliRunner().invoke(cli, ["engine", str(graphs), "--out", str(out), "--backend", "tensorrt-rtx", "--target", "sm90"])
+    assert result.exit_code == 2 and "Hopper" in result.output and "Traceback" not in result.output
+
+
+@needs_rtx
+def test_fp16_graph_keeps_gag_in_fp32_in_the_parsed_tensorrt_network(tmp_path_factory):
+    """Strongly typed: the TensorRT network has the ONNX graph's types, so an fp16 export's GAG
+    attention arithmetic is fp32 layers inside TensorRT too, and the convolutions around it fp16."""
+    from export_helpers import exported, matrix_export, shared_root
+
+    manifest = exported(matrix_export("tiny-sdxl", "fp16", "static"), shared_root(tmp_path_factory))
+    onnx_path = manifest.graph_path("unet")
+    gag_nodes = frozenset(eng.gag_node_names(onnx_path, manifest.data["gag"]["rewritten"]))
+    parsed = eng.parse_onnx(onnx_path, "tensorrt-rtx")
+    assert parsed.ok
+    trt = eng.import_tensorrt("tensorrt-rtx")
+    network = parsed.network
+    # arithmetic rounds; moving data (shuffles for the heads, the casts in and out) does not
+    arithmetic = {trt.LayerType.ELEMENTWISE, trt.LayerType.REDUCE, trt.LayerType.ACTIVATION, trt.LayerType.UNARY,
+                  trt.LayerType.SOFTMAX, trt.LayerType.MATRIX_MULTIPLY, trt.LayerType.SELECT}
+    gag_types, moved, conv_types = [], set(), set()
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        outputs = [layer.get_output(j).dtype for j in range(layer.num_outputs)]
+        floats = [t for t in outputs if t in (trt.float32, trt.float16, trt.bfloat16)]
+        if eng.layer_from_nodes(layer.name, gag_nodes):
+            if layer.type in arithmetic:
+                gag_types += floats
+            elif floats and trt.float16 in floats:
+                moved.add(layer.type)
+        elif layer.type == trt.LayerType.CONVOLUTION:
+            conv_types.update(floats)
+    assert len(gag_types) > 100 and set(gag_types) == {trt.float32}
+    assert moved <= {trt.LayerType.SHUFFLE, trt.LayerType.CAST, trt.LayerType.SLICE, trt.LayerType.CONCATENATION}
+    assert conv_types == {trt.float16}
+
+
+@needs_rtx
+def test_generate_on_tensorrt_rtx_without_an_rtx_gpu_is_exit_3_in_one_line(tmp_path):
+    if eng.detect_gpu() is not None:
+        pytest.skip("a GPU is visible here: the refusal is for machines without an RTX GPU")
+    result = CliRunner().invoke(cli, ["generate", "--model", "tiny-sdxl", "--prompt", "a fox", "--backend", "tensorrt-rtx",
+                                      "--graphs", str(tmp_path / "graphs"), "--engines", str(tmp_path / "engines")])
+    assert result.exit_code == 3, result.output
+    assert "RTX GPU (Ampere or newer" in result.output and "Traceback" not in result.output
+    assert result.output.count("error:") == 1 and not (tmp_path / "graphs").exists()  # refused before exporting

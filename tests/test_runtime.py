@@ -430,6 +430,36 @@ def test_tensorrt_component_io(trt_samplers):
     assert out["text_embeddings"].shape == (1, 77, 32) and isinstance(out["text_embeddings"], np.ndarray)
 
 
+def _rtx_gpu_reason() -> str | None:
+    """Why TensorRT-RTX engines cannot run here (None where they can: an RTX GPU it targets)."""
+    from gag_export.engine import RuntimeTarget, trt_features
+    from gag_export.errors import MissingDependencyError
+
+    try:
+        RuntimeTarget.current(trt_features("tensorrt-rtx"))
+    except MissingDependencyError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_tensorrt_rtx_matches_ort_on_an_rtx_gpu(sdxl_graphs, flux_graphs, tmp_path, model):
+    """Needs an NVIDIA RTX GPU (Ampere or newer) with its driver: engines built ahead of time,
+    specialised by the JIT on first use (its runtime cache written beside them), the image that of ORT."""
+    reason = _rtx_gpu_reason()
+    if reason is not None:
+        pytest.skip(f"TensorRT-RTX backend: {reason}")
+    root = sdxl_graphs if model == "tiny-sdxl" else flux_graphs
+    ensure_artifacts(model, "tensorrt-rtx", graphs=root, engines=tmp_path)
+    config = GenerationConfig(PROMPT, seed=5, gag=GAGParams(scale=10.0, zeta=0.5))
+    with Sampler.load(model, "tensorrt-rtx", graphs=root, engines=tmp_path, options=ONE_THREAD) as rtx, \
+            Sampler.load(model, "ort", graphs=root, options=ONE_THREAD) as ort:
+        on_rtx, on_ort = rtx.generate(config), ort.generate(config)
+    assert max_pixel_diff(on_rtx.image, on_ort.image) <= SAME_IMAGE
+    assert list(tmp_path.rglob("*.runtime-cache"))  # the JIT's results, kept for the next process
+
+
 def _fake_engine(tensors: dict[str, tuple[str, str]]):
     """A stand-in for a TensorRT engine: name -> (mode, location); and the enums it answers with."""
     trt = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="in", OUTPUT="out"),

@@ -5,6 +5,7 @@ that applies Triton's shape rules to every BLS call (tests/triton_helpers.py).""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -204,6 +205,33 @@ def test_plan_repository_from_engine_cache(graphs, tmp_path):
     assert "EngineModel" in (out / "unet" / "1" / "model.py").read_text()
     for cc in ("sm86", "sm90"):
         assert (out / "unet" / "1" / f"model.{cc}.plan").is_file() and (out / "unet" / "1" / f"model.{cc}.json").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt_rtx is not installed")
+def test_tensorrt_rtx_repository_serves_every_component_as_a_python_model(graphs, tmp_path):
+    """Real TensorRT-RTX plans (built here without a GPU); Triton's TensorRT backend cannot load them,
+    so every component is an EngineModel told the flavor, holding the plan for its targets."""
+    from gag_export.engine import EngineOptions, build
+
+    engines = tmp_path / "engines"
+    build(graphs, engines, EngineOptions(backend="tensorrt-rtx", targets="sm86,sm89"))
+    _fake_engines(graphs, tmp_path / "trt-engines" / MODEL)  # TensorRT plans: not taken for a TensorRT-RTX repository
+    for trt_plan in (tmp_path / "trt-engines" / MODEL).rglob("*"):
+        if trt_plan.is_file():
+            (engines / MODEL / trt_plan.relative_to(tmp_path / "trt-engines" / MODEL)).write_bytes(trt_plan.read_bytes())
+    out = tmp_path / "repo"
+    report = build_repository(graphs, out, RepositoryOptions(backend="tensorrt-rtx"), engines_dir=engines / MODEL)
+    configs = _check_layout(out)
+    _check_ensemble(configs)
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
+        config = configs[name]
+        assert config.backend == "python" and config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+        assert config.parameters["flavor"].string_value == "tensorrt-rtx"
+        files = sorted(p.name for p in (out / name / "1").iterdir())
+        assert files == ["model.py", "model.sm86_89.json", "model.sm86_89.plan"]
+    assert {m.kind for m in report.models if m.name != "sampler" and m.name != "pipeline"} == {"python (TensorRT-RTX plan)"}
+    with pytest.raises(InvalidInputError, match="--backend tensorrt-rtx needs the engines folder"):
+        build_repository(graphs, tmp_path / "r2", RepositoryOptions(backend="tensorrt-rtx"))
 
 
 def test_plan_backend_needs_engines(graphs, tmp_path):

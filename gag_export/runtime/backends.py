@@ -17,6 +17,10 @@ Backends:
 - `tensorrt`: a cached, validated engine (`engine.py`), tensors bound by name, device buffers
   allocated once per input shape, `execute_async_v3` on a CUDA stream, optionally the denoiser
   step captured in a CUDA graph and replayed.
+- `tensorrt-rtx`: the same for a TensorRT-RTX engine (built ahead of time, on any machine), whose
+  JIT specialises it for this GPU on first use and keeps the result in a runtime cache beside the
+  engine; CUDA graphs are TensorRT-RTX's own (`CudaGraphStrategy.WHOLE_GRAPH_CAPTURE`). It needs
+  an NVIDIA RTX GPU (Ampere or newer) and driver.
 
 Feeds are checked before they reach a backend: every input present, no unknown names, ranks and
 static dims as declared; values are cast to the declared dtype.
@@ -40,7 +44,8 @@ from ..models.base import TensorSpec
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "ort", "tensorrt")
+BACKENDS = ("torch", "ort", "tensorrt", "tensorrt-rtx")
+ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")  # the backends that run engines (trt_flavors.FLAVORS)
 ORT_GPU_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
 # Execution providers in order of preference when none are asked for. The TensorRT EP builds its
 # own engines on first use (minutes for a UNet), so it is used only when asked for by name.
@@ -63,7 +68,7 @@ class BackendOptions:
     compile: torch backend, wrap each module in `torch.compile`.
     ort_providers: ONNX Runtime execution providers in order (empty: CUDA if present, else CPU).
     threads: ONNX Runtime intra-op threads (0: its default).
-    cuda_graph: TensorRT backend, capture the denoiser's step in a CUDA graph and replay it.
+    cuda_graph: TensorRT backends, capture the denoiser's step in a CUDA graph and replay it.
     """
 
     device: str = "auto"
@@ -422,6 +427,7 @@ class TensorRTComponent(Component):
 
     def __init__(self, name, role, inputs, outputs, plan_path: Path, target, onnx_sha256: str | None = None,
                  cuda_graph: bool = False, device: int = 0):
+        # which builder made the engine: the sidecar says, the target must agree (`load_engine_bytes`)
         super().__init__(name, role, inputs, outputs)
         self.plan_path = Path(plan_path)
         self.target = target
@@ -438,17 +444,18 @@ class TensorRTComponent(Component):
     def _activate(self) -> None:
         from ..engine import deserialize_engine, import_tensorrt, load_engine_bytes  # noqa: PLC0415
 
-        trt = import_tensorrt()
+        trt = import_tensorrt(self.target.flavor)
         if not torch.cuda.is_available():
-            raise MissingDependencyError("the tensorrt backend needs a CUDA GPU that torch can see (torch.cuda is unavailable)")
+            raise MissingDependencyError(f"the {self.backend} backend needs a CUDA GPU that torch can see (torch.cuda is unavailable)")
         # TensorRT deserializes onto, and runs on, the current CUDA device: make it this component's
         with torch.cuda.device(self.device):
-            engine = deserialize_engine(load_engine_bytes(self.plan_path, self.target, onnx_sha256=self.onnx_sha256))
+            plan = load_engine_bytes(self.plan_path, self.target, onnx_sha256=self.onnx_sha256)
+            engine = deserialize_engine(plan, self.target.flavor)
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
             outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
             self._check_io(engine, trt, inputs, outputs)
-            context = engine.create_execution_context()
+            context = self._create_context(engine, trt)
             if context is None:  # TensorRT returns None (and logs why) when it cannot allocate one
                 raise ResourceExhaustedError(
                     f"{self.name}: TensorRT could not create an execution context for {self.plan_path} "
@@ -475,6 +482,9 @@ class TensorRTComponent(Component):
         on_host = [n for n in inputs + outputs if engine.get_tensor_location(n) == trt.TensorLocation.HOST]
         if on_host:  # shape tensors live on the host; this runtime binds device buffers only
             raise ArtifactError(f"engine {self.plan_path}: tensors {on_host} are host (shape) tensors, which this runtime does not feed")
+
+    def _create_context(self, engine, trt):
+        return engine.create_execution_context()
 
     def _deactivate(self) -> None:
         self._graph = None
@@ -544,6 +554,54 @@ class TensorRTComponent(Component):
                 graph.replay()  # capture records the work; replay does it
                 return
         self._enqueue()
+
+
+class TensorRTRtxComponent(TensorRTComponent):
+    """A TensorRT-RTX engine: the TensorRT component with TensorRT-RTX's runtime configuration.
+
+    The engine was built ahead of time for a list of compute capabilities; on first use its JIT
+    compiles kernels for this GPU. The runtime cache keeps them across processes: read from
+    `<engine>.runtime-cache` when the context is made, written back (temp file + rename) when the
+    component is deactivated. CUDA graphs are TensorRT-RTX's own capture of the whole enqueue.
+    """
+
+    backend = "tensorrt-rtx"
+
+    def _create_context(self, engine, trt):
+        from ..engine import runtime_cache_path  # noqa: PLC0415
+
+        config = engine.create_runtime_config()
+        cache = config.create_runtime_cache()
+        path = runtime_cache_path(self.plan_path)
+        if path.is_file():
+            try:
+                cache.deserialize(path.read_bytes())
+            except Exception as exc:  # a stale or damaged cache costs a JIT, never the run
+                log.warning("%s: runtime cache %s not used (%s); the JIT compiles again", self.name, path, exc)
+                cache = config.create_runtime_cache()
+        config.set_runtime_cache(cache)
+        if self.cuda_graph:
+            config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+            self.cuda_graph = False  # TensorRT-RTX captures: no torch capture around its enqueue
+        self._runtime_cache = cache
+        return engine.create_execution_context(config)
+
+    def _deactivate(self) -> None:
+        from ..atomic import write_failure  # noqa: PLC0415
+        from ..engine import runtime_cache_path  # noqa: PLC0415
+
+        cache = getattr(self, "_runtime_cache", None)
+        if cache is not None:
+            path = runtime_cache_path(self.plan_path)
+            tmp = path.with_name(f".{path.name}.tmp")
+            try:
+                tmp.write_bytes(bytes(cache.serialize()))
+                tmp.replace(path)
+            except OSError as exc:  # the next process compiles again; this one has its results
+                tmp.unlink(missing_ok=True)
+                log.warning("%s: runtime cache not saved: %s", self.name, write_failure(exc, path))
+        self._runtime_cache = None
+        super()._deactivate()
 
 
 # --------------------------------------------------------------------------------------------
@@ -698,27 +756,31 @@ def load_components(
             for name, entry in manifest.components.items()
         }
     else:
-        components = _tensorrt_components(manifest, graphs, Path(engines), options)
+        components = _tensorrt_components(manifest, graphs, Path(engines), options, backend)
     return ComponentSet(model, backend, components, manifest=manifest, gag=manifest.gag)
 
 
-def _tensorrt_components(manifest: Manifest, graphs_root: Path, engines_root: Path, options: BackendOptions) -> dict:
+def _tensorrt_components(manifest: Manifest, graphs_root: Path, engines_root: Path, options: BackendOptions,
+                         backend: str = "tensorrt") -> dict:
     from ..engine import Precision as EnginePrecision  # noqa: PLC0415
     from ..engine import RuntimeTarget, find_engine, trt_features  # noqa: PLC0415
 
-    caps = trt_features()  # MissingDependencyError without tensorrt
-    target = RuntimeTarget.current(caps)  # MissingDependencyError without a GPU
+    caps = trt_features(backend)  # MissingDependencyError without the builder's module
+    target = RuntimeTarget.current(caps)  # MissingDependencyError without a GPU it runs on
+    component_class = TensorRTRtxComponent if backend == "tensorrt-rtx" else TensorRTComponent
     components = {}
     for name, entry in manifest.components.items():
         # any engine precision (a weakly typed fp16 engine of an fp32 graph), the graph's own first
         plan = find_engine(engines_root, manifest.model, name, target, entry["sha256"], prefer=EnginePrecision(manifest.data["dtype"]))
         if plan is None:
+            flag = "" if backend == "tensorrt" else f" --backend {backend}"
             raise ArtifactError(
-                f"no TensorRT engine for {manifest.model}/{name} (graph {entry['sha256'][:12]}, TensorRT {target.trt_version}, "
-                f"{target.sm_tag}) in {engines_root}: run `gag-export engine {graphs_root / manifest.model} --out {engines_root}`"
+                f"no {caps.trt_flavor.label} engine for {manifest.model}/{name} (graph {entry['sha256'][:12]}, "
+                f"{caps.label}, {target.sm_tag}) in {engines_root}: run "
+                f"`gag-export engine {graphs_root / manifest.model}{flag} --out {engines_root}`"
             )
-        log.info("%s: TensorRT engine %s", name, plan.name)
-        components[name] = TensorRTComponent(
+        log.info("%s: %s engine %s", name, caps.trt_flavor.label, plan.name)
+        components[name] = component_class(
             name, entry["role"], *_manifest_specs(entry), plan_path=plan, target=target, onnx_sha256=entry["sha256"],
             cuda_graph=options.cuda_graph and entry["role"] == "denoiser",
         )

@@ -5,8 +5,11 @@
 
 Only what is absent is built: an existing export is never replaced (a static export at another
 size is reported by the sampler, with the command to re-export). The torch backend needs no
-artifacts. For TensorRT, TensorRT and the GPU are checked first, so a machine without them fails
-in a second with `MissingDependencyError` instead of after a long export.
+artifacts. For the engine backends (TensorRT, TensorRT-RTX), the builder and a GPU that runs its
+engines are checked first, so a machine without them fails in a second with
+`MissingDependencyError` instead of after a long export. TensorRT-RTX engines are built for this
+GPU's compute capability (an engine built ahead of time for several, this one among them, is used
+as it is).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ArtifactError
-from .backends import load_manifest_for, parse_backend
+from .backends import ENGINE_BACKENDS, load_manifest_for, parse_backend
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +65,10 @@ def ensure_artifacts(
     graphs, engines = Path(graphs), Path(engines)
     notify = on_stage or (lambda message: None)
     target = None
-    if backend == "tensorrt":
+    if backend in ENGINE_BACKENDS:
         from ..engine import RuntimeTarget, trt_features  # noqa: PLC0415
 
-        target = RuntimeTarget.current(trt_features())  # MissingDependencyError, before any export
+        target = RuntimeTarget.current(trt_features(backend))  # MissingDependencyError, before any export
     steps = []
     if not (graphs / model / "manifest.json").is_file():
         if (graphs / model).exists():
@@ -79,14 +82,15 @@ def ensure_artifacts(
         pipe = load_pipeline(model)
         export_model(pipe, entry, ExportConfig(model, graphs, shape, gag=DEFAULT_EXPORT_GAG), progress=on_export)
         steps.append(PrepareStep("export", graphs / model))
-    if backend == "tensorrt":
+    if backend in ENGINE_BACKENDS:
         from ..engine import EngineOptions, build  # noqa: PLC0415
 
         manifest = load_manifest_for(model, graphs)
         missing = _missing_engines(manifest, engines, target)
         if missing:
-            notify(f"building TensorRT engines for {model}: {', '.join(missing)}")
-            build(graphs / model, engines, EngineOptions(components=tuple(missing)))
+            notify(f"building {backend} engines for {model}: {', '.join(missing)}")
+            targets = target.sm_tag if backend == "tensorrt-rtx" else None  # this GPU's: one target builds fastest
+            build(graphs / model, engines, EngineOptions(backend=backend, targets=targets, components=tuple(missing)))
             if _missing_engines(manifest, engines, target):
                 raise ArtifactError(f"engines for {model} are still missing after a build in {engines}")
             steps.append(PrepareStep("engine", engines / model))

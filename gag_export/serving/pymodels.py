@@ -349,25 +349,31 @@ class StandinModel(_GraphModel):
 
 
 class EngineModel(_GraphModel):
-    """Triton Python model running a TensorRT plan whose I/O Triton's TensorRT backend cannot declare
-    (0-d tensors), with gag-export's TensorRT runtime on the instance's GPU. The version folder holds
-    one plan per GPU architecture (`model.smXY.plan` + sidecar); the one for this GPU is loaded and
-    validated (TensorRT version, GPU, graph sha256) like `gag-export generate --backend tensorrt` does."""
+    """Triton Python model running a plan with gag-export's runtime on the instance's GPU: a TensorRT
+    plan whose I/O Triton's TensorRT backend cannot declare (0-d tensors), or a TensorRT-RTX plan,
+    which that backend cannot load (the `flavor` parameter). The version folder holds one plan per
+    GPU architecture, or per set of TensorRT-RTX targets (`model.sm<...>.plan` + sidecar); the one
+    for this GPU is loaded and validated (builder version, GPU, graph sha256) like
+    `gag-export generate --backend tensorrt` does."""
 
     def _component(self, name, io, inputs, outputs, parameters, folder, args):
         import torch  # noqa: PLC0415
 
         from ..engine import RuntimeTarget, trt_features  # noqa: PLC0415
-        from ..runtime.backends import TensorRTComponent  # noqa: PLC0415
+        from ..runtime.backends import TensorRTComponent, TensorRTRtxComponent  # noqa: PLC0415
+        from ..trt_flavors import get_flavor, parse_sm_tag  # noqa: PLC0415
 
+        flavor = get_flavor(parameters.get("flavor", "tensorrt"))
         device = int(args.get("model_instance_device_id") or 0)
         if torch.cuda.is_available():
             torch.cuda.set_device(device)
-        target = RuntimeTarget.current(trt_features(), device)
-        plan = folder / f"model.{target.sm_tag}.plan"
-        if not plan.is_file():
+        target = RuntimeTarget.current(trt_features(flavor), device)
+        plans = [p for p in sorted(folder.glob("model.sm*.plan"))
+                 if set(target.capabilities) <= set(parse_sm_tag(p.name.split(".")[1]))]
+        if not plans:
             built = sorted(p.name for p in folder.glob("model.sm*.plan"))
-            raise ArtifactError(f"{name}: no plan for this GPU ({target.gpu_name}, {target.sm_tag}) in {folder}; "
-                                f"it has {built}: build one on this GPU (`gag-export engine`) and regenerate the repository")
-        return TensorRTComponent(name, io["role"], inputs, outputs, plan_path=plan, target=target,
-                                 onnx_sha256=io.get("sha256"), device=device)
+            raise ArtifactError(f"{name}: no {flavor.label} plan for this GPU ({target.gpu_name}, {target.sm_tag}) in {folder}; "
+                                f"it has {built}: build one for it (`gag-export engine`) and regenerate the repository")
+        component = TensorRTRtxComponent if flavor.ahead_of_time else TensorRTComponent
+        return component(name, io["role"], inputs, outputs, plan_path=plans[0], target=target,
+                         onnx_sha256=io.get("sha256"), device=device)
