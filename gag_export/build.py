@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .check import CheckReport, check_graphs
+from .check import CheckReport, check_graphs, parity_needs_pipeline
 from .errors import InvalidInputError, MissingDependencyError
 from .export import DEFAULT_EXPORT_GAG, ExportConfig, ExportEvent, Manifest, export_model
 from .guidance import GAGConfig
@@ -305,6 +305,16 @@ def run_build(config: BuildConfig, progress: Callable[[BuildEvent], None] | None
         result.artifacts.append(Artifact("graph", name, manifest.graph_path(name), int(comp["size_bytes"])))
     result.artifacts.append(Artifact("manifest", "manifest.json", manifest.path, manifest.path.stat().st_size))
 
+    # What the sampler needs besides the graphs, taken before the torch weights are freed: the check
+    # compares with torch's outputs recorded at export, so the pipeline (14 GB for an fp32 SDXL) is
+    # gone before ONNX Runtime loads a graph.
+    from .runtime import SamplerAssets  # noqa: PLC0415
+
+    assets = SamplerAssets.from_pipeline(pipe)
+    descriptors = {d.name: d for d in descriptors_for(entry, pipe)}
+    if not parity_needs_pipeline(manifest.graphs_dir, config.seed):
+        pipe = None
+        gc.collect()
     with _Stage(result, "check", notify, f"checking {manifest.graphs_dir}") as stage:
         checks_total = len(manifest.components) * 7
         counter = {"n": 0}
@@ -323,12 +333,7 @@ def run_build(config: BuildConfig, progress: Callable[[BuildEvent], None] | None
                      else f"{sum(r.passed for r in report.results)} passed, "
                           f"{sum(r.status == 'skipped' for r in report.results)} skipped")
 
-    # What the sampler needs besides the graphs, taken before the torch weights are freed.
-    from .runtime import SamplerAssets  # noqa: PLC0415
-
-    assets = SamplerAssets.from_pipeline(pipe)
-    descriptors = {d.name: d for d in descriptors_for(entry, pipe)}
-    del pipe
+    pipe = None
     gc.collect()
 
     if not report:

@@ -52,9 +52,6 @@ from .errors import ArtifactError, CheckFailedError, InvalidInputError
 from .export import (
     GAG_INPUTS,
     Manifest,
-    OutputParity,
-    ParityError,
-    compare_with_torch,
     denoiser_module,
     dtype_name,
     graph_sha256,
@@ -62,6 +59,7 @@ from .export import (
     sample_feed,
 )
 from .models import Precision
+from .parity import OutputParity, ParityError, compare_with_reference, compare_with_torch, load_reference
 
 log = logging.getLogger(__name__)
 
@@ -535,27 +533,59 @@ def _reference_pipeline(manifest: Manifest):
     return entry, load_pipeline(entry, weights=manifest.data.get("weights"), components=list(manifest.components))
 
 
-def _parity(manifest: Manifest, component: str, descriptor, reference_pipe, seed: int) -> CheckResult:
-    entry = manifest.components[component]
+def _needs_torch(manifest: Manifest, seed: int) -> list[str]:
+    """The components whose parity needs the torch pipeline: no reference recorded for this seed (bf16 ones never run)."""
+    return [name for name, comp in manifest.components.items()
+            if _component_precision(comp) is not Precision.BF16
+            and (comp.get("parity_reference") or {}).get("seed", None) != seed]
+
+
+def parity_needs_pipeline(graphs_dir: Path, seed: int = 0) -> bool:
+    """Whether `check_graphs(graphs_dir, seed=seed)` would use a torch pipeline for parity (else it
+    compares with the references recorded at export, and a caller may free its pipeline first)."""
+    return bool(_needs_torch(Manifest.load(Path(graphs_dir)), seed))
+
+
+def _component_precision(entry) -> Precision:
     floats = [o["dtype"] for o in entry["outputs"] if o["dtype"] in _PRECISION_OF]
-    precision = _PRECISION_OF[floats[0]] if floats else Precision.FP32  # the component's own precision
-    if precision is Precision.BF16:
-        return CheckResult(component, "parity", "skipped",
-                           "ONNX Runtime's CPU provider has no bfloat16 Conv/MatMul kernels; check on a GPU (TensorRT)")
-    gag = any(i["name"] in GAG_INPUTS for i in entry["inputs"])
-    feed = sample_feed(descriptor, manifest.shape(), precision, seed, gag)
-    outputs = [o["name"] for o in entry["outputs"]]
-    module = descriptor.export_module(reference_pipe)
+    return _PRECISION_OF[floats[0]] if floats else Precision.FP32  # the component's own precision
+
+
+_BF16_SKIP = "ONNX Runtime's CPU provider has no bfloat16 Conv/MatMul kernels; check on a GPU (TensorRT)"
+
+
+def _parity_result(component: str, precision: Precision, run, source: str) -> CheckResult:
     try:
-        results = compare_with_torch(manifest.graph_path(component), module, feed, outputs, entry["tolerance"])
+        results = run()
     except ParityError as exc:
         return CheckResult(component, "parity", "failed", str(exc))
     status = "passed" if all(results) else "failed"
     worst = max(results, key=lambda r: r.max_abs)
+    graph = "" if precision is Precision.FP32 else f", {precision.value} graph"
     return CheckResult(component, "parity", status,
-                       f"ORT vs torch ({'fp32 eager' if precision is Precision.FP32 else 'fp32 eager, ' + precision.value + ' graph'}): "
-                       f"max abs {worst.max_abs:.3g}, max rel {worst.max_rel:.3g} "
+                       f"ORT vs {source}{graph}: max abs {worst.max_abs:.3g}, max rel {worst.max_rel:.3g} "
                        f"(atol {worst.atol:g}, rtol {worst.rtol:g})", parity=tuple(results))
+
+
+def _recorded_parity(manifest: Manifest, component: str, reference_entry) -> CheckResult:
+    entry = manifest.components[component]
+    precision = _component_precision(entry)
+    reference = load_reference(manifest.graphs_dir, reference_entry)  # ArtifactError when damaged
+    return _parity_result(component, precision,
+                          lambda: compare_with_reference(manifest.graph_path(component), reference, entry["tolerance"]),
+                          f"{reference.source} (recorded at export)")
+
+
+def _parity(manifest: Manifest, component: str, descriptor, reference_pipe, seed: int) -> CheckResult:
+    entry = manifest.components[component]
+    precision = _component_precision(entry)
+    gag = any(i["name"] in GAG_INPUTS for i in entry["inputs"])
+    feed = sample_feed(descriptor, manifest.shape(), precision, seed, gag)
+    outputs = [o["name"] for o in entry["outputs"]]
+    module = descriptor.export_module(reference_pipe)
+    return _parity_result(component, precision,
+                          lambda: compare_with_torch(manifest.graph_path(component), module, feed, outputs, entry["tolerance"]),
+                          "torch fp32 eager")
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,8 +667,19 @@ def check_graphs(graphs_dir: Path, parity: bool = True, *, pipe=None, entry=None
 
 
 def _run_parity(manifest: Manifest, report: CheckReport, pipe, entry, gag_cfg, seed: int, notify) -> None:
+    """Parity of every component: against torch's outputs recorded at export where the manifest has
+    them for this seed (no model loaded), else against the pipeline (`pipe`, or loaded again)."""
     from .models import descriptors_for
 
+    live = _needs_torch(manifest, seed)
+    for name, comp in manifest.components.items():
+        if _component_precision(comp) is Precision.BF16:
+            report.results.append(CheckResult(name, "parity", "skipped", _BF16_SKIP))
+        elif name not in live:
+            notify(name, "parity")
+            report.results.append(_recorded_parity(manifest, name, comp["parity_reference"]))
+    if not live:
+        return
     if pipe is None:
         entry, pipe = _reference_pipeline(manifest)
     elif entry is None:
@@ -653,7 +694,7 @@ def _run_parity(manifest: Manifest, report: CheckReport, pipe, entry, gag_cfg, s
         else:
             remove_gag(denoiser)
     try:
-        for name in manifest.components:
+        for name in live:
             notify(name, "parity")
             descriptor = descriptors.get(name)
             if descriptor is None:
@@ -663,4 +704,3 @@ def _run_parity(manifest: Manifest, report: CheckReport, pipe, entry, gag_cfg, s
     finally:
         if denoiser is not None:
             remove_gag(denoiser)
-

@@ -15,6 +15,9 @@ What is written (DESIGN.md "Manifest"):
   without external data it is the plain file digest); `size_bytes` is the sum of both files;
   `external_data` is null or `{"path", "sha256", "size_bytes"}` of the data file alone. Use
   `graph_sha256(path)` to recompute it. `inputs`/`outputs` are read back from the saved graph.
+- `graphs/<model>/<component>/parity.npz` (fp32/fp16 components): the sample feed and torch's
+  fp32 eager outputs for it, named in the manifest (`parity_reference`: path, sha256, seed), so
+  that `check` compares ONNX Runtime with torch without loading the model (`parity.py`).
 
 Atomicity: everything is written into a temp folder in the same parent (`graphs/.<model>.*.tmp`)
 and moved into place with `os.replace` at the end; a failed or interrupted export (including
@@ -24,16 +27,17 @@ into a folder holding an export made with the same settings carries the others o
 temp folder (hard links) and lists them in the new manifest; over an export made with other
 settings it is refused (InvalidInputError) rather than deleting them.
 
-Reduced precision (`fp16`/`bf16`): the pipeline is copied and cast, then exported as typed, so
+Reduced precision (`fp16`/`bf16`): each component is copied and cast (weights cast while
+copying, one component at a time: an fp16 SDXL export holds the fp32 pipeline plus one fp16
+component, not a second pipeline), then exported as typed, so
 the graph's types are exactly torch's: the GAG arithmetic (which `guidance.py` does in fp32 and
 casts back) and diffusers' own upcasts stay fp32 inside an fp16 graph. One exporter defect is
 repaired after export: `aten.cat` over mixed float types is emitted as a `Concat` without the
 type promotion torch applies (SDXL's `text_embeds` fp16 + fp32 time-id embedding); we insert the
 `Cast` torch's promotion implies (`promote_concat_inputs`).
 
-Parity (ONNX Runtime vs torch eager on the descriptor's sample inputs) is polygraphy's
-comparator over an `OnnxrtRunner` and a CPU torch runner (`compare_with_torch`); `check.py` and
-the `--slim` gate both use it.
+Parity (ONNX Runtime vs torch eager on the descriptor's sample inputs) lives in `parity.py`;
+the `--slim` gate compares with the module in memory, `check.py` with the recorded reference.
 """
 
 from __future__ import annotations
@@ -57,13 +61,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from polygraphy.backend.base import BaseRunner
-from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-from polygraphy.common import TensorMetadata
-from polygraphy.comparator import Comparator
-from polygraphy.comparator.compare import SimpleCompareFunc
-from polygraphy.logger import G_LOGGER
 
+from .arrays import to_numpy, to_torch
 from .atomic import as_if_created_plainly, swap_into_place
 from . import __version__
 from .attention import apply_gag, is_gag_applied, remove_gag
@@ -75,6 +74,7 @@ from .errors import (
 )
 from .guidance import GAGConfig
 from .models import FAMILIES, ImageShape, Precision, descriptors_for
+from .parity import PARITY_NAME, OutputParity, ParityError, compare_with_torch, record_reference, tolerance_dict
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class ExportConfig:
     weights: str | None = None  # how the pipeline's weights were obtained (recorded in the manifest)
     seed: int = 0  # sample inputs for export tracing and parity
     components: tuple[str, ...] = ()  # only these components (default: all of the family's)
+    parity_reference: bool = True  # record torch's outputs beside each graph (parity.npz) for `check`
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -339,132 +340,10 @@ def load_graph_structure(onnx_path: Path):
 # --------------------------------------------------------------------------------------------
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A tensor as numpy; bfloat16 becomes `ml_dtypes.bfloat16` (numpy has none of its own; ONNX
-    Runtime's `session.run` does not take it: the ort backend binds bf16 tensors by address)."""
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def to_torch(a: np.ndarray) -> torch.Tensor:
-    """The inverse of `to_numpy`."""
-    a = np.asarray(a)
-    if str(a.dtype) == "bfloat16":
-        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(a.copy())  # C-contiguous, and 0-d stays 0-d (np.ascontiguousarray makes it 1-d)
-
-
 def sample_feed(descriptor, shape: ImageShape, precision: Precision, seed: int, gag: bool) -> OrderedDict[str, np.ndarray]:
     """The descriptor's sample inputs at `shape` as a name -> array feed, in graph order and types."""
     tensors = descriptor.sample_inputs(shape, precision, seed, gag=gag)
     return OrderedDict((spec.name, to_numpy(tensors[spec.name])) for spec in descriptor.inputs(precision, gag=gag))
-
-
-class TorchRunner(BaseRunner):
-    """A polygraphy runner for a torch module on the CPU (polygraphy's `PytRunner` moves inputs to CUDA).
-
-    Inputs are fed in graph order; float arrays are cast to `dtype` (the reference precision,
-    fp32 by default: an fp16 graph is compared against fp32 eager fed the same fp16-rounded
-    values). Outputs come back as fp32 numpy arrays named by `output_names`.
-    """
-
-    def __init__(self, module: torch.nn.Module, feed: Mapping[str, np.ndarray], output_names: Sequence[str],
-                 dtype: torch.dtype = torch.float32, name: str = "torch-eager"):
-        super().__init__(name=name, prefix="torch-runner")
-        self.module, self.output_names, self.dtype = module, list(output_names), dtype
-        self.input_names = list(feed)
-        self.input_metadata = TensorMetadata.from_feed_dict(feed)  # the graph's names, dtypes, shapes
-
-    def activate_impl(self):
-        self.module.eval()
-
-    def get_input_metadata_impl(self):
-        return self.input_metadata
-
-    def infer_impl(self, feed_dict):
-        args = [to_torch(feed_dict[name]) for name in self.input_names]
-        args = [t.to(torch.float32 if n in GAG_INPUTS else self.dtype) if t.is_floating_point() else t
-                for n, t in zip(self.input_names, args)]
-        start = time.perf_counter()
-        with torch.no_grad():
-            outputs = self.module(*args)
-        self.inference_time = time.perf_counter() - start
-        if isinstance(outputs, torch.Tensor):
-            outputs = (outputs,)
-        return OrderedDict((n, o.detach().float().cpu().numpy()) for n, o in zip(self.output_names, outputs))
-
-    def deactivate_impl(self):
-        pass
-
-
-@dataclass(frozen=True)
-class OutputParity:
-    """One output's ONNX Runtime vs torch comparison (a polygraphy `OutputCompareResult` distilled)."""
-
-    name: str
-    max_abs: float
-    max_rel: float
-    mean_abs: float
-    atol: float
-    rtol: float
-    passed: bool
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def __str__(self) -> str:
-        verdict = "ok" if self.passed else "FAILED"
-        return (f"{self.name}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} "
-                f"(atol {self.atol:g}, rtol {self.rtol:g}) {verdict}")
-
-
-def tolerance_dict(tolerance: Any) -> dict:
-    """A descriptor's tolerance as `{"atol": float, "rtol": float}`."""
-    if isinstance(tolerance, Mapping):
-        return {"atol": float(tolerance["atol"]), "rtol": float(tolerance["rtol"])}
-    if dataclasses.is_dataclass(tolerance):
-        return {"atol": float(tolerance.atol), "rtol": float(tolerance.rtol)}
-    if isinstance(tolerance, (tuple, list)) and len(tolerance) == 2:
-        return {"atol": float(tolerance[0]), "rtol": float(tolerance[1])}
-    if isinstance(tolerance, (int, float)):
-        return {"atol": float(tolerance), "rtol": float(tolerance)}
-    raise GagExportError(f"cannot read a tolerance from {tolerance!r}")
-
-
-def compare_with_torch(onnx_path: Path, module: torch.nn.Module, feed: Mapping[str, np.ndarray],
-                       output_names: Sequence[str], tolerance: Mapping[str, float]) -> list[OutputParity]:
-    """Run the graph in ONNX Runtime (CPU) and `module` in torch eager on `feed`; compare every output.
-
-    polygraphy does the work: `OnnxrtRunner(SessionFromOnnx(path))`, `Comparator.run` and its
-    element-wise `SimpleCompareFunc` (an element passes when within atol or within rtol).
-    """
-    G_LOGGER.module_severity = G_LOGGER.ERROR
-    ort_runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnxruntime")
-    torch_runner = TorchRunner(module, feed, output_names)
-    try:
-        results = Comparator.run([ort_runner, torch_runner], data_loader=[dict(feed)])
-    except Exception as exc:  # a graph ORT cannot load or run is a parity failure, reported in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ParityError(f"{onnx_path}: cannot run in ONNX Runtime: {first}") from exc
-    atol, rtol = tolerance["atol"], tolerance["rtol"]
-    compare = SimpleCompareFunc(rtol=rtol, atol=atol, check_shapes=True)
-    per_output = compare(results[0][1][0], results[1][1][0])
-    out = []
-    for name in output_names:
-        r = per_output.get(name)
-        if r is None:  # shape mismatch or missing output: polygraphy gives no statistics
-            out.append(OutputParity(name, float("inf"), float("inf"), float("inf"), atol, rtol, False))
-            continue
-        out.append(OutputParity(name, r.max_absdiff, r.max_reldiff, r.mean_absdiff, atol, rtol, bool(r)))
-    return out
-
-
-class ParityError(GagExportError):
-    """A graph could not be run for a parity comparison (the check reports it as failed)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -804,14 +683,35 @@ def _selected(descriptors, config: ExportConfig) -> list:
     return chosen
 
 
-def _reduced_copy(pipe, dtype: torch.dtype):
-    """A copy of the pipeline in `dtype`; the caller's fp32 pipeline stays the parity reference."""
-    _set_gag(pipe, None)  # applied again on the copy: a deep-copied forward hook would point back here
-    work = copy.deepcopy(pipe)
-    for module in dict(getattr(work, "components", {})).values():
-        if isinstance(module, torch.nn.Module):
-            module.to(dtype)
-    return work
+def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `module` with its floating-point weights in `dtype`, cast while copying: no second
+    full-precision copy is ever made (an fp32 SDXL UNet is 10 GB)."""
+    memo = {}
+    for p in module.parameters():
+        memo.setdefault(id(p), torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
+    for b in module.buffers():
+        memo.setdefault(id(b), b.detach().to(dtype) if b.is_floating_point() else b.detach().clone())
+    return copy.deepcopy(module, memo)
+
+
+def _reduced_view(pipe, attr: str, dtype: torch.dtype, gag: GAGConfig | None):
+    """A pipeline object whose `attr` component is a cast copy of `pipe`'s (GAG applied to it when
+    it is the denoiser); every other component is `pipe`'s own. One component at a time: its copy
+    goes when the view does, so a reduced export holds the fp32 pipeline plus one reduced part."""
+    module = getattr(pipe, attr)
+    denoiser = module is denoiser_module(pipe)
+    if denoiser:
+        _set_gag(pipe, None)  # applied again below: a deep-copied forward hook would point back at pipe's module
+    try:
+        reduced = _cast_copy(module, dtype)
+    finally:
+        if denoiser:
+            _set_gag(pipe, gag)
+    if denoiser and gag is not None:
+        apply_gag(reduced, gag)
+    view = copy.copy(pipe)
+    setattr(view, attr, reduced)
+    return view
 
 
 # A partial export (`components=...`) adds to the export already in the folder: the whole folder
@@ -921,9 +821,12 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
 
     GAG (`config.gag`) is applied to the denoiser for the export and removed afterwards (also from
     `pipe`); the denoiser graph then takes `gag_scale`, `gag_eta`, `gag_zeta` as 0-d float32
-    inputs. fp16/bf16 exports work on a cast copy of `pipe`. With `config.slim`, each graph goes
-    through onnxslim and the slimmed graph is kept only if parity against torch eager (fp32) still
-    holds. On any failure nothing is left half-written (see the module docstring).
+    inputs. fp16/bf16 exports work on a cast copy of one component of `pipe` at a time. With
+    `config.slim`, each graph goes through onnxslim and the slimmed graph is kept only if parity
+    against torch eager (fp32) still holds. With `config.parity_reference` (the default), torch's
+    fp32 outputs for the component's sample feed are recorded beside its graph (`parity.npz`, named
+    in the manifest), so that `check` compares without loading the model. On any failure nothing
+    is left half-written (see the module docstring).
     """
     notify = progress or (lambda event: None)
     try:
@@ -931,7 +834,6 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
         tmp = as_if_created_plainly(Path(tempfile.mkdtemp(prefix=f".{config.model}.", suffix=".tmp", dir=config.out_dir)))
     except OSError as exc:
         raise _resource_error(exc) or ArtifactError(f"cannot write to {config.out_dir}: {exc}") from None
-    work = pipe
     stats: dict[str, ComponentStats] = {}
     try:
         family_descriptors = descriptors_for(entry, pipe)
@@ -939,13 +841,9 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
         order = [d.name for d in family_descriptors]
         previous = _previous_export(config, order)
         kept = _components_to_keep(previous, entry, config, [d.name for d in descriptors])  # before the slow part
-        if config.precision is not Precision.FP32:
-            work = _reduced_copy(pipe, config.precision.torch_dtype)
         if any(d.role == "denoiser" for d in descriptors) and denoiser_module(pipe) is None:
             raise InvalidInputError(f"the {config.model} pipeline was loaded without its denoiser")
         rewritten = _set_gag(pipe, config.gag)
-        if work is not pipe:
-            _set_gag(work, config.gag)
         manifest = _manifest_head(entry, config, rewritten)
         for index, descriptor in enumerate(descriptors):
             gag = config.gag is not None and descriptor.role == "denoiser"
@@ -955,7 +853,9 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
             dest = comp_dir / GRAPH_NAME
             start = time.perf_counter()
             precision = descriptor.export_dtype(config.precision)
-            module = descriptor.export_module(pipe if precision is Precision.FP32 else work)
+            work = pipe if precision is Precision.FP32 else _reduced_view(pipe, descriptor.module_attr,
+                                                                          precision.torch_dtype, config.gag)
+            module = descriptor.export_module(work)
             try:
                 nodes = _export_one(descriptor, module, config, precision, gag, dest)
             except (GagExportError, MemoryError, OSError):
@@ -973,12 +873,17 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
                 before, slimmed = _slim_component(descriptor, reference, config, precision, gag, dest, notify,
                                                   index, len(descriptors))
             entry_json = _component_entry(descriptor, config, precision, comp_dir, tmp)
+            del module, work  # the reduced copy, before the fp32 reference runs
+            if config.parity_reference and precision is not Precision.BF16:  # ORT's CPU provider runs no bf16
+                feed = sample_feed(descriptor, config.shape, precision, config.seed, gag)
+                entry_json["parity_reference"] = record_reference(
+                    comp_dir / PARITY_NAME, descriptor.export_module(pipe), feed,
+                    [s.name for s in descriptor.outputs(precision, gag=gag)], tmp, config.seed)
             manifest["components"][descriptor.name] = entry_json
             stats[descriptor.name] = ComponentStats(entry_json["nodes"], entry_json["size_bytes"],
                                                     time.perf_counter() - start, before, slimmed)
             notify(ExportEvent(descriptor.name, "done", index, len(descriptors), nodes=entry_json["nodes"],
                                size_bytes=entry_json["size_bytes"], seconds=stats[descriptor.name].seconds))
-            del module
         if kept:
             _carry_over(previous, kept, tmp)
             _merged_components(manifest, previous, kept, order)

@@ -393,3 +393,80 @@ def test_the_op_table_gives_way_to_a_parser_that_accepted_the_graph_except_where
     # opset 22 is outside 10.x's range only: a difference between versions, which the table keeps deciding
     assert by_op["opset"].severity == "error" and by_op["opset"].versions == ("10",)
 
+
+# --------------------------------------------------------------------------- parity against the reference recorded at export
+
+
+def _scale_an_initializer(graphs_dir: Path, component: str, factor: float) -> str:
+    """Multiply the component's largest float initializer by `factor` (a graph that is valid, lints
+    clean and parses, but computes something else); record the new sha256. Returns its name."""
+    path = graphs_dir / component / "model.onnx"
+    model = onnx.load(str(path))
+    target = max((t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT),
+                 key=lambda t: int(np.prod(t.dims)))
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * np.float32(factor), target.name))
+    onnx.save_model(model, str(path))
+    manifest = json.loads((graphs_dir / "manifest.json").read_text())
+    manifest["components"][component]["sha256"] = graph_sha256(path)
+    manifest["components"][component]["size_bytes"] = path.stat().st_size
+    (graphs_dir / "manifest.json").write_text(json.dumps(manifest))
+    return target.name
+
+
+def _no_pipeline(monkeypatch):
+    import gag_export.models as models
+
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline for parity"))
+
+
+def test_parity_uses_the_recorded_reference_without_loading_the_model(graphs_copy, monkeypatch):
+    _no_pipeline(monkeypatch)
+    report = check_graphs(graphs_copy, parity=True)
+    for name in ("text_encoder", "unet"):
+        parity = report.get(name, "parity")
+        assert parity.passed and "recorded at export" in parity.details and parity.parity
+        assert max(p.max_abs for p in parity.parity) < 1e-4
+
+
+def test_parity_fails_for_a_graph_that_computes_something_else(graphs_copy, monkeypatch):
+    """Not a stub: ONNX Runtime runs a graph whose weight was scaled by 1.05, against torch's recorded outputs."""
+    _no_pipeline(monkeypatch)
+    _scale_an_initializer(graphs_copy, "text_encoder", 1.05)
+    report = check_graphs(graphs_copy, parity=True)
+    parity = report.get("text_encoder", "parity")
+    assert not parity.passed and any(not p.passed and p.max_abs > 1e-3 for p in parity.parity)
+    assert report.get("text_encoder", "onnx_checker").passed and report.get("unet", "parity").passed
+    result = invoke_check(graphs_copy)
+    assert result.exit_code == 4 and "text_encoder/parity" in result.stderr
+
+
+def test_parity_at_the_tolerances_edge(graphs_copy, monkeypatch):
+    """The comparison honours the recorded tolerance: 10x looser passes the same wrong graph."""
+    _no_pipeline(monkeypatch)
+    _scale_an_initializer(graphs_copy, "unet", 1.001)
+    failed = check_graphs(graphs_copy, parity=True).get("unet", "parity")
+    assert not failed.passed
+    manifest = json.loads((graphs_copy / "manifest.json").read_text())
+    worst = max(p.max_abs for p in failed.parity)
+    manifest["components"]["unet"]["tolerance"] = {"atol": worst * 1.01, "rtol": 0.0}
+    (graphs_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert check_graphs(graphs_copy, parity=True).get("unet", "parity").passed
+
+
+def test_a_damaged_parity_reference_is_an_artifact_error(graphs_copy):
+    reference = graphs_copy / "unet" / "parity.npz"
+    data = bytearray(reference.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    reference.write_bytes(bytes(data))
+    result = invoke_check(graphs_copy)
+    assert_one_line_error(result, 5, "parity reference", "re-export")
+
+
+def test_an_export_without_references_is_checked_against_torch(graphs_copy):
+    manifest = json.loads((graphs_copy / "manifest.json").read_text())
+    for comp in manifest["components"].values():
+        comp.pop("parity_reference")
+    (graphs_copy / "manifest.json").write_text(json.dumps(manifest))
+    parity = check_graphs(graphs_copy, parity=True).get("unet", "parity")
+    assert parity.passed and "ORT vs torch fp32 eager:" in parity.details  # the pipeline, loaded again
+

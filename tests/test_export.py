@@ -4,6 +4,7 @@ precision, atomic writes, external data, onnxslim."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ from gag_export.models import ImageShape, Precision, descriptors_for, get_entry
 MANIFEST_KEYS = {"format_version", "model", "family", "source", "revision", "weights", "dtype", "dynamic", "opset",
                  "exporter", "shape", "gag", "components", "versions"}
 COMPONENT_KEYS = {"role", "path", "external_data", "sha256", "size_bytes", "nodes", "inputs", "outputs", "profile",
-                  "tolerance"}
+                  "tolerance", "parity_reference"}
 IDENTITY = {"gag_scale": -1.0, "gag_eta": 1e9, "gag_zeta": 1.0}
 
 
@@ -92,6 +93,9 @@ def test_manifest_records_graphs_as_written(graphs_root):
             entry = comp["profile"][spec["name"]]
             assert entry["min"] == entry["opt"] == entry["max"] == spec["shape"]
         assert comp["tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
+        reference = comp["parity_reference"]  # torch's outputs for the sample feed, for `check`
+        assert reference["path"] == f"{name}/parity.npz" and reference["seed"] == 0
+        assert hashlib.sha256((manifest.graphs_dir / reference["path"]).read_bytes()).hexdigest() == reference["sha256"]
     unet = data["components"]["unet"]
     scalars = [i for i in unet["inputs"] if i["name"] in GAG_INPUTS]
     assert scalars == [{"name": n, "dtype": "float32", "shape": []} for n in GAG_INPUTS]
@@ -271,7 +275,7 @@ def test_legacy_exporter_is_an_option(tmp_path):
     manifest = export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"),
                             _text_encoder_config(tmp_path, exporter="legacy"))
     assert manifest.data["exporter"] == "legacy"
-    assert sorted(p.name for p in manifest.graph_path("text_encoder").parent.iterdir()) == ["model.onnx"]
+    assert sorted(p.name for p in manifest.graph_path("text_encoder").parent.iterdir()) == ["model.onnx", "parity.npz"]
     report = check_graphs(manifest.graphs_dir, pipe=pipeline("tiny-sdxl"), entry=get_entry("tiny-sdxl"))
     assert report and report.get("text_encoder", "parity").passed, report.summary()
 
@@ -360,7 +364,7 @@ def test_large_weights_go_to_one_external_data_file(tmp_path, monkeypatch):
     manifest = export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"), _text_encoder_config(tmp_path))
     comp = manifest.components["text_encoder"]
     graph, data = manifest.graph_path("text_encoder"), manifest.graphs_dir / "text_encoder/model.onnx.data"
-    assert sorted(p.name for p in graph.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in graph.parent.iterdir()) == ["model.onnx", "model.onnx.data", "parity.npz"]
     assert comp["external_data"]["path"] == "text_encoder/model.onnx.data"
     assert comp["external_data"]["size_bytes"] == data.stat().st_size > graph.stat().st_size
     assert comp["size_bytes"] == graph.stat().st_size + data.stat().st_size
@@ -429,3 +433,17 @@ def test_cli_export_prints_summary_and_checks(tmp_path):
     data = json.loads((tmp_path / "tiny-sdxl/manifest.json").read_text())
     assert data["gag"]["scale"] == 4.0 and list(data["components"]) == ["text_encoder"]
     assert not math.isnan(data["components"]["text_encoder"]["size_bytes"])
+
+
+def test_cast_copy_casts_while_copying_and_keeps_ties():
+    """A reduced export copies one component at a time, cast on the way: the original stays fp32 and
+    untouched, tied weights stay tied, integer buffers keep their type."""
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
+    model[1].weight = model[0].weight  # tied, as CLIP's and T5's embeddings are
+    model.register_buffer("positions", torch.arange(4))
+    copy = export_mod._cast_copy(model, torch.float16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.dtype == torch.float16 and not p.requires_grad for p in copy.parameters())
+    assert copy[1].weight is copy[0].weight and copy[0].weight is not model[0].weight
+    assert copy.positions.dtype == torch.int64 and copy.positions.data_ptr() != model.positions.data_ptr()
+    torch.testing.assert_close(copy[1].bias.float(), model[1].bias.detach(), atol=1e-3, rtol=1e-3)

@@ -268,8 +268,14 @@ class ComponentDescriptor(abc.ABC):
     name = ""
     role = ""  # "text_encoder" | "denoiser" | "vae_decoder"
     family = ""
+    pipeline_attr = ""  # the diffusers pipeline's attribute holding the module ("" : `name`)
     # Fields that no model config determines (FLUX's text_len): kept by check_pipeline.
     CHOICE_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def module_attr(self) -> str:
+        """The pipeline attribute of this component's module: `unet`, `text_encoder_2`, `vae`, ..."""
+        return self.pipeline_attr or self.name
 
     # -- to implement
     @classmethod

@@ -223,6 +223,7 @@ class VaeDecoder(ComponentDescriptor):
 
     name = "vae_decoder"
     role = "vae_decoder"
+    pipeline_attr = "vae"
 
     @classmethod
     def from_configs(cls, configs, **choices):
@@ -257,4 +258,4 @@ class VaeDecoder(ComponentDescriptor):
 
     def export_module(self, pipe) -> ExportWrapper:
         self.check_pipeline(pipe)
-        return VaeDecoderWrapper.wrap(self.input_names(), self.output_names(), pipeline_component(pipe, "vae"))
+        return VaeDecoderWrapper.wrap(self.input_names(), self.output_names(), pipeline_component(pipe, self.module_attr))
