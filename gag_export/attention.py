@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import InvalidInputError
+from .core.errors import InvalidInputError
 from .guidance import GAGConfig, Scalar, gag_attention, gag_joint_attention, layer_matches
 
 log = logging.getLogger(__name__)

@@ -96,8 +96,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .atomic import as_if_created_plainly, write_failure
-from .errors import GagExportError, InvalidInputError
+from .core.atomic import as_if_created_plainly, write_failure
+from .core.errors import GagExportError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +457,7 @@ def _descriptors(entry, pipe=None):
 
 def unavailable(backend: str) -> str | None:
     """Why `backend` cannot run on this machine (None when it can), checked before exporting anything."""
-    from .errors import MissingDependencyError  # noqa: PLC0415
+    from .core.errors import MissingDependencyError  # noqa: PLC0415
 
     try:
         if backend == "ort":
@@ -631,7 +631,7 @@ def _ensure_engines(config: BenchConfig, p: Plan, gag: bool, backend: str) -> No
 
 def load_variant(config: BenchConfig, p: Plan, backend: str, gag: bool, pipe=None) -> Variant:
     """Load and activate one variant; `Skip` when its backend cannot run here."""
-    from .errors import MissingDependencyError  # noqa: PLC0415
+    from .core.errors import MissingDependencyError  # noqa: PLC0415
     from .runtime import BackendOptions, GenerationConfig, Sampler, SamplerAssets  # noqa: PLC0415
 
     options = BackendOptions(threads=config.cpu_threads, compile=backend == "torch-compile")

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .check import CheckReport, check_graphs, parity_needs_pipeline
-from .errors import InvalidInputError, MissingDependencyError
+from .check import CheckReport, check_graphs
+from .core.errors import InvalidInputError, MissingDependencyError
 from .export import DEFAULT_EXPORT_GAG, ExportConfig, ExportEvent, Manifest, export_model
 from .guidance import GAGConfig
 from .models import ImageShape, ModelEntry, Precision, descriptors_for, load_pipeline, resolve_entry
@@ -297,7 +297,8 @@ def run_build(config: BuildConfig, progress: Callable[[BuildEvent], None] | None
             notify(BuildEvent("export", "update", f"{event.component}: {event.stage} {event.message}".strip(),
                               completed=event.index + (event.stage == "done"), total=event.total))
 
-        manifest = export_model(pipe, entry, export_config, progress=on_export)
+        # handed over: each component's weights go once exported (the check uses recorded references)
+        manifest = export_model(pipe, entry, export_config, progress=on_export, release=True)
         result.manifest = manifest
         stage.finish("done", f"{len(manifest.components)} graphs, {manifest.precision.value}, "
                              f"{'dynamic' if config.dynamic else 'static'} {shape.height}x{shape.width}")
@@ -305,16 +306,16 @@ def run_build(config: BuildConfig, progress: Callable[[BuildEvent], None] | None
         result.artifacts.append(Artifact("graph", name, manifest.graph_path(name), int(comp["size_bytes"])))
     result.artifacts.append(Artifact("manifest", "manifest.json", manifest.path, manifest.path.stat().st_size))
 
-    # What the sampler needs besides the graphs, taken before the torch weights are freed: the check
-    # compares with torch's outputs recorded at export, so the pipeline (14 GB for an fp32 SDXL) is
-    # gone before ONNX Runtime loads a graph.
+    # What the sampler needs besides the graphs (tokenizers, scheduler config, descriptors: no
+    # weights, which the export released); the check compares with torch's outputs recorded at
+    # export, so no pipeline is held while ONNX Runtime loads a graph (an fp32 SDXL pipeline and
+    # an ORT session of its fp16 UNet do not fit in 24 GB together).
     from .runtime import SamplerAssets  # noqa: PLC0415
 
     assets = SamplerAssets.from_pipeline(pipe)
     descriptors = {d.name: d for d in descriptors_for(entry, pipe)}
-    if not parity_needs_pipeline(manifest.graphs_dir, config.seed):
-        pipe = None
-        gc.collect()
+    pipe = None
+    gc.collect()
     with _Stage(result, "check", notify, f"checking {manifest.graphs_dir}") as stage:
         checks_total = len(manifest.components) * 7
         counter = {"n": 0}
@@ -324,17 +325,13 @@ def run_build(config: BuildConfig, progress: Callable[[BuildEvent], None] | None
             notify(BuildEvent("check", "update", f"{component}: {check}", completed=min(counter["n"], checks_total),
                               total=checks_total))
 
-        report = check_graphs(manifest.graphs_dir, parity=True, pipe=pipe, entry=entry, seed=config.seed,
-                              progress=on_check)
+        report = check_graphs(manifest.graphs_dir, parity=True, entry=entry, seed=config.seed, progress=on_check)
         result.check = report
         failed = report.failures()
         stage.finish("failed" if failed else "done",
                      f"{len(failed)} failed: " + ", ".join(f"{r.component}/{r.check}" for r in failed) if failed
                      else f"{sum(r.passed for r in report.results)} passed, "
                           f"{sum(r.status == 'skipped' for r in report.results)} skipped")
-
-    pipe = None
-    gc.collect()
 
     if not report:
         for name in ("engine", "smoke"):

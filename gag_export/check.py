@@ -48,9 +48,9 @@ import numpy as np
 
 from . import trt_ops
 from .attention import apply_gag, remove_gag
-from .errors import ArtifactError, CheckFailedError, InvalidInputError
+from .core.errors import ArtifactError, CheckFailedError, InvalidInputError
+from .core.names import GAG_INPUTS
 from .export import (
-    GAG_INPUTS,
     Manifest,
     denoiser_module,
     dtype_name,
@@ -538,12 +538,6 @@ def _needs_torch(manifest: Manifest, seed: int) -> list[str]:
     return [name for name, comp in manifest.components.items()
             if _component_precision(comp) is not Precision.BF16
             and (comp.get("parity_reference") or {}).get("seed", None) != seed]
-
-
-def parity_needs_pipeline(graphs_dir: Path, seed: int = 0) -> bool:
-    """Whether `check_graphs(graphs_dir, seed=seed)` would use a torch pipeline for parity (else it
-    compares with the references recorded at export, and a caller may free its pipeline first)."""
-    return bool(_needs_torch(Manifest.load(Path(graphs_dir)), seed))
 
 
 def _component_precision(entry) -> Precision:

@@ -2,7 +2,7 @@
 
 No logic lives here. Each command turns its options into the objects the layers take and
 reports what they return. Errors from the layers (`GagExportError`) become one line on stderr
-and the exit code documented in README (see `gag_export.errors.EXIT_CODES`).
+and the exit code documented in README (see `gag_export.core.errors.EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_CODES, INTERRUPTED_EXIT_CODE, GagExportError, ResourceExhaustedError
+from .core.errors import EXIT_CODES, INTERRUPTED_EXIT_CODE, GagExportError, ResourceExhaustedError
 
 console = Console(stderr=True)
 log = logging.getLogger("gag_export")
@@ -378,15 +378,9 @@ def export_command(model, out_dir, height, width, batch, dynamic, min_height, mi
             f"{s.nodes_before_slim} -> {s.nodes}" if s.slimmed else f"rejected ({s.nodes_before_slim})")
         table.add_row(name, str(s.nodes), _size(s.size_bytes), f"{s.seconds:.1f} s", slim_note)
     Console().print(table)
+    del pipe  # its weights went with the export (release=True); the check compares with recorded references
     if not no_check:
-        # Parity compares with torch's outputs recorded at export: the pipeline goes first (an fp32
-        # SDXL pipeline and an ORT session of its UNet do not fit in 24 GB together). Components
-        # carried over from an older export without references are not in `pipe` (only --component
-        # ones were loaded): then parity loads the reference pipeline of the whole manifest itself.
-        kept = set(manifest.components) - set(manifest.stats)
-        if kept or not check.parity_needs_pipeline(manifest.graphs_dir):
-            pipe = None
-        report = check.check_graphs(manifest.graphs_dir, parity=True, pipe=pipe, entry=entry)
+        report = check.check_graphs(manifest.graphs_dir, parity=True, entry=entry)
         _print_check_report(report)
         report.raise_for_failures()
 
@@ -403,7 +397,7 @@ def _export_with_progress(export, pipe, entry, config):
             progress.update(task, total=event.total, completed=event.index + (event.stage == "done"),
                             description=f"{event.component}: {event.stage} {event.message}".strip())
 
-        return export.export_model(pipe, entry, config, progress=on_event)
+        return export.export_model(pipe, entry, config, progress=on_event, release=True)
 
 
 def _size(n: int) -> str:

@@ -22,8 +22,8 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
+from .core.errors import GagExportError
 from .engine import TENSORRT_INSTALL, GpuInfo, TensorRTCapabilities, detect_gpu
-from .errors import GagExportError
 from .trt_flavors import TENSORRT_RTX
 
 ORT_GPU_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"

@@ -44,13 +44,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol
 
 from . import __version__
-from .atomic import as_if_created_plainly, write_failure
-from .errors import ArtifactError, CheckFailedError, InvalidInputError, MissingDependencyError
+from .core.atomic import as_if_created_plainly, write_failure
+from .core.errors import ArtifactError, CheckFailedError, InvalidInputError, MissingDependencyError
+from .core.names import MANIFEST_NAME
 from .trt_flavors import TENSORRT, TensorRTFlavor, get_flavor, parse_sm_tag, parse_targets, sm_tag
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 SIDECAR_FORMAT_VERSION = 1
 TENSORRT_INSTALL = 'pip install "gag-export[tensorrt]"'
 RUNTIME_CACHE_SUFFIX = ".runtime-cache"  # TensorRT-RTX: the JIT's runtime cache, beside its engine

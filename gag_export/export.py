@@ -57,35 +57,31 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from .arrays import to_numpy, to_torch
-from .atomic import as_if_created_plainly, swap_into_place
 from . import __version__
+from .arrays import to_numpy, to_torch
 from .attention import apply_gag, is_gag_applied, remove_gag
-from .errors import (
+from .core.atomic import as_if_created_plainly, swap_into_place
+from .core.errors import (
     ArtifactError,
     GagExportError,
     InvalidInputError,
     ResourceExhaustedError,
 )
+from .core.names import DATA_SUFFIX, GRAPH_NAME, MANIFEST_NAME, PARITY_NAME
 from .guidance import GAGConfig
 from .models import FAMILIES, ImageShape, Precision, descriptors_for
-from .parity import PARITY_NAME, OutputParity, ParityError, compare_with_torch, record_reference, tolerance_dict
+from .parity import ParityError, compare_with_reference, load_reference, record_reference, tolerance_dict
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
-GRAPH_NAME = "model.onnx"
-DATA_SUFFIX = ".data"  # external data: model.onnx.data
 EXPORTERS = ("dynamo", "legacy")
 DEFAULT_OPSET = 20
 OPSET_RANGE = (17, 20)  # what this exporter path was validated on; TensorRT 10.0 parses 9..20
-GAG_INPUTS = ("gag_scale", "gag_eta", "gag_zeta")
 LARGE_WEIGHTS_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB for the whole file
 DEFAULT_EXPORT_GAG = GAGConfig(method="bisect")
 
@@ -123,7 +119,6 @@ class ExportConfig:
     weights: str | None = None  # how the pipeline's weights were obtained (recorded in the manifest)
     seed: int = 0  # sample inputs for export tracing and parity
     components: tuple[str, ...] = ()  # only these components (default: all of the family's)
-    parity_reference: bool = True  # record torch's outputs beside each graph (parity.npz) for `check`
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -714,6 +709,14 @@ def _reduced_view(pipe, attr: str, dtype: torch.dtype, gag: GAGConfig | None):
     return view
 
 
+def _release(pipe, attr: str) -> None:
+    """Drop a component's weights from a pipeline handed over to the export (`release=True`): its
+    tensors move to the meta device (no storage), so the module and its config stay describable."""
+    module = getattr(pipe, attr, None)
+    if isinstance(module, torch.nn.Module):
+        module.to("meta")
+
+
 # A partial export (`components=...`) adds to the export already in the folder: the whole folder
 # is swapped into place, so the components it does not re-export are carried over, and only from
 # an export whose settings (everything in the manifest head but the library versions) are the
@@ -816,17 +819,22 @@ def _merged_components(manifest: dict, previous: Manifest, kept: Mapping[str, di
         manifest["gag"]["rewritten"] = previous.data["gag"].get("rewritten", [])
 
 
-def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEvent], None] | None = None) -> Manifest:
+def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEvent], None] | None = None,
+                 release: bool = False) -> Manifest:
     """Export every component of `entry` from `pipe` into `config.graphs_dir`; return the manifest.
 
     GAG (`config.gag`) is applied to the denoiser for the export and removed afterwards (also from
     `pipe`); the denoiser graph then takes `gag_scale`, `gag_eta`, `gag_zeta` as 0-d float32
     inputs. fp16/bf16 exports work on a cast copy of one component of `pipe` at a time. With
     `config.slim`, each graph goes through onnxslim and the slimmed graph is kept only if parity
-    against torch eager (fp32) still holds. With `config.parity_reference` (the default), torch's
-    fp32 outputs for the component's sample feed are recorded beside its graph (`parity.npz`, named
-    in the manifest), so that `check` compares without loading the model. On any failure nothing
-    is left half-written (see the module docstring).
+    against torch eager (fp32) still holds. Torch's fp32 outputs for each component's sample feed
+    are recorded beside its graph first (`parity.npz`, named in the manifest; not for bf16, which
+    ONNX Runtime's CPU provider cannot run), so that `check` compares without loading the model.
+    `release`: the caller hands `pipe` over; each component's weights are dropped from it (moved
+    to the meta device) as soon as they are no longer needed (the fp32 module of a reduced export once its
+    reference is recorded and its copy made), so that a 14 GB fp32 SDXL pipeline and the export
+    of its fp16 UNet fit in 24 GB. On any failure nothing is left half-written (see the module
+    docstring).
     """
     notify = progress or (lambda event: None)
     try:
@@ -853,8 +861,18 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
             dest = comp_dir / GRAPH_NAME
             start = time.perf_counter()
             precision = descriptor.export_dtype(config.precision)
-            work = pipe if precision is Precision.FP32 else _reduced_view(pipe, descriptor.module_attr,
-                                                                          precision.torch_dtype, config.gag)
+            outputs = [spec.name for spec in descriptor.outputs(precision, gag=gag)]
+            reference = None  # torch's fp32 outputs, recorded first: then the fp32 module may go
+            if precision is not Precision.BF16:  # ORT's CPU provider runs no bf16: nothing to compare with
+                feed = sample_feed(descriptor, config.shape, precision, config.seed, gag)
+                reference = record_reference(comp_dir / PARITY_NAME, descriptor.export_module(pipe), feed, outputs,
+                                             tmp, config.seed)
+            if precision is Precision.FP32:
+                work = pipe
+            else:
+                work = _reduced_view(pipe, descriptor.module_attr, precision.torch_dtype, config.gag)
+                if release:  # the fp32 weights are needed no more: only the reduced copy is exported
+                    _release(pipe, descriptor.module_attr)
             module = descriptor.export_module(work)
             try:
                 nodes = _export_one(descriptor, module, config, precision, gag, dest)
@@ -865,20 +883,18 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
                     raise res from exc
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise GagExportError(f"exporting {config.model}/{descriptor.name} failed: {type(exc).__name__}: {first}") from exc
+            del module, work
+            if release:
+                _release(pipe, descriptor.module_attr)
             notify(ExportEvent(descriptor.name, "exported", index, len(descriptors), nodes=nodes,
                                seconds=time.perf_counter() - start))
             before, slimmed = None, False
             if config.slim:
-                reference = module if precision is Precision.FP32 else descriptor.export_module(pipe)
-                before, slimmed = _slim_component(descriptor, reference, config, precision, gag, dest, notify,
-                                                  index, len(descriptors))
+                before, slimmed = _slim_component(descriptor, reference and load_reference(tmp, reference), config,
+                                                  dest, notify, index, len(descriptors))
             entry_json = _component_entry(descriptor, config, precision, comp_dir, tmp)
-            del module, work  # the reduced copy, before the fp32 reference runs
-            if config.parity_reference and precision is not Precision.BF16:  # ORT's CPU provider runs no bf16
-                feed = sample_feed(descriptor, config.shape, precision, config.seed, gag)
-                entry_json["parity_reference"] = record_reference(
-                    comp_dir / PARITY_NAME, descriptor.export_module(pipe), feed,
-                    [s.name for s in descriptor.outputs(precision, gag=gag)], tmp, config.seed)
+            if reference is not None:
+                entry_json["parity_reference"] = reference
             manifest["components"][descriptor.name] = entry_json
             stats[descriptor.name] = ComponentStats(entry_json["nodes"], entry_json["size_bytes"],
                                                     time.perf_counter() - start, before, slimmed)
@@ -904,20 +920,19 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
     return Manifest(config.graphs_dir, manifest, stats)
 
 
-def _slim_component(descriptor, reference: torch.nn.Module, config: ExportConfig, precision: Precision, gag: bool,
-                    dest: Path, notify, index: int, total: int) -> tuple[int, bool]:
-    """onnxslim one exported graph; keep the result only if parity against torch (fp32) still holds."""
+def _slim_component(descriptor, reference, config: ExportConfig, dest: Path, notify, index: int,
+                    total: int) -> tuple[int, bool]:
+    """onnxslim one exported graph; keep the result only if parity against torch's recorded
+    outputs still holds (`reference`: None for bf16, which ONNX Runtime's CPU provider cannot run)."""
     slim_dest = dest.with_name("slim.onnx")
     start = time.perf_counter()
     before, after = slim_graph(dest, slim_dest)
-    if precision is Precision.BF16:
+    if reference is None:
         ok, verdict = False, "cannot be verified: ONNX Runtime's CPU provider has no bfloat16 kernels"
     else:
-        feed = sample_feed(descriptor, config.shape, precision, config.seed, gag)
-        output_names = [s.name for s in descriptor.outputs(precision, gag=gag)]
+        tolerance = tolerance_dict(descriptor.tolerance(config.precision))
         try:
-            results = compare_with_torch(slim_dest, reference, feed, output_names,
-                                         tolerance_dict(descriptor.tolerance(precision)))
+            results = compare_with_reference(slim_dest, reference, tolerance)
             ok, verdict = all(results), "; ".join(map(str, results))
         except ParityError as exc:
             ok, verdict = False, str(exc)

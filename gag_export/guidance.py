@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidInputError
+from .core.errors import InvalidInputError
 
 ENTMAX_METHODS = ("sort", "bisect")
 # gag_attention also takes "fused" (the Triton kernel, or an error) and "auto" (fused on CUDA

@@ -38,10 +38,9 @@ from polygraphy.comparator.compare import SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from .arrays import to_torch
-from .errors import ArtifactError, GagExportError
-from .models.base import GAG_INPUTS
+from .core.errors import ArtifactError, GagExportError
+from .core.names import GAG_INPUTS, PARITY_NAME
 
-PARITY_NAME = "parity.npz"  # beside model.onnx: the sample feed and torch's outputs
 REFERENCE_SOURCE = "torch fp32 eager"
 
 

@@ -24,7 +24,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from .errors import InvalidInputError, MissingDependencyError
+from .core.errors import InvalidInputError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 

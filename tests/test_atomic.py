@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gag_export.atomic import as_if_created_plainly, swap_into_place, umask
+from gag_export.core.atomic import as_if_created_plainly, swap_into_place, umask
 
 
 @pytest.fixture

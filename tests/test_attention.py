@@ -10,7 +10,7 @@ from entmax import entmax15 as entmax15_reference
 
 import gag_export.attention as attention
 from gag_export.attention import apply_gag, gag_applied, guidance_params, is_gag_applied, remove_gag
-from gag_export.errors import InvalidInputError
+from gag_export.core.errors import InvalidInputError
 from gag_export.guidance import GAGConfig
 
 from conftest import flux_inputs, unet_inputs

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from gag_export import bench
 from gag_export.cli import cli
-from gag_export.errors import InvalidInputError
+from gag_export.core.errors import InvalidInputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -248,7 +248,7 @@ def test_cli_bench_prints_the_results_when_writing_fails_at_the_end(tmp_path, mo
 def test_atomic_write_on_a_full_disk_is_resource_exhausted_and_leaves_nothing(tmp_path):
     import errno
 
-    from gag_export.errors import ResourceExhaustedError
+    from gag_export.core.errors import ResourceExhaustedError
 
     dest = tmp_path / "b.json"
     with pytest.raises(ResourceExhaustedError, match="b.json"), bench._atomic_path(dest):

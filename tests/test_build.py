@@ -13,7 +13,7 @@ from build_helpers import MODEL, add_float64_cast, built_tiny_sdxl, graphs_copy,
 from gag_export import build
 from gag_export.build import BuildConfig, run_build
 from gag_export.engine import detect_gpu
-from gag_export.errors import CheckFailedError, InvalidInputError, MissingDependencyError
+from gag_export.core.errors import CheckFailedError, InvalidInputError, MissingDependencyError
 from gag_export.export import Manifest, graph_sha256
 from gag_export.guidance import GAGConfig
 
@@ -118,7 +118,7 @@ def test_auto_takes_tensorrt_rtx_without_tensorrt_or_a_gpu(monkeypatch):
 
 def _reuse_export(monkeypatch, graphs_dir, seen):
     """export_model returns the given (already exported) graphs: the stages after export run for real."""
-    def fake_export(pipe, entry, config, progress=None):
+    def fake_export(pipe, entry, config, progress=None, release=False):
         seen.append(config)
         return Manifest.load(graphs_dir)
 

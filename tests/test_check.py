@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from gag_export import trt_ops
 from gag_export.check import CheckReport, CheckResult, check_graphs, lint_graph, precision_findings
 from gag_export.cli import cli
-from gag_export.errors import ArtifactError, CheckFailedError
+from gag_export.core.errors import ArtifactError, CheckFailedError
 from gag_export.export import graph_sha256, save_graph
 
 

@@ -1,5 +1,5 @@
 """The `gag-export` CLI through click's CliRunner: help texts, the models table, and every documented
-exit code with a real trigger (README "Exit codes", gag_export.errors.EXIT_CODES)."""
+exit code with a real trigger (README "Exit codes", gag_export.core.errors.EXIT_CODES)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from build_helpers import MODEL, add_float64_cast, built_tiny_sdxl, graphs_copy, rewrite_component
 from gag_export import export
 from gag_export.cli import cli
-from gag_export.errors import EXIT_CODES
+from gag_export.core.errors import EXIT_CODES
 from gag_export.export import Manifest, graph_sha256
 from gag_export.models import list_entries
 
@@ -152,7 +152,7 @@ def test_zero_sizes_exit_2_naming_the_option(args, option, monkeypatch, tmp_path
 
 def test_shape_keeps_a_zero_for_validation():
     from gag_export.cli import _shape
-    from gag_export.errors import InvalidInputError
+    from gag_export.core.errors import InvalidInputError
     from gag_export.models import ImageShape
 
     default = ImageShape(64, 64, 1)

@@ -28,7 +28,7 @@ from gag_export.engine import (
     ShapeMode,
     TensorRTCapabilities,
 )
-from gag_export.errors import ArtifactError, CheckFailedError, InvalidInputError, MissingDependencyError
+from gag_export.core.errors import ArtifactError, CheckFailedError, InvalidInputError, MissingDependencyError
 
 TRT10 = TensorRTCapabilities.from_version("10.13.0.35")
 TRT11 = TensorRTCapabilities.from_version("11.4.0.9")
@@ -248,7 +248,7 @@ def test_cache_path_names_what_the_engine_was_built_from(tmp_path):
     # nothing half-written is left beside it
     assert sorted(p.name for p in record.path.parent.iterdir()) == sorted([record.path.name, record.path.with_suffix(".json").name])
     # and the plan has the mode open() would give it, not mkstemp's 0600
-    from gag_export.atomic import umask
+    from gag_export.core.atomic import umask
 
     assert record.path.stat().st_mode & 0o777 == 0o666 & ~umask()
 

@@ -33,9 +33,9 @@ import gag_export.export as export_mod
 from gag_export.attention import apply_gag, remove_gag
 from gag_export.check import check_graphs, in_modules, node_module
 from gag_export.cli import cli
-from gag_export.errors import ArtifactError, GagExportError, InvalidInputError, ResourceExhaustedError
+from gag_export.core.errors import ArtifactError, GagExportError, InvalidInputError, ResourceExhaustedError
+from gag_export.core.names import GAG_INPUTS
 from gag_export.export import (
-    GAG_INPUTS,
     ExportConfig,
     Manifest,
     export_model,
@@ -381,16 +381,40 @@ def test_slim_is_kept_when_parity_holds(tmp_path):
 
 
 def test_slim_is_rejected_when_parity_breaks(tmp_path, monkeypatch, caplog):
-    def broken(onnx_path, module, feed, output_names, tolerance):
-        return [export_mod.OutputParity("pooled_embeds", 1.0, 1.0, 1.0, 1e-4, 1e-4, False)]
+    """A 'slimmed' graph that computes something else (one weight scaled by 1.05) is compared for
+    real with torch's recorded outputs, and rejected."""
+    real_slim = export_mod.slim_graph
 
-    monkeypatch.setattr(export_mod, "compare_with_torch", broken)
+    def slim_and_break(onnx_path, dest):
+        before, after = real_slim(onnx_path, dest)
+        model = onnx.load(str(dest))
+        weight = max((t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT),
+                      key=lambda t: int(np.prod(t.dims)))
+        weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * np.float32(1.05), weight.name))
+        onnx.save_model(model, str(dest))
+        return before, after
+
+    monkeypatch.setattr(export_mod, "slim_graph", slim_and_break)
     with caplog.at_level(logging.WARNING, logger="gag_export.export"):
         manifest = export_model(pipeline("tiny-sdxl"), get_entry("tiny-sdxl"), _text_encoder_config(tmp_path, slim=True))
     stats = manifest.stats["text_encoder"]
     assert not stats.slimmed and stats.nodes == stats.nodes_before_slim
-    assert "onnxslim result rejected" in caplog.text
+    assert "onnxslim result rejected" in caplog.text and "FAILED" in caplog.text
     assert not (manifest.graphs_dir / "text_encoder/slim.onnx").exists()
+
+
+def test_release_drops_each_exported_component_from_the_pipeline(tmp_path):
+    """export_model(..., release=True) is for a pipeline handed over: its weights go as they are exported
+    (a reduced export's fp32 module as soon as its reference is recorded and its copy made)."""
+    from gag_export.models import load_pipeline
+
+    pipe = load_pipeline(get_entry("tiny-sdxl"))
+    manifest = export_model(pipe, get_entry("tiny-sdxl"),
+                            ExportConfig("tiny-sdxl", tmp_path, ImageShape(64, 64, 1), precision="fp16"), release=True)
+    for attr in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        assert {p.device.type for p in getattr(pipe, attr).parameters()} == {"meta"}, attr
+    assert pipe.tokenizer is not None and pipe.scheduler is not None  # what the sampler needs stays
+    assert check_graphs(manifest.graphs_dir, parity=True)  # against the references recorded before release
 
 
 # --------------------------------------------------------------------------- configuration and CLI

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from entmax import entmax15 as entmax15_reference
 
-from gag_export.errors import InvalidInputError
+from gag_export.core.errors import InvalidInputError
 from gag_export.guidance import (
     GAGConfig,
     entmax15,

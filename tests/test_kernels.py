@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from entmax import entmax15 as entmax15_reference
 
 from gag_export import kernels
-from gag_export.errors import InvalidInputError, MissingDependencyError
+from gag_export.core.errors import InvalidInputError, MissingDependencyError
 from gag_export.guidance import GAGConfig, gag_attention, gag_combine, gag_joint_attention
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from gag_export.errors import ArtifactError, InvalidInputError, ResourceExhaustedError, WeightsNotFoundError
+from gag_export.core.errors import ArtifactError, InvalidInputError, ResourceExhaustedError, WeightsNotFoundError
 from gag_export.models import (
     ModelEntry,
     WeightsSource,

@@ -7,7 +7,7 @@ import inspect
 import pytest
 import torch
 
-from gag_export.errors import InvalidInputError
+from gag_export.core.errors import InvalidInputError
 from gag_export.models import (
     FluxTransformer,
     ImageShape,

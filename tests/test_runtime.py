@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from runtime_helpers import ONE_THREAD, PROMPT, exported_graphs, max_pixel_diff, torch_threads
 
 from gag_export.cli import cli
-from gag_export.errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError
+from gag_export.core.errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError
 from gag_export.models import ImageShape, get_entry, load_pipeline
 from gag_export.runtime import (
     IDENTITY_GAG,
@@ -433,7 +433,7 @@ def test_tensorrt_component_io(trt_samplers):
 def _rtx_gpu_reason() -> str | None:
     """Why TensorRT-RTX engines cannot run here (None where they can: an RTX GPU it targets)."""
     from gag_export.engine import RuntimeTarget, trt_features
-    from gag_export.errors import MissingDependencyError
+    from gag_export.core.errors import MissingDependencyError
 
     try:
         RuntimeTarget.current(trt_features("tensorrt-rtx"))
@@ -525,7 +525,7 @@ def test_ort_component_without_a_kernel_for_the_graph_says_so(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from gag_export.errors import MissingDependencyError
+    from gag_export.core.errors import MissingDependencyError
     from gag_export.models.base import TensorSpec
 
     graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"])], "bf16_softmax",

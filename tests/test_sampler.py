@@ -17,7 +17,7 @@ import torch
 from runtime_helpers import ONE_THREAD, PROMPT, max_pixel_diff, pixels, torch_threads
 
 from gag_export import __version__
-from gag_export.errors import InvalidInputError
+from gag_export.core.errors import InvalidInputError
 from gag_export.models import get_entry, load_pipeline
 from gag_export.runtime import (
     IDENTITY_GAG,
@@ -361,7 +361,7 @@ def test_png_is_written_atomically(tmp_path, sdxl):
             f.write(b"partial")
             raise OSError("disk went away")
 
-    from gag_export.errors import ArtifactError
+    from gag_export.core.errors import ArtifactError
 
     with pytest.raises(ArtifactError, match="disk went away"):
         save_png(Broken(), path, {"prompt": "blue"})

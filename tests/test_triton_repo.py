@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from gag_export.engine import Sidecar, sidecar_path
-from gag_export.errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError
+from gag_export.core.errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError
 from gag_export.export import Manifest
 from gag_export.models import get_entry
 from gag_export.serving import RepositoryOptions, RequestLimits, build_repository, parse_request, pbtxt

@@ -29,7 +29,7 @@ import numpy as np
 import psutil
 import pytest
 
-from gag_export.errors import InvalidInputError, MissingDependencyError
+from gag_export.core.errors import InvalidInputError, MissingDependencyError
 from gag_export.serving import RepositoryOptions, build_repository
 from gag_export.serving.client import PipelineClient, PipelineRequest
 from gag_export.serving.server import SHM_DIR, SHM_PREFIX, free_port

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gag_export.errors import InvalidInputError, MissingDependencyError
+from gag_export.core.errors import InvalidInputError, MissingDependencyError
 from gag_export.trt_flavors import (
     TENSORRT,
     TENSORRT_RTX,

@@ -55,7 +55,7 @@ import os
 
 import torch
 
-from ..errors import InvalidInputError, MissingDependencyError
+from ..core.errors import InvalidInputError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..errors import MissingDependencyError
+from ..core.errors import MissingDependencyError
 from . import guidance_schedule
 from .triton_gag import _gag_attention_kernel, kernel_constants
 

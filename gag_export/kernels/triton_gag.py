@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ..errors import InvalidInputError
+from ..core.errors import InvalidInputError
 from . import block_sizes
 
 log = logging.getLogger(__name__)

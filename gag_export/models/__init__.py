@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from ..core.errors import InvalidInputError
 from .base import (
     GAG_INPUTS,
     ComponentDescriptor,
@@ -26,8 +27,8 @@ from .flux import (
     FluxTextEncoder,
     FluxTransformer,
     FluxVaeDecoder,
-    flux_descriptors,
     float32_rotary,
+    flux_descriptors,
     latent_image_ids,
 )
 from .loading import (
@@ -44,7 +45,6 @@ from .loading import (
 from .registry import FAMILIES, ModelEntry, SchedulerSpec, WeightsSource, get_entry, list_entries
 from .sdxl import SDXLTextEncoder, SDXLTextEncoder2, SDXLUNet, SDXLVaeDecoder, sdxl_descriptors
 from .tiny import build_clip_tokenizer, build_t5_tokenizer, build_tiny_flux_pipeline, build_tiny_sdxl_pipeline
-from ..errors import InvalidInputError
 
 _ENTRY_NAMES = {entry.name for entry in list_entries()}
 

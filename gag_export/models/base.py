@@ -26,12 +26,12 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from ..errors import InvalidInputError
+from ..core.errors import InvalidInputError
+from ..core.names import GAG_INPUTS
 
 log = logging.getLogger(__name__)
 
 Dim = int | str
-GAG_INPUTS = ("gag_scale", "gag_eta", "gag_zeta")
 # Values of the 0-d guidance inputs in `sample_inputs`: all three GAG terms active (zeta > 0
 # exercises the orthogonal part), so traces and parity checks cover the whole graph.
 SAMPLE_GAG_VALUES = {"gag_scale": 10.0, "gag_eta": 15.0, "gag_zeta": 0.5}

@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
-from ..errors import ArtifactError, InvalidInputError, ResourceExhaustedError, WeightsNotFoundError
+from ..core.errors import ArtifactError, InvalidInputError, ResourceExhaustedError, WeightsNotFoundError
 from .base import Precision
 from .registry import ModelEntry, SchedulerSpec, WeightsSource, get_entry
 from .tiny import (

@@ -18,7 +18,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..errors import InvalidInputError
+from ..core.errors import InvalidInputError
 
 FAMILIES = ("sdxl", "flux")
 

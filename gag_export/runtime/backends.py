@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError, ResourceExhaustedError
+from ..core.errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError, ResourceExhaustedError
 from ..export import Manifest, onnx_element_type, to_numpy, to_torch
 from ..models.base import TensorSpec
 
@@ -587,7 +587,7 @@ class TensorRTRtxComponent(TensorRTComponent):
         return engine.create_execution_context(config)
 
     def _deactivate(self) -> None:
-        from ..atomic import write_failure  # noqa: PLC0415
+        from ..core.atomic import write_failure  # noqa: PLC0415
         from ..engine import runtime_cache_path  # noqa: PLC0415
 
         cache = getattr(self, "_runtime_cache", None)

@@ -10,8 +10,8 @@ from typing import Mapping
 
 from PIL import Image, PngImagePlugin
 
-from ..atomic import as_if_created_plainly
-from ..errors import ArtifactError, ResourceExhaustedError
+from ..core.atomic import as_if_created_plainly
+from ..core.errors import ArtifactError, ResourceExhaustedError
 
 
 def save_png(image: Image.Image, path: Path, metadata: Mapping[str, str]) -> Path:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ArtifactError
+from ..core.errors import ArtifactError
 from .backends import ENGINE_BACKENDS, load_manifest_for, parse_backend
 
 log = logging.getLogger(__name__)

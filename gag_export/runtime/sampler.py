@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import ArtifactError, InvalidInputError
+from ..core.errors import ArtifactError, InvalidInputError
 from ..guidance import GAGConfig
 from ..models.base import ImageShape, require_positive_int
 from .backends import BackendOptions, Component, ComponentSet, load_components, parse_backend

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import GagExportError, InvalidInputError, MissingDependencyError
+from ..core.errors import GagExportError, InvalidInputError, MissingDependencyError
+from ..core.names import GAG_INPUTS
 from .repository import PIPELINE
 
 PROTOCOLS = ("http", "grpc")
-GAG_INPUTS = ("gag_scale", "gag_eta", "gag_zeta")
 # A parameter every config that `gag-export triton` writes for requests carries (repository.client_defaults).
 REQUEST_MODEL_PARAMETER = "default_steps"
 CLIENT_INSTALL = "pip install 'tritonclient[http,grpc]'"

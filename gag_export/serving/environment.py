@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..atomic import as_if_created_plainly, swap_into_place
-from ..errors import GagExportError, MissingDependencyError
+from ..core.atomic import as_if_created_plainly, swap_into_place
+from ..core.errors import GagExportError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 

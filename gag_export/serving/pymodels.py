@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ArtifactError, GagExportError, InvalidInputError
+from ..core.errors import ArtifactError, GagExportError, InvalidInputError
 from ..export import Manifest, to_numpy
 from ..models.base import TensorSpec
 from ..runtime.backends import Component, ComponentSet, OrtComponent, spec_from_manifest

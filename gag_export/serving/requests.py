@@ -26,11 +26,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..core.errors import InvalidInputError
+from ..core.names import GAG_INPUTS
 from ..runtime.sampler import GAGParams, GenerationConfig
 
 SEED_MAX = 2**63 - 1
-GAG_REQUEST_INPUTS = ("gag_scale", "gag_eta", "gag_zeta")
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def parse_request(values: Mapping[str, np.ndarray], limits: RequestLimits, gag: 
             zeta=_number(values, "gag_zeta", 0.0, limits.max_zeta),
         )
     else:
-        extra = [name for name in GAG_REQUEST_INPUTS if name in values]
+        extra = [name for name in GAG_INPUTS if name in values]
         if extra:
             raise InvalidInputError(f"{', '.join(extra)}: this model was exported without GAG and takes no guidance inputs")
     return GenerationConfig(prompt, seed=seed, steps=steps, gag=params)

@@ -1,0 +1,13 @@
+"""Names every layer shares, defined once: the guidance inputs and the artifact file names."""
+
+from __future__ import annotations
+
+# The three 0-d float32 inputs of a GAG denoiser graph (and of the serving pipeline's requests).
+GAG_INPUTS = ("gag_scale", "gag_eta", "gag_zeta")
+
+MANIFEST_NAME = "manifest.json"  # graphs/<model>/manifest.json
+GRAPH_NAME = "model.onnx"  # graphs/<model>/<component>/model.onnx
+DATA_SUFFIX = ".data"  # its external data, when the weights exceed protobuf's 2 GB: model.onnx.data
+PARITY_NAME = "parity.npz"  # beside model.onnx: the sample feed and torch's outputs recorded at export
+
+__all__ = ["DATA_SUFFIX", "GAG_INPUTS", "GRAPH_NAME", "MANIFEST_NAME", "PARITY_NAME"]
