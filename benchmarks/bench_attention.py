@@ -22,8 +22,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from gag_export.attention import GAGAttnProcessor, GuidanceParams, apply_gag  # noqa: E402
-from gag_export.guidance import GAGConfig  # noqa: E402
+from gag_export.gag.attention import GAGAttnProcessor, GuidanceParams, apply_gag  # noqa: E402
+from gag_export.gag import GAGConfig  # noqa: E402
 
 
 def sdxl_cross_attention_layer() -> tuple[Attention, dict]:

@@ -26,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gag_export.build import BuildConfig, run_build  # noqa: E402
+from gag_export.workflows.build import BuildConfig, run_build  # noqa: E402
 from gag_export.export import DEFAULT_EXPORT_GAG  # noqa: E402
-from gag_export.guidance import GAGConfig  # noqa: E402
+from gag_export.gag import GAGConfig  # noqa: E402
 
 
 def _status_kib(field: str) -> int:
@@ -89,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
                     "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
     }
     engines = {r.component: r for r in result.engines}
+    # `result.check` is falsy when any check failed, so compare with None: a failed VAE parity
+    # must not hide the other components' layer counts and parity.
+    checked = result.check is not None
     for name, comp in (result.manifest.components.items() if result.manifest else ()):
-        parsed = result.check.get(name, "trt_parser") if result.check else None
+        parsed = result.check.get(name, "trt_parser") if checked else None
+        parity = result.check.get(name, "parity") if checked else None
         layers = re.search(r"(\d+) network layers", parsed.details) if parsed is not None else None
         record = engines.get(name)
         out["components"][name] = {
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "network_layers": int(layers.group(1)) if layers else None,
             "engine_bytes": record.sidecar.engine_size_bytes if record else None,
             "engine_build_seconds": record.sidecar.build_seconds if record else None,
-            "parity": str(result.check.get(name, "parity").details) if result.check and result.check.get(name, "parity") else None,
+            "parity": parity.details if parity is not None else None,
         }
     print(json.dumps(out, indent=2))
     if args.json:

@@ -6,7 +6,7 @@ says `force_upcast`), PyTorch with GAG "auto" (the fused Triton kernel wherever 
 off as on every backend of the project.
 
 Three forms of the same work, all six variants interleaved round by round
-(`gag_export.bench.interleave`: background load hits every variant alike), p50/p90 over
+(`gag_export.workflows.bench.interleave`: background load hits every variant alike), p50/p90 over
 `--iters` runs after `--warmup`:
 - `sampler`: `Sampler.generate` on torch components, what `gag-export generate --backend torch`
   runs: tokenize, both text encoders, the UNet step and the LCM step, VAE decode, conversion to a
@@ -47,11 +47,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "benchmarks"))
 
-from gag_export import bench  # noqa: E402
+from gag_export.workflows import bench  # noqa: E402
 from gag_export.models import descriptors_for  # noqa: E402
 from gag_export.models.loading import build_random_pipeline, load_pipeline  # noqa: E402
 from gag_export.runtime import GenerationConfig, Sampler, SamplerAssets  # noqa: E402
-from gag_export.runtime.sampler import tokenize  # noqa: E402
+from gag_export.runtime.conditioning import tokenize  # noqa: E402
 
 GOAL_MS = 100.0  # issue 17: prompt to image under 100 ms on an H100-class GPU ...
 GOAL_GAG_RATIO = 1.05  # ... with GAG within 5% of plain
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="default fp16 on cuda, fp32 on cpu")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--prompt", default=bench.DEFAULT_PROMPT)
+    p.add_argument("--prompt", default=bench.BENCH_PROMPT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -417,7 +417,7 @@ def goals(rows: list[dict]) -> dict:
 def environment(args) -> dict:
     import diffusers
 
-    from gag_export import kernels
+    from gag_export.gag import kernels
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "platform": platform.platform(), "cpu_count": os.cpu_count()}

@@ -1,11 +1,11 @@
-"""Cheaper forms of the bisect 1.5-entmax (gag_export/guidance.py), measured for the lead to decide.
+"""Cheaper forms of the bisect 1.5-entmax (gag_export/gag/math.py), measured for the lead to decide.
 
 GAG's cost on a CPU is dominated by the sparse branch's threshold search: ~47 elementwise passes
 over the [B, H, Lq, 77] score tensor (12.6 MB at SDXL's 4096-token cross-attention), each a
 separate kernel in eager PyTorch and in ONNX Runtime. Candidates (all end with the same exact
 solve on the found support, so they are exact when the support is right):
 
-- current:   `guidance._entmax15_bisect` (4 bisection + 3 Newton steps, exact solve, normalize);
+- current:   `gag/math.py's _entmax15_bisect` (4 bisection + 3 Newton steps, exact solve, normalize);
 - lean:      the same steps and the same numbers of iterations with fewer passes: the sums of
              squares as one `linalg.vecdot`, `pow(2)` as a square, in-place clamps, the masked
              scores computed once;
@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gag_export import guidance as G  # noqa: E402
+from gag_export.gag import math as G  # noqa: E402
 
 SHAPES = {"down/up 1 (4096 tokens, 10 heads)": (1, 10, 4096, 77), "down 2/up 0 (1024 tokens, 20 heads)": (1, 20, 1024, 77)}
 
@@ -48,7 +48,7 @@ def current(x: torch.Tensor) -> torch.Tensor:
     return G._entmax15_bisect(x)
 
 
-def lean(x: torch.Tensor, bisect: int = G._BISECT_ITERS, newton: int = G._NEWTON_ITERS) -> torch.Tensor:
+def lean(x: torch.Tensor, bisect: int = G.BISECT_ITERS, newton: int = G.NEWTON_ITERS) -> torch.Tensor:
     """`_entmax15_bisect` step for step, with fewer passes over x."""
     n = x.shape[-1]
     lo = torch.full_like(x[..., :1], -1.0)
@@ -84,7 +84,7 @@ def newton_only(x: torch.Tensor, iters: int) -> torch.Tensor:
     return p / p.sum(dim=-1, keepdim=True)
 
 
-def relu_form(x: torch.Tensor, bisect: int = G._BISECT_ITERS, newton: int = G._NEWTON_ITERS) -> torch.Tensor:
+def relu_form(x: torch.Tensor, bisect: int = G.BISECT_ITERS, newton: int = G.NEWTON_ITERS) -> torch.Tensor:
     n = x.shape[-1]
     lo = torch.full_like(x[..., :1], -1.0)
     hi = torch.full_like(lo, -((1.0 / n) ** 0.5))

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def peak_rss_gib() -> float:
-    from gag_export.bench import peak_rss_bytes  # VmHWM: ru_maxrss carries a parent's peak into its children
+    from gag_export.workflows.bench import peak_rss_bytes  # VmHWM: ru_maxrss carries a parent's peak into its children
 
     return peak_rss_bytes() / 2**30
 
@@ -75,9 +75,10 @@ def _time_steps(call, steps: int, warmup: int) -> list[float]:
 def phase_export(args, gag: bool) -> dict:
     import torch
 
-    from gag_export.attention import apply_gag, remove_gag
-    from gag_export.export import ExportConfig, export_model, sample_feed, to_torch
-    from gag_export.guidance import GAGConfig
+    from gag_export.gag.attention import apply_gag, remove_gag
+    from gag_export.export import ExportConfig, export_model, sample_feed
+    from gag_export.arrays import to_torch
+    from gag_export.gag import GAGConfig
     from gag_export.models import Precision
 
     entry, pipe, unet, shape, load_s = _unet_setup(args)
@@ -111,7 +112,8 @@ def phase_export(args, gag: bool) -> dict:
 def phase_ort(args, graphs: dict[str, str]) -> dict:
     import onnxruntime as ort
 
-    from gag_export.export import Manifest, sample_feed
+    from gag_export.export import sample_feed
+    from gag_export.artifacts.manifest import Manifest
     from gag_export.models import ImageShape, Precision, descriptors_for, get_entry
 
     entry = get_entry(args.model)

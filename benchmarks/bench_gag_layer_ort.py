@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 
-from gag_export.attention import GAGAttnProcessor, GuidanceParams  # noqa: E402
-from gag_export.guidance import GAGConfig  # noqa: E402
+from gag_export.gag.attention import GAGAttnProcessor, GuidanceParams  # noqa: E402
+from gag_export.gag import GAGConfig  # noqa: E402
 
 # (tokens, channels, heads, layers in SDXL's down+up blocks)
 SHAPES = {"4096 tokens x 10 heads": (4096, 640, 10, 10), "1024 tokens x 20 heads": (1024, 1280, 20, 50)}

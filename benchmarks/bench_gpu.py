@@ -41,8 +41,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gag_export import kernels  # noqa: E402
-from gag_export.guidance import JOINT_PAD, GAGConfig, gag_attention, gag_joint_attention  # noqa: E402
+from gag_export.gag import kernels  # noqa: E402
+from gag_export.gag import JOINT_PAD, GAGConfig, gag_attention, gag_joint_attention  # noqa: E402
 
 VARIANTS = {
     # name: GAGConfig.method, or None for the plain model
@@ -50,7 +50,7 @@ VARIANTS = {
     "gag-bisect": "bisect",
     "gag-fused": "fused",
     "gag-sort": "sort",  # the issue's original baseline (not run by default)
-    "gag-bisect-inline": "bisect",  # bisect with guidance.COMPILE_REGION off: inlined in every layer (compile experiment)
+    "gag-bisect-inline": "bisect",  # bisect with gag.dispatch.COMPILE_REGION off: inlined in every layer (compile experiment)
 }
 DEFAULT_VARIANTS = "plain,gag-fused,gag-bisect"  # compiles run in this order: the cheap ones first
 
@@ -221,21 +221,21 @@ def unet_inputs(unet, args: argparse.Namespace, device) -> dict:
 @contextlib.contextmanager
 def variant_applied(unet, variant: str, args: argparse.Namespace):
     """Apply the variant's GAG (if any) for the block; the -inline variant turns the compile region off."""
-    from gag_export import attention
+    from gag_export.gag import attention
 
     method = VARIANTS[variant]
     if method is None:
         yield []
         return
-    from gag_export import guidance
+    from gag_export.gag import dispatch
 
-    region = guidance.COMPILE_REGION
-    guidance.COMPILE_REGION = not variant.endswith("-inline")
+    region = dispatch.COMPILE_REGION
+    dispatch.COMPILE_REGION = not variant.endswith("-inline")
     try:
         with attention.gag_applied(unet, GAGConfig(scale=args.scale, eta=args.eta, zeta=args.zeta, method=method)) as names:
             yield names
     finally:
-        guidance.COMPILE_REGION = region
+        dispatch.COMPILE_REGION = region
 
 
 def variant_skip_reason(variant: str, args: argparse.Namespace) -> str | None:
@@ -558,7 +558,7 @@ def joint_section(args, device, timer) -> dict:
 
 def _joint_kernel_forms(q_img, k_txt, v_txt, p) -> dict:
     """The raw kernel launch of joint attention's GAG - dense update in each kernel form."""
-    from gag_export.kernels import triton_gag
+    from gag_export.gag.kernels import triton_gag
 
     iters = kernels.guidance_schedule()
     return {
@@ -576,7 +576,7 @@ def fused_sweep(q, k, v, p, timer, sdpa_graph: float | None = None) -> dict:
     tiles also with ptxas capped at 128 registers (`_r128`): no spills and twice the resident
     warps in the sm_90 builds (benchmarks/kernel_resources.py), for 6-8% more instructions.
     """
-    from gag_export.kernels import triton_gag
+    from gag_export.gag.kernels import triton_gag
 
     iters = kernels.guidance_schedule()
     default = kernels.block_sizes(k.shape[2], q.shape[3], q.element_size())
@@ -606,7 +606,7 @@ def fused_sweep(q, k, v, p, timer, sdpa_graph: float | None = None) -> dict:
 
 def dry_run(args) -> dict:
     """The plan, and the GAG core shapes of one full-size forward traced on the meta device."""
-    from gag_export import attention
+    from gag_export.gag import attention
 
     _, source = sdxl_unet_config()
     plan = {"model": "tiny" if args.tiny else source, "resolution": args.resolution, "latent": args.resolution // 8,

@@ -1,6 +1,6 @@
 """The latency tables of benchmarks/README.md, rerun with one command per machine.
 
-Each preset calls `gag-export bench` (gag_export/bench.py) once per model and writes
+Each preset calls `gag-export bench` (gag_export/workflows/bench/) once per model and writes
 benchmarks/results/latency-<preset>-<model>.{json,md,png}:
 
     python benchmarks/bench_latency.py tiny          # tiny-sdxl, tiny-flux: torch, torch-compile, ort; GAG on/off

@@ -1,6 +1,6 @@
 """ONNX Runtime (CPU) levers on one exported denoiser: session options, IO binding, onnxslim.
 
-`gag-export bench` runs graphs the way the runtime does (`runtime/backends.py`: graph
+`gag-export bench` runs graphs the way the runtime does (`runtime/ort_backend.py`: graph
 optimization level ALL, intra-op threads, everything else ONNX Runtime's default). This script
 times the same denoiser graph under other settings, to see which levers are worth putting into
 the runtime:
@@ -55,9 +55,9 @@ DEFAULT_VARIANTS = ("default", "extended", "no-spin", "no-prepack", "iobinding")
 
 def denoiser_feed(graphs_dir: Path):
     """(onnx path, feed, output names) of the manifest's denoiser, fed as the runtime feeds it."""
-    from gag_export.export import Manifest
+    from gag_export.artifacts.manifest import Manifest
     from gag_export.models import descriptors_for, get_entry
-    from gag_export.runtime.sampler import GAGParams
+    from gag_export.runtime.generation import GAGParams
 
     manifest = Manifest.load(graphs_dir)
     name, entry = next((n, c) for n, c in manifest.components.items() if c["role"] == "denoiser")
@@ -120,7 +120,7 @@ def rss_gib() -> float:
 
 
 def peak_rss_gib() -> float:
-    from gag_export.bench import peak_rss_bytes  # VmHWM: ru_maxrss carries a parent's peak into its children
+    from gag_export.workflows.bench import peak_rss_bytes  # VmHWM: ru_maxrss carries a parent's peak into its children
 
     return peak_rss_bytes() / 2**30
 

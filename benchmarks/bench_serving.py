@@ -65,7 +65,7 @@ def run_level(url: str, concurrency: int, per_client: int, seed0: int) -> dict:
 
 
 def start_variant(graphs: Path, work: Path, dynamic_batching: bool, args, stack) -> dict:
-    from gag_export.serving import RepositoryOptions, build_repository
+    from gag_export.serving.repository import RepositoryOptions, build_repository
     from gag_export.serving.client import PipelineClient, PipelineRequest
     from gag_export.serving.server import ServerConfig, TritonServer
 
@@ -125,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
-    from gag_export.runtime import ensure_artifacts
+    from gag_export.workflows.artifacts import ensure_artifacts
 
     ensure_artifacts(MODEL, "ort", graphs=args.graphs)
     doc = {

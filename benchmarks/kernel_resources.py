@@ -1,6 +1,6 @@
 """What the fused GAG kernel costs on NVIDIA GPUs, read from its builds on a machine without one.
 
-Builds the kernel ahead of time (`gag_export/kernels/aot.py`: Triton + its bundled ptxas) for
+Builds the kernel ahead of time (`gag_export/gag/kernels/aot.py`: Triton + its bundled ptxas) for
 each architecture and shape, as a launch would, and prints per build: the tile, registers and
 local memory (spills) per thread, shared memory per block against the GPU's limit, resident
 blocks per SM, and the SASS instructions one thread executes (loops counted by their trip
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from gag_export import kernels
-from gag_export.kernels import aot, guidance_schedule
-from gag_export.kernels.triton_gag import KERNEL_FORMS
+from gag_export.gag import kernels
+from gag_export.gag.kernels import aot, guidance_schedule
+from gag_export.gag.kernels.triton_gag import KERNEL_FORMS
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # mask kind -> (mask_mode, per key): "-row" masks are one row of keys for all queries (text padding)
@@ -87,7 +87,7 @@ def builds(args) -> list[dict]:
                 for mask in args.masks.split(","):
                     mode, per_key = MASKS[mask]
                     for late_values in KERNEL_FORMS:  # the next form only where the first does not fit
-                        r = row(aot.build(arch, DTYPES[dtype], lk, d, mask_mode=mode, mask_per_key=per_key, late_values=late_values), mask)
+                        r = row(aot.compile_kernel(arch, DTYPES[dtype], lk, d, mask_mode=mode, mask_per_key=per_key, late_values=late_values), mask)
                         r.update(shape=name, form=FORM_NAMES[late_values])
                         rows.append(r)
                         _print_build(r)
@@ -99,7 +99,7 @@ def builds(args) -> list[dict]:
 def sweep(args, measured: dict | None) -> list[dict]:
     rows = []
     for block_m, warps, maxnreg in kernels.SWEEP_TILES:
-        r = row(aot.build(args.sweep_arch, torch.float16, 77, 64, block_m=block_m, num_warps=warps, maxnreg=maxnreg), "none")
+        r = row(aot.compile_kernel(args.sweep_arch, torch.float16, 77, 64, block_m=block_m, num_warps=warps, maxnreg=maxnreg), "none")
         r.update(maxnreg=maxnreg, form=FORM_NAMES[False])
         per_call = [call_warp_instructions(r, h, lq) for h, lq, _ in SDXL_CALLS]
         r["call_warp_instructions"] = dict(zip((f"{h}x{lq}" for h, lq, _ in SDXL_CALLS), per_call))

@@ -1,8 +1,8 @@
 """`gag-export doctor`: what this machine can run, and the exact step to get what it cannot.
 
-Sits beside `engine.py` (layer 6): it asks `engine` for the TensorRT capabilities and the GPU and
-otherwise only looks at which packages import and at their versions. It never imports
-`runtime/`, loads a model or touches artifacts.
+Sits beside `workflows/`: it asks `core.tensorrt` for the TensorRT capabilities and `core.gpu` for the
+GPU, and otherwise only looks at which packages import and at their versions. It imports nothing but
+`core`, loads no model and touches no artifact.
 
     report = diagnose()            # probe_environment() + assess_backends()
     report.to_dict()               # for --json
@@ -23,10 +23,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from .core.errors import GagExportError
-from .engine import TENSORRT_INSTALL, GpuInfo, TensorRTCapabilities, detect_gpu
-from .trt_flavors import TENSORRT_RTX
+from .core.extras import ORT_GPU_INSTALL
+from .core.gpu import GpuInfo, detect_gpu
+from .core.tensorrt import TENSORRT_INSTALL, TENSORRT_RTX, TensorRTCapabilities
 
-ORT_GPU_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
 TRITON_INSTALL = 'pip install "gag-export[gpu]"'
 NEEDS_GPU = "needs an NVIDIA GPU with CUDA (none is visible here)"
 ON_A_GPU = "run on a machine with an NVIDIA GPU and its CUDA driver"

@@ -58,7 +58,7 @@ def rewrite_component(graphs_dir: Path, component: str, edit) -> None:
     manifest, so the artifact check passes and the later checks see the edited graph."""
     import onnx
 
-    from gag_export.export import graph_sha256
+    from gag_export.artifacts.manifest import graph_sha256
 
     path = graphs_dir / component / "model.onnx"
     model = onnx.load(str(path))

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from gag_export.export import ExportConfig, Manifest, export_model
-from gag_export.guidance import GAGConfig
+from gag_export.export import ExportConfig, export_model
+from gag_export.artifacts.manifest import Manifest
+from gag_export.gag import GAGConfig
 from gag_export.models import ImageShape, get_entry, load_pipeline
 
 BISECT = GAGConfig(method="bisect")

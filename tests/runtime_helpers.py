@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gag_export.bench import torch_threads  # noqa: F401  (re-exported for the test modules)
+from gag_export.workflows.bench.variants import torch_threads  # noqa: F401  (re-exported for the test modules)
 from gag_export.runtime import BackendOptions
 
 # One thread each: on a shared 2-core machine OpenMP spin-waiting makes multi-threaded tiny

@@ -47,7 +47,7 @@ def test_temp_files_and_folders_take_the_umask_mode(tmp_path, umask_022):
 def test_a_png_rewritten_in_place_stays_readable(tmp_path, umask_022):
     from PIL import Image
 
-    from gag_export.runtime.png import save_png
+    from gag_export.images import save_png
 
     path = tmp_path / "image.png"
     save_png(Image.new("RGB", (4, 4)), path, {"prompt": "x"})

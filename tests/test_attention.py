@@ -8,10 +8,10 @@ import pytest
 import torch
 from entmax import entmax15 as entmax15_reference
 
-import gag_export.attention as attention
-from gag_export.attention import apply_gag, gag_applied, guidance_params, is_gag_applied, remove_gag
+import gag_export.gag.attention as attention
+from gag_export.gag.attention import apply_gag, gag_applied, guidance_params, is_gag_applied, remove_gag
 from gag_export.core.errors import InvalidInputError
-from gag_export.guidance import GAGConfig
+from gag_export.gag import GAGConfig
 
 from conftest import flux_inputs, unet_inputs
 

@@ -5,6 +5,7 @@ Benchmark figures are never asserted: only that runs complete and their outputs 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from gag_export import bench
+from gag_export.workflows import bench
+from gag_export.workflows.bench import probes, report, run, timing
 from gag_export.cli import cli
 from gag_export.core.errors import InvalidInputError
 
@@ -78,7 +80,7 @@ def test_a_child_reports_its_own_peak_rss_not_its_parents():
     ballast = bytearray(300 * 2**20)
     ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touched, so resident
     parent = bench.peak_rss_bytes()
-    child = subprocess.run([sys.executable, "-c", "from gag_export.bench import peak_rss_bytes; print(peak_rss_bytes())"],
+    child = subprocess.run([sys.executable, "-c", "from gag_export.workflows.bench import peak_rss_bytes; print(peak_rss_bytes())"],
                            capture_output=True, text=True, check=True)
     assert 0 < int(child.stdout) < parent - 250 * 2**20, (int(child.stdout), parent)
     del ballast
@@ -86,7 +88,7 @@ def test_a_child_reports_its_own_peak_rss_not_its_parents():
 
 def test_timer_for_cuda_needs_torch_cuda(monkeypatch):
     # onnxruntime-gpu beside a CPU build of torch: ort-cuda variants cannot use CUDA events
-    monkeypatch.setattr(bench, "_torch_cuda_available", lambda: False)
+    monkeypatch.setattr(timing, "_torch_cuda_available", lambda: False)
     assert isinstance(bench.timer_for("cuda"), bench.WallTimer)
     assert isinstance(bench.timer_for("cpu"), bench.WallTimer)
 
@@ -121,31 +123,29 @@ def test_plan_checks_the_model_before_anything_heavy():
 
 
 def _series(samples_ms):
-    stats = bench.summarize([s / 1e3 for s in samples_ms]).to_dict()
-    return {"first_call_ms": 9.0, "stats": stats, "samples_ms": list(samples_ms)}
+    return bench.Series(9.0, bench.summarize([s / 1e3 for s in samples_ms]), tuple(samples_ms))
 
 
 def _row(backend, gag, samples_ms, status="ok", reason=""):
     if status != "ok":
-        return bench._skipped_row(backend, gag, status, reason)
-    return {"backend": backend, "gag": gag, "status": "ok", "reason": "", "device": "cpu", "timer": "perf_counter",
-            "step": _series(samples_ms), "e2e": None,
-            "memory": {"rss_delta_mib": 1.0, "peak_rss_mib": None, "gpu_peak_mib": None, "gpu_used_mib": None}}
+        return bench.ResultRow(backend, gag, status, reason)
+    return bench.ResultRow(backend, gag, "ok", "", "cpu", "perf_counter", step=_series(samples_ms),
+                           memory=bench.RowMemory(rss_delta_mib=1.0))
 
 
 def _doc(rows):
     overhead, speedup = bench.ratios(rows, interleaved=True)
-    return {
-        "schema": bench.SCHEMA, "schema_version": bench.SCHEMA_VERSION, "created": "2025-01-01T00:00:00Z",
-        "config": {"model": "tiny-sdxl", "weights": "tiny", "batch": 1, "height": 64, "width": 64, "steps": 4,
-                   "warmup": 1, "iters": 3},
-        "e2e_skipped": "not requested (--no-e2e)",
-        "environment": {"cpu": {"model": "Test CPU", "available_to_process": 2}, "memory_gib": 8.0, "gpu": None,
-                        "versions": {"torch": "x", "onnxruntime": "y"}, "precision": "fp32",
-                        "threads": {"torch": 2, "ort": 2}},
-        "shapes": {}, "graphs": {}, "memory": {"method": "rss-delta", "pipeline_rss_mib": 3.0, "peak_rss_mib": 100.0},
-        "results": rows, "gag_overhead": overhead, "speedup": speedup,
-    }
+    return bench.BenchResult(
+        created="2025-01-01T00:00:00Z",
+        config={"model": "tiny-sdxl", "weights": "tiny", "batch": 1, "height": 64, "width": 64, "steps": 4,
+                "warmup": 1, "iters": 3},
+        e2e_skipped="not requested (--no-e2e)",
+        environment={"cpu": {"model": "Test CPU", "available_to_process": 2}, "memory_gib": 8.0, "gpu": None,
+                     "versions": {"torch": "x", "onnxruntime": "y"}, "precision": "fp32",
+                     "threads": {"torch": 2, "ort": 2}},
+        shapes={}, graphs={}, memory={"method": "rss-delta", "pipeline_rss_mib": 3.0, "peak_rss_mib": 100.0},
+        results=tuple(rows), gag_overhead=overhead, speedup=speedup,
+    )
 
 
 def test_ratios_gag_overhead_and_speedup_over_eager():
@@ -153,29 +153,36 @@ def test_ratios_gag_overhead_and_speedup_over_eager():
             _row("ort", False, [5, 5, 5]), _row("ort", True, [6, 6, 6]),
             _row("tensorrt", False, [], status="skipped", reason="no TensorRT")]
     overhead, speedup = bench.ratios(rows, interleaved=True)
-    by_backend = {o["backend"]: o for o in overhead}
-    assert by_backend["torch"]["ratio"] == pytest.approx(1.1) and by_backend["torch"]["percent"] == pytest.approx(10.0)
-    assert by_backend["ort"]["paired_p50"] == pytest.approx(1.2)
-    assert {(s["backend"], s["gag"]): s["ratio"] for s in speedup} == {
+    by_backend = {o.backend: o for o in overhead}
+    assert by_backend["torch"].ratio == pytest.approx(1.1) and by_backend["torch"].percent == pytest.approx(10.0)
+    assert by_backend["ort"].paired_p50 == pytest.approx(1.2)
+    assert {(s.backend, s.gag): s.ratio for s in speedup} == {
         ("ort", False): pytest.approx(2.0), ("ort", True): pytest.approx(11 / 6, rel=1e-3)}
     assert "tensorrt" not in by_backend
 
 
-def test_validate_result_names_the_broken_key():
-    doc = _doc([_row("torch", False, [1, 2, 3]), _row("tensorrt", True, [], status="skipped", reason="none")])
-    bench.validate_result(doc)
+def test_results_round_trip_through_json_and_a_broken_document_names_its_key():
+    result = _doc([_row("torch", False, [1, 2, 3]), _row("tensorrt", True, [], status="skipped", reason="none")])
+    doc = json.loads(json.dumps(result.to_dict()))
+    assert bench.validate_result(doc) == result  # typed all the way: tuples, floats, nested classes
+    assert doc["results"][0]["step"]["stats"]["p50_ms"] == pytest.approx(2.0)
     for broken, match in (
-        ({k: v for k, v in doc.items() if k != "environment"}, "environment"),
+        ({k: v for k, v in doc.items() if k != "environment"}, "document has no 'environment'"),
+        ({**doc, "environment": {"cpu": {}}}, "environment has no 'versions'"),
         ({**doc, "schema_version": 99}, "v1"),
-        ({**doc, "results": [{**doc["results"][0], "gag": "yes"}]}, "gag"),
-        ({**doc, "results": [{**doc["results"][0], "status": "great"}]}, "status"),
+        ({**doc, "results": [{**doc["results"][0], "gag": "yes"}]}, r"results\[0\].gag is str"),
+        ({**doc, "results": [{**doc["results"][0], "status": "great"}]}, r"results\[0\] status is 'great'"),
+        ({**doc, "gag_overhead": [{"backend": "torch"}]}, r"gag_overhead\[0\] has no 'measure'"),
     ):
         with pytest.raises(InvalidInputError, match=match):
             bench.validate_result(broken)
     stats = {k: v for k, v in doc["results"][0]["step"]["stats"].items() if k != "p99_ms"}
     broken_row = {**doc["results"][0], "step": {**doc["results"][0]["step"], "stats": stats}}
-    with pytest.raises(InvalidInputError, match="p99_ms"):
+    with pytest.raises(InvalidInputError, match=r"results\[0\].step.stats has no 'p99_ms'"):
         bench.validate_result({**doc, "results": [broken_row]})
+    with pytest.raises(InvalidInputError, match="n is float"):
+        bench.validate_result({**doc, "results": [{**doc["results"][0], "step": {
+            **doc["results"][0]["step"], "stats": {**doc["results"][0]["step"]["stats"], "n": 2.5}}}]})
 
 
 def test_markdown_lists_measured_and_skipped_backends():
@@ -192,7 +199,7 @@ def test_markdown_lists_measured_and_skipped_backends():
 def test_markdown_has_a_cuda_memory_column_only_where_measured():
     rows = [_row("torch", False, [10, 12, 11]), _row("torch", True, [11, 13, 12])]
     assert "CUDA peak MiB" not in bench.render_markdown(_doc(rows))
-    rows[1]["memory"]["gpu_peak_mib"] = 40.0
+    rows[1] = dataclasses.replace(rows[1], memory=dataclasses.replace(rows[1].memory, gpu_peak_mib=40.0))
     text = bench.render_markdown(_doc(rows))
     header, rule, off, on = [line for line in text.splitlines() if line.startswith("| torch") or line.startswith("| backend | GAG") or line.startswith("|---|---|---|---:")][:4]
     assert header.endswith("| torch CUDA peak MiB |") and rule.count("|") == header.count("|")
@@ -204,10 +211,10 @@ def test_torch_cuda_peak_is_reported_for_torch_rows_only(monkeypatch):
     # ONNX Runtime and TensorRT allocate outside torch's allocator: their rows would read ~0
     import torch
 
-    monkeypatch.setattr(bench, "_cuda_in_use", lambda: True)
+    monkeypatch.setattr(probes, "_cuda_in_use", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
-    assert bench._gpu_peak("torch") == bench._gpu_peak("torch-compile") == 3 * 2**30
-    assert bench._gpu_peak("ort") is None and bench._gpu_peak("tensorrt") is None
+    assert probes.gpu_peak("torch") == probes.gpu_peak("torch-compile") == 3 * 2**30
+    assert probes.gpu_peak("ort") is None and probes.gpu_peak("tensorrt") is None
 
 
 # ------------------------------------------------------------------------------- output paths
@@ -248,10 +255,11 @@ def test_cli_bench_prints_the_results_when_writing_fails_at_the_end(tmp_path, mo
 def test_atomic_write_on_a_full_disk_is_resource_exhausted_and_leaves_nothing(tmp_path):
     import errno
 
+    from gag_export.core.atomic import atomic_path
     from gag_export.core.errors import ResourceExhaustedError
 
     dest = tmp_path / "b.json"
-    with pytest.raises(ResourceExhaustedError, match="b.json"), bench._atomic_path(dest):
+    with pytest.raises(ResourceExhaustedError, match="b.json"), atomic_path(dest):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
 
@@ -284,7 +292,7 @@ def test_cli_bench_tiny_sdxl_writes_json_markdown_and_plot(tmp_path):
         torch_row = rows[("torch", gag)]
         assert torch_row["status"] == "ok", torch_row["reason"]
         assert torch_row["step"]["stats"]["n"] == 2 and len(torch_row["step"]["samples_ms"]) == 2
-        assert torch_row["e2e"]["stats"]["n"] == 2 and set(torch_row["e2e"]["stages_ms"]) == set(bench.STAGES)
+        assert torch_row["e2e"]["stats"]["n"] == 2 and set(torch_row["e2e"]["stages_ms"]) == set(bench.SAMPLER_STAGES)
         assert torch_row["step"]["first_call_ms"] is not None
         assert rows[("tensorrt", gag)]["status"] in ("skipped", "failed") and rows[("tensorrt", gag)]["reason"]
     assert {(o["backend"], o["measure"]) for o in doc["gag_overhead"]} == {("torch", "step"), ("torch", "e2e")}
@@ -305,8 +313,9 @@ def test_cli_bench_tiny_sdxl_writes_json_markdown_and_plot(tmp_path):
 def test_bench_ort_exports_the_denoiser_once_and_reuses_it(tmp_path):
     config = bench.BenchConfig("tiny-sdxl", backends=("ort",), gag="gag", warmup=0, iters=2, e2e=False, threads=1,
                                isolate="none", graphs=tmp_path / "graphs")
-    doc = bench.run_bench(config)
-    bench.validate_result(doc)
+    result = bench.run_bench(config)
+    doc = json.loads(json.dumps(result.to_dict()))
+    assert bench.validate_result(doc) == result
     manifest = tmp_path / "graphs" / "gag" / "tiny-sdxl" / "manifest.json"
     assert set(json.loads(manifest.read_text())["components"]) == {"unet"}  # step-only: the denoiser alone
     (row,) = doc["results"]

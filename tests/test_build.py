@@ -1,4 +1,4 @@
-"""gag_export/build.py: the whole `gag-export build` once for real (a subprocess), its orchestration in-process."""
+"""gag_export/workflows/build.py: the whole `gag-export build` once for real (a subprocess), its orchestration in-process."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 
 from build_helpers import MODEL, add_float64_cast, built_tiny_sdxl, graphs_copy, rewrite_component
-from gag_export import build
-from gag_export.build import BuildConfig, run_build
-from gag_export.engine import detect_gpu
+from gag_export.workflows import build
+from gag_export.workflows.build import BuildConfig, run_build
+from gag_export.core.gpu import detect_gpu
 from gag_export.core.errors import CheckFailedError, InvalidInputError, MissingDependencyError
-from gag_export.export import Manifest, graph_sha256
-from gag_export.guidance import GAGConfig
+from gag_export.artifacts.manifest import Manifest, graph_sha256
+from gag_export.gag import GAGConfig
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_build_subprocess_writes_graphs_manifest_and_a_png(run):
         assert image.format == "PNG" and image.size == (64, 64)
         meta = dict(image.text)
     assert meta["model"] == MODEL and meta["seed"] == "0" and meta["steps"] == "4" and meta["gag"] == "on"
-    assert meta["backend"] == "ort" and meta["prompt"] == build.DEFAULT_PROMPT
+    assert meta["backend"] == "ort" and meta["prompt"] == build.SMOKE_PROMPT
     assert float(meta["gag_scale"]) == 10.0
 
 
@@ -133,7 +133,7 @@ def test_stages_after_a_good_export(run, tmp_path, monkeypatch):
                          gag=GAGConfig(scale=4.0, method="bisect"), image=tmp_path / "out" / "fox.png", seed=3,
                          prompt="a fox")
     result = run_build(config, progress=events.append)
-    assert result and [s.name for s in result.stages] == list(build.STAGES)
+    assert result and [s.name for s in result.stages] == list(build.BUILD_STAGES)
     assert seen[0].gag.scale == 4.0 and seen[0].seed == 3 and seen[0].model == MODEL
     assert result.stage("check").status == "done"
     assert all(errors is not None and errors[0] < 1e-3 for errors in result.parity().values())
@@ -152,7 +152,7 @@ def test_stages_after_a_good_export(run, tmp_path, monkeypatch):
         assert float(image.text["gag_scale"]) == 10.0
     kinds = [a.kind for a in result.artifacts]
     assert kinds.count("graph") == 4 and "manifest" in kinds and "image" in kinds
-    assert {e.stage for e in events} == set(build.STAGES)
+    assert {e.stage for e in events} == set(build.BUILD_STAGES)
     assert any(e.stage == "check" and e.state == "update" for e in events)
 
 

@@ -14,11 +14,12 @@ from click.testing import CliRunner
 from export_helpers import exported, shared_root
 from onnx import TensorProto, helper, numpy_helper
 
-from gag_export import trt_ops
+from gag_export.check import trt_ops
 from gag_export.check import CheckReport, CheckResult, check_graphs, lint_graph, precision_findings
 from gag_export.cli import cli
 from gag_export.core.errors import ArtifactError, CheckFailedError
-from gag_export.export import graph_sha256, save_graph
+from gag_export.export import save_graph
+from gag_export.artifacts.manifest import graph_sha256
 
 
 @pytest.fixture(scope="session")
@@ -373,7 +374,7 @@ def test_a_graph_the_parser_takes_passes_and_says_how_many_layers(tmp_path):
 
 
 def test_without_a_parser_the_check_is_skipped_saying_how_to_get_one(tmp_path, monkeypatch):
-    from gag_export import trt_flavors
+    from gag_export.core import tensorrt as trt_flavors
 
     monkeypatch.setattr(trt_flavors, "installed_flavor", lambda *a: None)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from build_helpers import MODEL, add_float64_cast, built_tiny_sdxl, graphs_copy, rewrite_component
-from gag_export import export
+from gag_export.export import convert as export
 from gag_export.cli import cli
 from gag_export.core.errors import EXIT_CODES
-from gag_export.export import Manifest, graph_sha256
+from gag_export.artifacts.manifest import Manifest, graph_sha256
 from gag_export.models import list_entries
 
 COMMANDS = ("build", "export", "check", "engine", "generate", "doctor", "models")
@@ -92,6 +92,34 @@ def test_models_table_lists_every_entry_with_its_schedule_and_local_weights(tmp_
     assert "tianweiy/DMD2" in by_name["dmd2"]["source"]
 
 
+def test_models_piped_prints_one_plain_line_per_model_with_its_whole_name(tmp_path, monkeypatch):
+    # CliRunner's stdout is not a terminal, as in `gag-export models | grep turbo`
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    lines = invoke("models").output.splitlines()
+    assert lines[0].split() == ["model", "family", "size", "steps", "scheduler", "weights", "local"]
+    assert [line.split()[0] for line in lines[1:]] == [e.name for e in list_entries()]
+    assert not any(ch in invoke("models").output for ch in "│┃…")
+    turbo = [line for line in lines if "turbo" in line]
+    assert len(turbo) == 1 and turbo[0].startswith("sdxl-turbo ") and "stabilityai/sdxl-turbo" in turbo[0]
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 100, 200])
+def test_models_table_never_cuts_a_name_whatever_the_terminal_width(width):
+    import io
+
+    from rich.console import Console
+
+    from gag_export.cli.run_commands import models_table
+
+    rows = [(e.name, e.family, f"{e.width}x{e.height}", "4 (1-4)", e.scheduler.class_name, e.source.describe(), "no")
+            for e in list_entries()]
+    out = io.StringIO()
+    Console(file=out, width=width, force_terminal=True, color_system=None).print(models_table(rows, width))
+    cells = {cell.strip() for line in out.getvalue().splitlines() for cell in line.split("│")}
+    assert {e.name for e in list_entries()} <= cells, out.getvalue()
+    assert ("left out" in out.getvalue()) == (width <= 100)  # the full table needs about 125 columns
+
+
 # --------------------------------------------------------------------------- exit 2: invalid input
 
 
@@ -120,9 +148,9 @@ def test_click_usage_errors_exit_2(args, message):
 ])
 def test_invalid_values_exit_2_before_anything_is_loaded(args, message, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    # build first: resolving its target imports gag_export.build, which must bind the real
+    # build first: resolving its target imports gag_export.workflows.build, which must bind the real
     # models.load_pipeline (imported after the models patch, it would keep the fake for good)
-    monkeypatch.setattr("gag_export.build.load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    monkeypatch.setattr("gag_export.workflows.build.load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
     monkeypatch.setattr("gag_export.models.load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
     result = invoke(*args)
     assert result.exit_code == 2, result.output
@@ -151,7 +179,7 @@ def test_zero_sizes_exit_2_naming_the_option(args, option, monkeypatch, tmp_path
 
 
 def test_shape_keeps_a_zero_for_validation():
-    from gag_export.cli import _shape
+    from gag_export.cli.build_commands import _shape
     from gag_export.core.errors import InvalidInputError
     from gag_export.models import ImageShape
 
@@ -180,7 +208,7 @@ def test_engine_without_tensorrt_exits_3(tmp_path):
 
 @needs_no_tensorrt
 def test_build_require_engine_without_tensorrt_exits_3_at_once(tmp_path, monkeypatch):
-    monkeypatch.setattr("gag_export.build.load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    monkeypatch.setattr("gag_export.workflows.build.load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
     for module in ("tensorrt", "tensorrt_rtx"):
         monkeypatch.setitem(sys.modules, module, None)  # neither builder imports, whatever is installed
     result = invoke("build", "--model", MODEL, "--require-engine", "--out", tmp_path / "graphs")
@@ -204,7 +232,7 @@ def test_check_of_a_graph_failing_the_tensorrt_lint_exits_4(run, tmp_path):
 def test_build_with_a_failing_check_exits_4_and_prints_the_report(run, tmp_path, monkeypatch):
     graphs_dir = graphs_copy(run, tmp_path)
     rewrite_component(graphs_dir, "text_encoder", add_float64_cast)
-    monkeypatch.setattr("gag_export.build.export_model", lambda *a, **k: Manifest.load(graphs_dir))
+    monkeypatch.setattr("gag_export.workflows.build.export_model", lambda *a, **k: Manifest.load(graphs_dir))
     monkeypatch.chdir(tmp_path)
     result = invoke("build", "--model", MODEL, "--out", tmp_path / "graphs")
     assert result.exit_code == 4, result.output
@@ -379,7 +407,7 @@ def test_out_of_memory_anywhere_exits_7(monkeypatch, tmp_path):
     def no_memory(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr("gag_export.build.load_pipeline", no_memory)
+    monkeypatch.setattr("gag_export.workflows.build.load_pipeline", no_memory)
     result = invoke("build", "--model", MODEL, "--out", tmp_path / "graphs")
     assert result.exit_code == 7 and "out of memory" in error_line(result)
 
@@ -391,7 +419,7 @@ def test_unexpected_exceptions_exit_1_with_one_line_and_a_traceback_under_verbos
     def bug(*args, **kwargs):
         raise KeyError("surprise")
 
-    monkeypatch.setattr("gag_export.build.load_pipeline", bug)
+    monkeypatch.setattr("gag_export.workflows.build.load_pipeline", bug)
     result = invoke("build", "--model", MODEL, "--out", tmp_path / "graphs")
     assert result.exit_code == 1
     line = error_line(result)
@@ -415,7 +443,7 @@ def readme_setup_commands() -> list[str]:
 
 def test_readme_setup_commands_and_ci():
     build_cmd, test_cmd = readme_setup_commands()
-    assert build_cmd == ('python -m pip install torch==2.13.0 && python -m pip install -e ".[tensorrt-rtx]" && '
+    assert build_cmd == ('python -m pip install torch==2.13.0 && python -m pip install -e ".[export,tensorrt-rtx]" && '
                          "gag-export build --model tiny-sdxl")
     assert test_cmd == 'python -m pip install torch==2.13.0 && python -m pip install -e ".[dev]" && python -m pytest'
     ci = (ROOT / ".ci" / "run").read_text()

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from gag_export import doctor
 from gag_export.cli import cli
-from gag_export.engine import GpuInfo
+from gag_export.core.gpu import GpuInfo
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 80 * (1 << 30))
 RTX4090 = GpuInfo("NVIDIA GeForce RTX 4090", (8, 9), 24 * (1 << 30))

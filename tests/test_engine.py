@@ -20,14 +20,15 @@ import pytest
 from click.testing import CliRunner
 
 from gag_export import engine as eng
+from gag_export.artifacts.engines import runtime_cache_path
+from gag_export.check.parser import parse_onnx
+from gag_export.core.gpu import detect_gpu
+from gag_export.core.tensorrt import import_tensorrt
+from gag_export.engine import plans as engine_plans
+from gag_export.runtime.tensorrt_backend import deserialize_engine
 from gag_export.cli import cli
-from gag_export.engine import (
-    EngineOptions,
-    Precision,
-    RuntimeTarget,
-    ShapeMode,
-    TensorRTCapabilities,
-)
+from gag_export.engine import EngineOptions, RuntimeTarget, ShapeMode, TensorRTCapabilities
+from gag_export.core.precision import Precision
 from gag_export.core.errors import ArtifactError, CheckFailedError, InvalidInputError, MissingDependencyError
 
 TRT10 = TensorRTCapabilities.from_version("10.13.0.35")
@@ -317,7 +318,7 @@ def test_load_engine_bytes_returns_the_validated_plan(tmp_path):
 def test_the_runtime_finds_the_weakly_typed_engines_of_an_fp32_graph(tmp_path):
     # an fp32 graph built with --weakly-typed --precision fp16 has an engine named fp16: the
     # runtime (and generate's "build what is missing") must take it, not look for fp32 only
-    from gag_export.runtime.prepare import _missing_engines
+    from gag_export.workflows.artifacts import missing_engines
 
     onnx_path = tmp_path / "m.onnx"
     attn = _onnx_with_scopes(onnx_path)
@@ -335,8 +336,8 @@ def test_the_runtime_finds_the_weakly_typed_engines_of_an_fp32_graph(tmp_path):
     assert eng.find_engine(out, "tiny-test", "unet", H100, sha, prefer=Precision.FP32) == fp32.path
     assert eng.find_engine(out, "tiny-test", "unet", H100, sha) == record.path
     manifest = SimpleNamespace(model="tiny-test", components={"unet": {"sha256": sha}})
-    assert _missing_engines(manifest, out, H100) == []
-    assert _missing_engines(manifest, tmp_path / "elsewhere", H100) == ["unet"]
+    assert missing_engines(manifest, out, H100) == []
+    assert missing_engines(manifest, tmp_path / "elsewhere", H100) == ["unet"]
 
 
 def test_timing_caches_are_per_tensorrt_version_and_gpu_model(tmp_path):
@@ -512,7 +513,7 @@ def test_polygraphy_chain_strongly_typed(tmp_path, monkeypatch, caps, flag):
     """The loaders' settings (constructing Polygraphy loaders needs no tensorrt; calling them does)."""
     from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath
 
-    monkeypatch.setattr(eng, "import_tensorrt", lambda *flavor: SimpleNamespace(MemoryPoolType=SimpleNamespace(WORKSPACE="ws")))
+    monkeypatch.setattr(engine_plans, "import_tensorrt", lambda *flavor: SimpleNamespace(MemoryPoolType=SimpleNamespace(WORKSPACE="ws")))
     spec = _spec(tmp_path, EngineOptions(opt_level=2, workspace_gb=1.5), caps)
     builder = eng.PolygraphyPlanBuilder(caps)
     network = builder.network(spec)
@@ -530,7 +531,7 @@ def test_polygraphy_chain_strongly_typed(tmp_path, monkeypatch, caps, flag):
 def test_polygraphy_chain_weakly_typed_on_trt10(tmp_path, monkeypatch):
     from polygraphy.backend.trt import PostprocessNetwork
 
-    monkeypatch.setattr(eng, "import_tensorrt", lambda *flavor: SimpleNamespace())
+    monkeypatch.setattr(engine_plans, "import_tensorrt", lambda *flavor: SimpleNamespace())
     spec = _spec(tmp_path, EngineOptions(precision="bf16", weakly_typed=True), TRT10, dtype="fp32")
     builder = eng.PolygraphyPlanBuilder(TRT10)
     network = builder.network(spec)
@@ -556,15 +557,15 @@ class _FakeLayer:
 
 def test_fp32_pinning_step(monkeypatch):
     fake_trt = SimpleNamespace(float32="f32", float16="f16", bfloat16="bf16", LayerType=SimpleNamespace(SHAPE="SHAPE"))
-    monkeypatch.setattr(eng, "import_tensorrt", lambda *flavor: fake_trt)
+    monkeypatch.setattr(engine_plans, "import_tensorrt", lambda *flavor: fake_trt)
     layers = [_FakeLayer("node_softmax"), _FakeLayer("node_softmax_1"), _FakeLayer("node_mul_3", "SHAPE"),
               _FakeLayer("node_mul_3_2", dtype="i64"), _FakeLayer("node_linear")]
     network = SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
-    eng._Fp32Pinning(frozenset({"node_softmax", "node_mul_3"}))(network=network)
+    engine_plans._Fp32Pinning(frozenset({"node_softmax", "node_mul_3"}))(network=network)
     assert [layer.precision for layer in layers] == ["f32", "f32", None, None, None]
     assert layers[1].output_types == {0: "f32"}
     with pytest.raises(CheckFailedError, match="none could be pinned"):
-        eng._Fp32Pinning(frozenset({"node_other"}))(network=network)
+        engine_plans._Fp32Pinning(frozenset({"node_other"}))(network=network)
 
 
 # --------------------------------------------------------------------------------------------
@@ -723,7 +724,7 @@ class CountingBuilder:
 def run_engine(plan: bytes, feed: dict) -> dict:
     from polygraphy.backend.trt import TrtRunner
 
-    engine = eng.deserialize_engine(plan)
+    engine = deserialize_engine(plan)
     with TrtRunner(engine) as runner:
         return {name: np.array(value, copy=True) for name, value in runner.infer(feed).items()}
 
@@ -808,7 +809,7 @@ def test_tensorrt_weakly_typed_fp16_on_trt10(tiny_graphs, tmp_path):
 
 def test_graph_with_external_data_matches_manifest_sha(tmp_path):
     """The manifest's sha256 covers model.onnx and model.onnx.data (export.graph_sha256)."""
-    from gag_export.export import graph_sha256
+    from gag_export.artifacts.manifest import graph_sha256
 
     graphs = write_graphs(tmp_path, dtype="fp32")
     (graphs / "unet" / "model.onnx.data").write_bytes(b"weights" * 100)
@@ -920,8 +921,8 @@ def test_tensorrt_rtx_engine_runs_nothing_without_a_gpu_but_its_sidecar_round_tr
     graphs = export_tiny_graphs(tmp_path, "fp16")
     (record,) = eng.build(graphs, tmp_path / "e", EngineOptions(backend="tensorrt-rtx", targets="sm89"))
     assert eng.read_sidecar(record.path) == record.sidecar
-    assert eng.runtime_cache_path(record.path).name == record.path.name.replace(".plan", ".runtime-cache")
-    if eng.detect_gpu() is None:
+    assert runtime_cache_path(record.path).name == record.path.name.replace(".plan", ".runtime-cache")
+    if detect_gpu() is None:
         with pytest.raises(MissingDependencyError, match="no NVIDIA GPU is visible.*RTX GPU"):
             RuntimeTarget.current(eng.trt_features("tensorrt-rtx"))
 
@@ -957,9 +958,9 @@ def test_fp16_graph_keeps_gag_in_fp32_in_the_parsed_tensorrt_network(tmp_path_fa
     manifest = exported(matrix_export("tiny-sdxl", "fp16", "static"), shared_root(tmp_path_factory))
     onnx_path = manifest.graph_path("unet")
     gag_nodes = frozenset(eng.gag_node_names(onnx_path, manifest.data["gag"]["rewritten"]))
-    parsed = eng.parse_onnx(onnx_path, "tensorrt-rtx")
+    parsed = parse_onnx(onnx_path, "tensorrt-rtx")
     assert parsed.ok
-    trt = eng.import_tensorrt("tensorrt-rtx")
+    trt = import_tensorrt("tensorrt-rtx")
     network = parsed.network
     # arithmetic rounds; moving data (shuffles for the heads, the casts in and out) does not
     arithmetic = {trt.LayerType.ELEMENTWISE, trt.LayerType.REDUCE, trt.LayerType.ACTIVATION, trt.LayerType.UNARY,
@@ -983,7 +984,7 @@ def test_fp16_graph_keeps_gag_in_fp32_in_the_parsed_tensorrt_network(tmp_path_fa
 
 @needs_rtx
 def test_generate_on_tensorrt_rtx_without_an_rtx_gpu_is_exit_3_in_one_line(tmp_path):
-    if eng.detect_gpu() is not None:
+    if detect_gpu() is not None:
         pytest.skip("a GPU is visible here: the refusal is for machines without an RTX GPU")
     result = CliRunner().invoke(cli, ["generate", "--model", "tiny-sdxl", "--prompt", "a fox", "--backend", "tensorrt-rtx",
                                       "--graphs", str(tmp_path / "graphs"), "--engines", str(tmp_path / "engines")])

@@ -29,19 +29,17 @@ from export_helpers import (
     shared_root,
 )
 
-import gag_export.export as export_mod
-from gag_export.attention import apply_gag, remove_gag
+import gag_export.export.convert as export_mod
+from gag_export.artifacts.manifest import sha256_files
+from gag_export.export.graphs import promote_concat_inputs
+from gag_export.export.pipeline import cast_copy
+from gag_export.gag.attention import apply_gag, remove_gag
 from gag_export.check import check_graphs, in_modules, node_module
 from gag_export.cli import cli
 from gag_export.core.errors import ArtifactError, GagExportError, InvalidInputError, ResourceExhaustedError
 from gag_export.core.names import GAG_INPUTS
-from gag_export.export import (
-    ExportConfig,
-    Manifest,
-    export_model,
-    graph_sha256,
-    sample_feed,
-)
+from gag_export.export import ExportConfig, export_model, sample_feed
+from gag_export.artifacts.manifest import Manifest, graph_sha256
 from gag_export.models import ImageShape, Precision, descriptors_for, get_entry
 
 MANIFEST_KEYS = {"format_version", "model", "family", "source", "revision", "weights", "dtype", "dynamic", "opset",
@@ -92,7 +90,9 @@ def test_manifest_records_graphs_as_written(graphs_root):
         for spec in comp["inputs"]:
             entry = comp["profile"][spec["name"]]
             assert entry["min"] == entry["opt"] == entry["max"] == spec["shape"]
-        assert comp["tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
+        # fp32: 1e-4, but the VAE decoder's atol is an eighth of one 8-bit level (models/components.py)
+        atol = 2 / 255 / 8 if name == "vae_decoder" else 1e-4
+        assert comp["tolerance"] == {"atol": pytest.approx(atol), "rtol": 1e-4}
         reference = comp["parity_reference"]  # torch's outputs for the sample feed, for `check`
         assert reference["path"] == f"{name}/parity.npz" and reference["seed"] == 0
         assert hashlib.sha256((manifest.graphs_dir / reference["path"]).read_bytes()).hexdigest() == reference["sha256"]
@@ -291,7 +291,7 @@ def test_promote_concat_inputs_inserts_the_cast_torch_implies():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     with pytest.raises(onnx.shape_inference.InferenceError, match="inconsistent type"):
         onnx.checker.check_model(model, full_check=True)
-    assert export_mod.promote_concat_inputs(model) == 1
+    assert promote_concat_inputs(model) == 1
     onnx.checker.check_model(model, full_check=True)
     cast = model.graph.node[0]
     assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.FLOAT and cast.input == ["a"]
@@ -368,7 +368,7 @@ def test_large_weights_go_to_one_external_data_file(tmp_path, monkeypatch):
     assert comp["external_data"]["path"] == "text_encoder/model.onnx.data"
     assert comp["external_data"]["size_bytes"] == data.stat().st_size > graph.stat().st_size
     assert comp["size_bytes"] == graph.stat().st_size + data.stat().st_size
-    assert comp["sha256"] == graph_sha256(graph) != export_mod._sha256_files([graph])
+    assert comp["sha256"] == graph_sha256(graph) != sha256_files([graph])
     report = check_graphs(manifest.graphs_dir, pipe=pipeline("tiny-sdxl"), entry=get_entry("tiny-sdxl"))
     assert report, report.summary()
 
@@ -465,7 +465,7 @@ def test_cast_copy_casts_while_copying_and_keeps_ties():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
     model[1].weight = model[0].weight  # tied, as CLIP's and T5's embeddings are
     model.register_buffer("positions", torch.arange(4))
-    copy = export_mod._cast_copy(model, torch.float16)
+    copy = cast_copy(model, torch.float16)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(p.dtype == torch.float16 and not p.requires_grad for p in copy.parameters())
     assert copy[1].weight is copy[0].weight and copy[0].weight is not model[0].weight

@@ -10,16 +10,8 @@ import torch.nn.functional as F
 from entmax import entmax15 as entmax15_reference
 
 from gag_export.core.errors import InvalidInputError
-from gag_export.guidance import (
-    GAGConfig,
-    entmax15,
-    entmax_alpha,
-    gag_attention,
-    gag_combine,
-    gag_joint_attention,
-    layer_matches,
-    parse_layer_spec,
-)
+from gag_export.gag import GAGConfig, entmax15, entmax_alpha, gag_attention, gag_combine, gag_joint_attention, parse_layer_spec
+from gag_export.core.gag_config import layer_matches
 
 METHODS = ("sort", "bisect")
 NO_CAP = 1e9

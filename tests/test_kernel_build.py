@@ -2,7 +2,7 @@
 
 Triton compiles and assembles (its bundled ptxas) without a GPU, so what a launch on an A100,
 T4, RTX 3090/4090, L4 or H200 would compile can be built here and its resources read
-(`gag_export/kernels/aot.py`). These tests check the claims the dispatch and the docs make about
+(`gag_export/gag/kernels/aot.py`). These tests check the claims the dispatch and the docs make about
 those GPUs: the SDXL tiles run everywhere, without register spills; every tile the dispatch
 accepts runs on Hopper. What they cannot check is speed (benchmarks/bench_gpu.py, on a GPU).
 """
@@ -14,14 +14,14 @@ import importlib.util
 import pytest
 import torch
 
-from gag_export import kernels
+from gag_export.gag import kernels
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install 'gag-export[dev]')")
 
 
 @pytest.fixture(scope="module")
 def aot():
-    from gag_export.kernels import aot
+    from gag_export.gag.kernels import aot
 
     return aot
 
@@ -33,7 +33,7 @@ def aot():
     (torch.float16, 0, False), (torch.float16, 2, False), (torch.float16, 2, True), (torch.bfloat16, 0, False),
 ])
 def test_sdxl_tile_fits_every_gpu_without_spills(aot, arch, dtype, mask_mode, per_key):
-    build = aot.build(arch, dtype, lk=77, head_dim=64, mask_mode=mask_mode, mask_per_key=per_key)
+    build = aot.compile_kernel(arch, dtype, lk=77, head_dim=64, mask_mode=mask_mode, mask_per_key=per_key)
     block_m, block_n, block_n2, _, num_warps = kernels.block_sizes(77, 64, dtype.itemsize)
     assert (build.block_m, build.block_n, build.block_n2, build.num_warps) == (block_m, block_n, block_n2, num_warps)
     assert build.shared_bytes <= aot.ARCHS[arch].shared_memory_per_block, build
@@ -55,7 +55,7 @@ def test_every_accepted_tile_runs_on_hopper(aot, dtype, lk, head_dim):
     q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
     kv = torch.empty(1, 1, lk, head_dim, dtype=dtype, device="meta")
     assert kernels.fused_shape_reason(q, kv, kv, 1.5, None, 1.0, 1.0, 0.0) is None  # inside the envelope
-    build = aot.build("sm_90", dtype, lk, head_dim)
+    build = aot.compile_kernel("sm_90", dtype, lk, head_dim)
     assert build.shared_bytes <= aot.ARCHS["sm_90"].shared_memory_per_block, build
     assert build.local_bytes == 0, f"registers spill: {build}"
 
@@ -64,7 +64,7 @@ def test_every_accepted_tile_runs_on_hopper(aot, dtype, lk, head_dim):
 def test_flux_joint_tile_fits_datacenter_gpus(aot, arch):
     # FLUX.1-schnell's image queries x 256 T5 keys, 24 heads of 128, in the joint form (GAG - dense
     # in fp32), in the kernel's first form (values loaded with the keys).
-    build = aot.build(arch, torch.bfloat16, lk=256, head_dim=128, minus_dense=True)
+    build = aot.compile_kernel(arch, torch.bfloat16, lk=256, head_dim=128, minus_dense=True)
     assert build.shared_bytes <= aot.ARCHS[arch].shared_memory_per_block, build
     assert build.local_bytes == 0, f"registers spill: {build}"
 
@@ -78,8 +78,8 @@ def test_t5_tiles_fit_the_99_kib_gpus_in_the_late_values_form(aot, arch, dtype, 
     # RTX 3090/4090/5090, A10, L4, L40: the first form holds the key and value tiles at once and is
     # refused there; the op then launches the form that loads the values after the entmax.
     limit = aot.ARCHS[arch].shared_memory_per_block
-    first = aot.build(arch, dtype, lk, head_dim, minus_dense=minus_dense)
-    late = aot.build(arch, dtype, lk, head_dim, minus_dense=minus_dense, late_values=True)
+    first = aot.compile_kernel(arch, dtype, lk, head_dim, minus_dense=minus_dense)
+    late = aot.compile_kernel(arch, dtype, lk, head_dim, minus_dense=minus_dense, late_values=True)
     assert first.shared_bytes > limit, "the first form fits: the late form would never run here"
     assert late.shared_bytes <= limit, late
     assert late.local_bytes == 0, f"registers spill: {late}"
@@ -94,8 +94,8 @@ def test_a_mask_costs_little(aot, mask_mode, per_key):
     # dot instead, a [queries, keys] mask tile made the compiler convert layouts in every bisection
     # and Newton step (1.95x the instructions at the SDXL tile, sm_90, Triton 3.6; now 1.03x with
     # the row, 1.16x with the tile).
-    plain = aot.build("sm_90", torch.float16, lk=77, head_dim=64)
-    masked = aot.build("sm_90", torch.float16, lk=77, head_dim=64, mask_mode=mask_mode, mask_per_key=per_key)
+    plain = aot.compile_kernel("sm_90", torch.float16, lk=77, head_dim=64)
+    masked = aot.compile_kernel("sm_90", torch.float16, lk=77, head_dim=64, mask_mode=mask_mode, mask_per_key=per_key)
     assert masked.executed_instructions(4, 3) <= 1.25 * plain.executed_instructions(4, 3), (plain, masked)
 
 
@@ -105,7 +105,7 @@ def test_the_build_reads_loops_and_resources(aot, arch):
     # by its trip count, so more steps execute more instructions. At the SDXL tile ptxas keeps both
     # loops; on sm_100 (uniform-predicate branches, and spin-waits for the tensor memory and the
     # asynchronous MMAs, which are not the kernel's loops) the reading must find the same two.
-    build = aot.build(arch, torch.float16, lk=77, head_dim=64)
+    build = aot.compile_kernel(arch, torch.float16, lk=77, head_dim=64)
     assert build.sass_instructions > 1000 and build.registers > 32
     kinds = [kind for kind, _ in build.loops]
     assert kinds == ["bisect", "newton"], build.loops
@@ -116,7 +116,7 @@ def test_the_build_reads_loops_and_resources(aot, arch):
 
 def test_unknown_arch_is_refused(aot):
     with pytest.raises(ValueError, match="sm_70"):
-        aot.build("sm_70", torch.float16, lk=77, head_dim=64)
+        aot.compile_kernel("sm_70", torch.float16, lk=77, head_dim=64)
 
 
 def test_resource_report_shows_which_form_fits_a_99_kib_gpu(tmp_path):

@@ -1,4 +1,4 @@
-"""The fused Triton GAG kernel (gag_export/kernels) against the PyTorch paths and GAG.md.
+"""The fused Triton GAG kernel (gag_export/gag/kernels) against the PyTorch paths and GAG.md.
 
 Two runs of the same cases:
 - on CPU through Triton's interpreter: the kernel runs in a child process started with
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from entmax import entmax15 as entmax15_reference
 
-from gag_export import kernels
+from gag_export.gag import kernels
 from gag_export.core.errors import InvalidInputError, MissingDependencyError
-from gag_export.guidance import GAGConfig, gag_attention, gag_combine, gag_joint_attention
+from gag_export.gag import GAGConfig, gag_attention, gag_combine, gag_joint_attention
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -377,7 +377,7 @@ def _export_flag_seen_by(run) -> list[bool]:
 
     class Probe(torch.nn.Module):
         def forward(self, x):
-            seen.append(kernels._exporting())
+            seen.append(kernels.exporting())
             return x + 1
 
     torch._dynamo.reset()
@@ -393,7 +393,7 @@ def _compile_run(module, x):
 def test_compile_keeps_the_custom_op_and_export_traces_the_pytorch_path():
     assert _export_flag_seen_by(_compile_run) == [False]
     assert _export_flag_seen_by(lambda m, x: torch.export.export(m, (x,), strict=False)) == [True]
-    assert kernels._exporting() is False
+    assert kernels.exporting() is False
 
 
 def test_compile_keeps_the_custom_op_on_torch_that_folds_is_exporting(monkeypatch):
@@ -526,7 +526,7 @@ def test_config_and_joint_attention_accept_fused_and_auto():
 
 
 def test_importing_guidance_and_kernels_does_not_import_triton():
-    code = "import sys, gag_export.guidance, gag_export.kernels, gag_export.attention; print('triton' in sys.modules)"
+    code = "import sys, gag_export.gag, gag_export.gag.kernels, gag_export.gag.attention; print('triton' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
@@ -541,7 +541,7 @@ def test_tiny_gag_unet_traces_as_one_graph(method):
     TopK or the method dispatch (CPU: "auto" is the bisect path)."""
     from conftest import tiny_sdxl_unet, unet_inputs
 
-    from gag_export.attention import apply_gag
+    from gag_export.gag.attention import apply_gag
 
     unet = tiny_sdxl_unet()
     apply_gag(unet, GAGConfig(method=method))
@@ -605,7 +605,7 @@ def _refuse_launch(monkeypatch, forms_refused: int = 2, run_others: bool = False
     (`run_others`) or return zeros. Returns the `late_values` flag of every launch tried."""
     from triton.runtime.errors import OutOfResources
 
-    from gag_export.kernels import triton_gag
+    from gag_export.gag.kernels import triton_gag
 
     real_launch, tried = triton_gag.launch, []
 
@@ -695,11 +695,11 @@ def _two_gag_layers(q, k, v):
 
 @pytest.mark.parametrize("region", [True, False])
 def test_compile_runs_the_pytorch_core_as_a_nested_region(monkeypatch, region):
-    from gag_export import guidance
+    from gag_export.gag import dispatch
 
-    if guidance._pytorch_gag_region is None:
+    if dispatch._torch_gag_region is None:
         pytest.skip(f"torch {torch.__version__} has no torch.compiler.nested_compile_region")
-    monkeypatch.setattr(guidance, "COMPILE_REGION", region)
+    monkeypatch.setattr(dispatch, "COMPILE_REGION", region)
     q, k, v = _qkv(1, 2, 8, 77, 16, seed=4)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(_two_gag_layers)(q, k, v)
@@ -756,7 +756,7 @@ def _compiled_runs(cases: list[dict]) -> dict:
 def _opchecks() -> dict:
     """torch.library.opcheck of the custom op (schema, fake implementation against the real one,
     aot dispatch) in both output forms; failures as their messages."""
-    from gag_export.kernels import triton_gag  # noqa: F401  (registers the op)
+    from gag_export.gag.kernels import triton_gag  # noqa: F401  (registers the op)
 
     q, k, v = _qkv(1, 2, 8, 20, 16, seed=30, dtype=torch.float16)
     results = {}
@@ -773,7 +773,7 @@ def _opchecks() -> dict:
 def _late_value_runs(cases: list[dict]) -> dict:
     """LATE_VALUE_CASES through `gag_attention(method="fused")` on a simulated GPU that refuses the
     kernel's first form: the op must run its second (values loaded after the entmax)."""
-    from gag_export.kernels import triton_gag
+    from gag_export.gag.kernels import triton_gag
 
     outputs, forms_tried = {}, {}
     with pytest.MonkeyPatch.context() as mp:

@@ -1,4 +1,4 @@
-"""Backends (gag_export/runtime/backends.py), artifact handling and `gag-export generate`.
+"""Backends (gag_export/runtime/*_backend.py), artifact handling and `gag-export generate`.
 
 The tiny models are exported once per session (runtime_helpers.exported_graphs, GAG bisect, 64x64,
 static) and shared by every test here and in test_sampler.py.
@@ -20,17 +20,8 @@ from runtime_helpers import ONE_THREAD, PROMPT, exported_graphs, max_pixel_diff,
 from gag_export.cli import cli
 from gag_export.core.errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError
 from gag_export.models import ImageShape, get_entry, load_pipeline
-from gag_export.runtime import (
-    IDENTITY_GAG,
-    GAGParams,
-    GenerationConfig,
-    OrtComponent,
-    Sampler,
-    ensure_artifacts,
-    load_components,
-    parse_backend,
-    read_png_metadata,
-)
+from gag_export.runtime import IDENTITY_GAG, GAGParams, GenerationConfig, OrtComponent, Sampler, load_components, parse_backend, read_png_metadata
+from gag_export.workflows.artifacts import ensure_artifacts
 
 SAME_IMAGE = 2  # max abs pixel difference, in 8-bit levels
 
@@ -313,20 +304,22 @@ def test_cli_generate_builds_missing_graphs(sdxl_graphs, tmp_path, monkeypatch):
     """Absent graphs are exported first (export itself is test_export.py's; here a copy of the session
     export stands in for it, and the call it received is checked)."""
     from gag_export import export
+    from gag_export.artifacts.manifest import Manifest
 
     calls = []
 
-    def fake_export(pipe, entry, config, progress=None):
-        calls.append(config)
+    def fake_export(pipe, entry, config, progress=None, release=False):
+        calls.append((config, release))
         shutil.copytree(sdxl_graphs / "tiny-sdxl", config.graphs_dir)
-        return export.Manifest.load(config.graphs_dir)
+        return Manifest.load(config.graphs_dir)
 
     monkeypatch.setattr(export, "export_model", fake_export)
     graphs = tmp_path / "graphs"
     result = generate("--graphs", str(graphs), "--steps", "1", "--no-gag", "--out", str(tmp_path / "a.png"))
     assert result.exit_code == 0, result.output
-    [config] = calls
+    [(config, release)] = calls
     assert (config.model, config.out_dir, config.shape) == ("tiny-sdxl", graphs, ImageShape(64, 64))
+    assert release  # the pipeline loaded only to export is handed over (its weights freed as it goes)
     assert config.gag is not None and config.gag.method == "bisect"  # one GAG graph serves GAG on and off
     assert read_png_metadata(tmp_path / "a.png")["gag"] == "off"
     again = generate("--graphs", str(graphs), "--steps", "1", "--out", str(tmp_path / "b.png"))
@@ -472,7 +465,7 @@ def _fake_engine(tensors: dict[str, tuple[str, str]]):
 
 def test_tensorrt_component_accepts_inputs_the_builder_dropped_and_refuses_other_io():
     from gag_export.models.base import TensorSpec
-    from gag_export.runtime.backends import TensorRTComponent
+    from gag_export.runtime.tensorrt_backend import TensorRTComponent
 
     specs = [TensorSpec("sample", "float32", (1, 4, 8, 8)), TensorSpec("gag_zeta", "float32", ())]
     component = TensorRTComponent("unet", "denoiser", specs, [TensorSpec("noise_pred", "float32", (1, 4, 8, 8))],
@@ -514,7 +507,7 @@ def test_ort_component_runs_bf16_inputs_and_outputs(tmp_path):
     with component:
         out = component.infer({"sample": sample, "gag_scale": np.float32(0.5)})
     assert str(out["same"].dtype) == "bfloat16" and out["same"].shape == (2, 3)
-    from gag_export.export import to_torch
+    from gag_export.arrays import to_torch
 
     assert torch.equal(to_torch(out["same"]), sample)
     np.testing.assert_array_equal(out["shifted"], sample.float().numpy() + 0.5)
@@ -558,7 +551,7 @@ def test_ort_gpu_providers_get_their_options(tmp_path, monkeypatch):
 
 
 def test_torch_on_cuda_runs_without_tf32_and_restores_the_flags():
-    from gag_export.runtime.backends import _no_tf32
+    from gag_export.runtime.torch_backend import no_tf32 as _no_tf32
 
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cudnn.allow_tf32 = True  # torch's default for convolutions

@@ -266,12 +266,12 @@ def test_a_stochastic_scheduler_is_reproducible_too(sdxl):
 
 def test_long_prompts_are_truncated_with_a_warning(sdxl, flux, caplog):
     long_prompt = " ".join(["a very detailed painting of a red fox in the snowy forest"] * 30)
-    with caplog.at_level(logging.WARNING, logger="gag_export.runtime.sampler"):
+    with caplog.at_level(logging.WARNING, logger="gag_export.runtime"):
         result = sdxl.generate(GenerationConfig(long_prompt, seed=1, steps=1))
     assert result.image.size == (64, 64)
     assert "the encoder takes 77: truncated" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="gag_export.runtime.sampler"):
+    with caplog.at_level(logging.WARNING, logger="gag_export.runtime"):
         flux.generate(GenerationConfig(long_prompt, seed=1, steps=1))
     assert "text_encoder_2 tokens, the encoder takes 32" in caplog.text  # T5 at the entry's text_len
 

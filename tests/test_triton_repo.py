@@ -15,11 +15,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from gag_export.engine import Sidecar, sidecar_path
+from gag_export.engine import Sidecar
+from gag_export.artifacts.engines import sidecar_path
 from gag_export.core.errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError
-from gag_export.export import Manifest
+from gag_export.artifacts.manifest import Manifest
 from gag_export.models import get_entry
-from gag_export.serving import RepositoryOptions, RequestLimits, build_repository, parse_request, pbtxt
+from gag_export.serving import pbtxt
+from gag_export.serving.repository import RepositoryOptions, build_repository
+from gag_export.serving.requests import RequestLimits, parse_request
 from gag_export.serving import repository as repo_module
 from gag_export.serving.client import parse_url
 
@@ -553,6 +556,11 @@ def test_serving_environment_requirements_pin_the_runtime():
     import torch
 
     assert f"torch=={torch.__version__.split('+')[0]}" in reqs
+    from packaging.requirements import Requirement
+
+    names = {Requirement(r).name.lower() for r in reqs}
+    assert {"onnxruntime", "diffusers", "transformers"} <= names
+    assert not names & {"onnx", "onnxscript", "onnxslim", "polygraphy", "matplotlib"}  # the build side stays out
 
 
 @pytest.mark.parametrize("url, protocol, expected", [

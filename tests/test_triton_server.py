@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from gag_export.core.errors import InvalidInputError, MissingDependencyError
-from gag_export.serving import RepositoryOptions, build_repository
+from gag_export.serving.repository import RepositoryOptions, build_repository
 from gag_export.serving.client import PipelineClient, PipelineRequest
 from gag_export.serving.server import SHM_DIR, SHM_PREFIX, free_port
 from runtime_helpers import ONE_THREAD, exported_graphs, max_pixel_diff, torch_threads

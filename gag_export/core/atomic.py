@@ -1,12 +1,14 @@
-"""Atomic replacement of generated folders: a reader sees the old one or the new one, never half."""
+"""Writing artifacts: a reader sees the old one or the new one, never half (one helper for every artifact)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from .errors import ArtifactError, GagExportError, ResourceExhaustedError
 
@@ -57,3 +59,70 @@ def swap_into_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def temp_beside(dest: Path) -> Path:
+    """A new empty temp file in `dest`'s folder (same file system: `os.replace` is atomic), with
+    the mode `open()` would have given it."""
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    return as_if_created_plainly(Path(name))
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path, make_parents: bool = False) -> Iterator[Path]:
+    """A temp file beside `dest`, renamed onto it when the block succeeds and removed otherwise.
+
+    A path that cannot be written (its folder is a file, no permission, a read-only or full disk),
+    there or inside the block, is `write_failure`'s ArtifactError or ResourceExhaustedError naming
+    `dest`, not an internal error.
+    """
+    dest = Path(dest)
+    try:
+        if make_parents:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_beside(dest)
+    except OSError as exc:
+        raise write_failure(exc, dest) from exc
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise write_failure(exc, dest) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(dest: Path, data: bytes | str, make_parents: bool = False) -> None:
+    """Write `data` to `dest` through a temp file renamed into place (`atomic_path`)."""
+    with atomic_path(dest, make_parents) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+
+
+def check_writable(dest: Path) -> None:
+    """Fail now, not after a long run, when `dest` cannot be written (its folder is created)."""
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder", str(dest))
+        temp_beside(dest).unlink()
+    except OSError as exc:
+        raise write_failure(exc, dest) from exc
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Hard-link `src` at `dst` (no second copy of a 10 GB graph; nothing ever writes an artifact in
+    place), or copy it where links are impossible (another file system)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+__all__ = ["as_if_created_plainly", "atomic_path", "check_writable", "link_or_copy", "swap_into_place", "temp_beside",
+           "umask", "write_atomic", "write_failure"]
+

@@ -56,7 +56,7 @@ EXIT_CODES = {
     0: "success",
     1: "unexpected internal error (a bug: please report it with --verbose output)",
     InvalidInputError.exit_code: "invalid input: bad option value, unknown model/backend, bad shape",
-    MissingDependencyError.exit_code: "an optional dependency (TensorRT, Triton, onnxruntime-gpu) is missing",
+    MissingDependencyError.exit_code: "an optional dependency (TensorRT, Triton, onnxruntime-gpu, the export extra) is missing",
     CheckFailedError.exit_code: "a check failed (ONNX checker, TensorRT lint, parity)",
     ArtifactError.exit_code: "missing, corrupt or mismatched artifact (ONNX, manifest, engine)",
     WeightsNotFoundError.exit_code: "model weights not available locally and no network",

@@ -5,9 +5,11 @@ from __future__ import annotations
 # The three 0-d float32 inputs of a GAG denoiser graph (and of the serving pipeline's requests).
 GAG_INPUTS = ("gag_scale", "gag_eta", "gag_zeta")
 
+FAMILIES = ("sdxl", "flux")  # the model families: SDXL's UNet, FLUX's MMDiT transformer
+
 MANIFEST_NAME = "manifest.json"  # graphs/<model>/manifest.json
 GRAPH_NAME = "model.onnx"  # graphs/<model>/<component>/model.onnx
 DATA_SUFFIX = ".data"  # its external data, when the weights exceed protobuf's 2 GB: model.onnx.data
 PARITY_NAME = "parity.npz"  # beside model.onnx: the sample feed and torch's outputs recorded at export
 
-__all__ = ["DATA_SUFFIX", "GAG_INPUTS", "GRAPH_NAME", "MANIFEST_NAME", "PARITY_NAME"]
+__all__ = ["DATA_SUFFIX", "FAMILIES", "GAG_INPUTS", "GRAPH_NAME", "MANIFEST_NAME", "PARITY_NAME"]

@@ -18,7 +18,6 @@ once, here, for every descriptor.
 from __future__ import annotations
 
 import abc
-import enum
 import keyword
 import logging
 from dataclasses import dataclass, fields
@@ -28,6 +27,8 @@ import torch
 
 from ..core.errors import InvalidInputError
 from ..core.names import GAG_INPUTS
+from ..core.precision import Precision
+from ..core.shapes import ImageShape
 
 log = logging.getLogger(__name__)
 
@@ -38,45 +39,6 @@ SAMPLE_GAG_VALUES = {"gag_scale": 10.0, "gag_eta": 15.0, "gag_zeta": 0.5}
 
 
 # --------------------------------------------------------------------------- precision
-
-
-class Precision(str, enum.Enum):
-    """The precision of an exported graph's weights and floating-point tensors."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-
-    @classmethod
-    def parse(cls, value: "Precision | str") -> "Precision":
-        if isinstance(value, Precision):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise InvalidInputError(
-                f"dtype: must be one of {[p.value for p in cls]}, got {value!r}"
-            ) from None
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
-
-    @property
-    def numpy_name(self) -> str:
-        """The dtype's numpy name as written in TensorSpec and the manifest ("bfloat16" for bf16)."""
-        return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.value]
-
-    @property
-    def numpy_dtype(self):
-        """A numpy dtype (bf16 via `ml_dtypes`, which onnx depends on)."""
-        import numpy as np
-
-        if self is Precision.BF16:
-            import ml_dtypes
-
-            return np.dtype(ml_dtypes.bfloat16)
-        return np.dtype(self.numpy_name)
 
 
 TORCH_DTYPES = {
@@ -123,39 +85,6 @@ class TensorSpec:
     def to_dict(self) -> dict:
         """The manifest form: {"name", "dtype", "shape": [...]} (0-d: shape [])."""
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-
-def require_positive_int(label: str, value: Any) -> None:
-    """InvalidInputError naming `label` unless `value` is an integer > 0 (a bool is not one): the
-    check of every size and batch, whether it arrives as an option, a config field or a shape."""
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InvalidInputError(f"{label}: must be a positive integer, got {value!r}")
-
-
-@dataclass(frozen=True)
-class ImageShape:
-    """Output image size in pixels and the batch size (checked against a family's multiple later)."""
-
-    height: int
-    width: int
-    batch: int = 1
-
-    def __post_init__(self) -> None:
-        for field in ("height", "width", "batch"):
-            require_positive_int(f"ImageShape.{field}", getattr(self, field))
-
-    def require_multiple(self, multiple: int, family: str = "") -> "ImageShape":
-        """Raise InvalidInputError naming the field unless height and width are multiples of `multiple`."""
-        for field in ("height", "width"):
-            value = getattr(self, field)
-            if value % multiple:
-                lower, upper = value // multiple * multiple, (value // multiple + 1) * multiple
-                suggestion = f"{lower} or {upper}" if lower else f"{upper}"
-                raise InvalidInputError(
-                    f"ImageShape.{field}: {value} is not a multiple of {multiple}"
-                    f"{f' (required by {family} models)' if family else ''}; use {suggestion}"
-                )
-        return self
 
 
 def gag_specs() -> list[TensorSpec]:
@@ -224,7 +153,7 @@ class DenoiserWrapper(ExportWrapper):
     def run(self, gag_scale=None, gag_eta=None, gag_zeta=None, **inputs):
         if not self.gag:
             return self.call_model(**inputs)
-        from ..attention import guidance_params
+        from ..gag.attention import guidance_params
 
         with guidance_params(self.model).bind(gag_scale, gag_eta, gag_zeta):
             return self.call_model(**inputs)
@@ -234,7 +163,7 @@ class DenoiserWrapper(ExportWrapper):
 
 
 def model_has_gag(model: torch.nn.Module) -> bool:
-    from ..attention import is_gag_applied
+    from ..gag.attention import is_gag_applied
 
     return is_gag_applied(model)
 
@@ -245,7 +174,8 @@ def model_has_gag(model: torch.nn.Module) -> bool:
 # models, ORT vs torch fp32 differ by <= 5e-6 (shared/EXPORT-NOTES.md); 1e-4 leaves room for
 # the accumulation-order noise of full-size models. fp16 keeps ~3 significant digits
 # (eps 9.8e-4) and bf16 ~2 (eps 7.8e-3), compounded over dozens of layers: the looser values
-# below are deliberate and apply elementwise as |a - b| <= atol + rtol * |b|.
+# below are deliberate. They apply elementwise as Polygraphy's SimpleCompareFunc does: an element
+# passes when |a - b| <= atol or |a - b| / |b| <= rtol.
 TOLERANCES = {
     Precision.FP32: {"atol": 1e-4, "rtol": 1e-4},
     Precision.FP16: {"atol": 2e-2, "rtol": 1e-2},

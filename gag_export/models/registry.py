@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..core.errors import InvalidInputError
+from ..core.names import FAMILIES
 
-FAMILIES = ("sdxl", "flux")
 
 
 def _frozen(mapping: Mapping | None) -> Mapping:

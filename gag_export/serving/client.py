@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import GagExportError, InvalidInputError, MissingDependencyError
-from ..core.names import GAG_INPUTS
-from .repository import PIPELINE
+from .protocol import GAG_INPUTS, PIPELINE
 
 PROTOCOLS = ("http", "grpc")
 # A parameter every config that `gag-export triton` writes for requests carries (repository.client_defaults).

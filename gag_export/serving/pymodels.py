@@ -34,10 +34,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..core.errors import ArtifactError, GagExportError, InvalidInputError
-from ..export import Manifest, to_numpy
+from ..arrays import to_numpy
+from ..artifacts.manifest import Manifest
 from ..models.base import TensorSpec
-from ..runtime.backends import Component, ComponentSet, OrtComponent, spec_from_manifest
+from ..runtime.components import Component, ComponentSet, spec_from_manifest
+from ..runtime.ort_backend import OrtComponent
 from ..runtime.sampler import Sampler, SamplerAssets
+from .protocol import IMAGE_OUTPUT
 from .requests import RequestLimits, parse_request
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,6 @@ log = logging.getLogger(__name__)
 ASSETS_DIR = "assets"
 TOKENIZERS_FILE = "tokenizers.json"
 SCHEDULER_FILE = "scheduler_config.json"
-IMAGE_OUTPUT = "image"
 
 
 def model_parameters(model_config: Mapping) -> dict[str, str]:
@@ -359,9 +361,10 @@ class EngineModel(_GraphModel):
     def _component(self, name, io, inputs, outputs, parameters, folder, args):
         import torch  # noqa: PLC0415
 
-        from ..engine import RuntimeTarget, trt_features  # noqa: PLC0415
-        from ..runtime.backends import TensorRTComponent, TensorRTRtxComponent  # noqa: PLC0415
-        from ..trt_flavors import get_flavor, parse_sm_tag  # noqa: PLC0415
+        from ..artifacts.engines import RuntimeTarget  # noqa: PLC0415
+        from ..core.tensorrt import trt_features  # noqa: PLC0415
+        from ..runtime.tensorrt_backend import TensorRTComponent, TensorRTRtxComponent  # noqa: PLC0415
+        from ..core.tensorrt import get_flavor, parse_sm_tag  # noqa: PLC0415
 
         flavor = get_flavor(parameters.get("flavor", "tensorrt"))
         device = int(args.get("model_instance_device_id") or 0)

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..core.errors import InvalidInputError
 from ..core.names import GAG_INPUTS
-from ..runtime.sampler import GAGParams, GenerationConfig
+from ..runtime.generation import GAGParams, GenerationConfig
 
 SEED_MAX = 2**63 - 1
 

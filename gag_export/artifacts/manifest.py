@@ -1,0 +1,151 @@
+"""`graphs/<model>/manifest.json`: read and checked once, the graph digests, the dtype names.
+
+What export writes (docs/DESIGN.md, "Manifest"); every reader (check, engine, runtime, triton,
+bench) goes through `Manifest.load`, which turns a missing, damaged or hand-edited manifest into
+an `ArtifactError` naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.errors import ArtifactError, InvalidInputError
+from ..core.gag_config import GAGConfig
+from ..core.names import DATA_SUFFIX, FAMILIES, MANIFEST_NAME
+from ..core.precision import Precision
+from ..core.shapes import ImageShape
+
+MANIFEST_FORMAT_VERSION = 1
+
+_ONNX_DTYPE_NAMES = {
+    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 8: "string",
+    9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16",
+}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """`manifest.json` of one exported model: `data` is the JSON document as written."""
+
+    graphs_dir: Path
+    data: dict
+    stats: dict = field(default_factory=dict, compare=False)  # export.ComponentStats of the run that wrote it
+
+    @property
+    def path(self) -> Path:
+        return self.graphs_dir / MANIFEST_NAME
+
+    @property
+    def model(self) -> str:
+        return self.data["model"]
+
+    @property
+    def components(self) -> dict[str, dict]:
+        return self.data["components"]
+
+    @property
+    def precision(self) -> Precision:
+        return Precision.parse(self.data["dtype"])
+
+    @property
+    def gag(self) -> GAGConfig | None:
+        gag = self.data.get("gag") or {}
+        if not gag.get("enabled"):
+            return None
+        return GAGConfig(**{k: gag[k] for k in ("scale", "eta", "zeta", "alpha", "method", "layers")})
+
+    def graph_path(self, component: str) -> Path:
+        return self.graphs_dir / self.components[component]["path"]
+
+    def shape(self) -> ImageShape:
+        s = self.data["shape"]
+        return ImageShape(batch=s["batch"], height=s["height"], width=s["width"])
+
+    @classmethod
+    def load(cls, graphs_dir: Path) -> Manifest:
+        """Read `graphs_dir/manifest.json`; `ArtifactError` (one line) when missing or unreadable."""
+        graphs_dir = Path(graphs_dir)
+        path = graphs_dir / MANIFEST_NAME
+        if not graphs_dir.is_dir():
+            raise ArtifactError(f"{graphs_dir} does not exist: export the model first (`gag-export export --model NAME`)")
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(f"no {MANIFEST_NAME} in {graphs_dir}: export the model first (`gag-export export`)") from None
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"cannot read {path}: {exc}") from None
+        if not isinstance(data, dict) or data.get("format_version") != MANIFEST_FORMAT_VERSION:
+            raise ArtifactError(f"{path} is not a format-{MANIFEST_FORMAT_VERSION} gag-export manifest: re-export the model")
+        for key in ("model", "dtype", "components", "shape"):
+            if key not in data:
+                raise ArtifactError(f"{path} has no {key!r}: re-export the model")
+        if not isinstance(data["components"], dict) or not data["components"]:
+            raise ArtifactError(f"{path} lists no components: re-export the model")
+        for name, comp in data["components"].items():
+            for key in ("role", "path", "sha256", "inputs", "outputs"):
+                if not isinstance(comp, dict) or key not in comp:
+                    raise ArtifactError(f"{path}: component {name!r} has no {key!r}: re-export the model")
+        manifest = cls(graphs_dir, data)
+        manifest._check_values()
+        return manifest
+
+    def _check_values(self) -> None:
+        """The values every reader relies on, read once here: a manifest edited by hand (or damaged)
+        is an ArtifactError naming the field, not an invalid-input error from deep in a command."""
+        problems = []
+        if self.data.get("family", "sdxl") not in FAMILIES:
+            problems.append(f"family {self.data.get('family')!r} is not one of {FAMILIES}")
+        try:
+            self.precision
+        except InvalidInputError as exc:
+            problems.append(f"dtype: {exc}")
+        shape = self.data["shape"]
+        sizes = {key: shape.get(key) if isinstance(shape, dict) else None for key in ("batch", "height", "width")}
+        for key, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"shape.{key} must be a positive integer, got {value!r}")
+        try:
+            self.gag
+        except (InvalidInputError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"gag: {exc}")
+        if problems:
+            raise ArtifactError(f"{self.path}: {'; '.join(problems)}; re-export the model")
+
+
+def data_path(onnx_path: Path) -> Path:
+    """Where a graph's external data file lives (`model.onnx.data`)."""
+    return Path(str(onnx_path) + DATA_SUFFIX)
+
+
+def sha256_files(paths: Iterable[Path], chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def graph_sha256(onnx_path: Path) -> str:
+    """The manifest's `sha256` of a graph: SHA-256 over `model.onnx` then `model.onnx.data` (if present)."""
+    onnx_path = Path(onnx_path)
+    data = data_path(onnx_path)
+    return sha256_files([onnx_path, data] if data.exists() else [onnx_path])
+
+
+def dtype_name(elem_type: int) -> str:
+    return _ONNX_DTYPE_NAMES.get(elem_type) or f"onnx:{elem_type}"
+
+
+def onnx_element_type(name: str) -> int:
+    """The ONNX element type of a manifest dtype name (the inverse of `dtype_name`)."""
+    return next(code for code, known in _ONNX_DTYPE_NAMES.items() if known == name)
+
+
+__all__ = [
+    "MANIFEST_FORMAT_VERSION", "Manifest", "data_path", "dtype_name", "graph_sha256", "onnx_element_type", "sha256_files",
+]

@@ -1,0 +1,5 @@
+"""`python -m gag_export.cli ...`"""
+
+from . import main
+
+main()

@@ -1,0 +1,17 @@
+"""The served pipeline's names, shared by the repository writer, the in-server models and the client.
+
+Plain strings only: the client reads them without loading torch, ONNX or the runtime.
+"""
+
+from __future__ import annotations
+
+from ..core.names import GAG_INPUTS
+
+PIPELINE = "pipeline"  # the public model: an ensemble over the sampler
+SAMPLER = "sampler"  # the BLS sampler (a Python model running the runtime's scheduler loop)
+IMAGE_OUTPUT = "image"  # uint8 HxWx3
+# The pipeline's inputs and their Triton types (each `dims: [1]`); the GAG values only for GAG exports.
+REQUEST_INPUTS = {"prompt": "TYPE_STRING", "seed": "TYPE_INT64", "steps": "TYPE_INT32",
+                  **{name: "TYPE_FP32" for name in GAG_INPUTS}}
+
+__all__ = ["GAG_INPUTS", "IMAGE_OUTPUT", "PIPELINE", "REQUEST_INPUTS", "SAMPLER"]
