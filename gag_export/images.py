@@ -9,7 +9,17 @@ from typing import Mapping
 from PIL import Image, PngImagePlugin
 
 from .core.atomic import atomic_path
-from .core.errors import ArtifactError
+from .core.errors import ArtifactError, InvalidInputError
+
+
+def require_png_path(path: Path) -> Path:
+    """Images are PNG files (they carry their prompt, seed and settings as text chunks): a name with
+    another suffix would hold PNG bytes under a false name, so it is refused (exit 2)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise InvalidInputError(f"{path}: images are written as PNG, with their generation settings; "
+                                f"give a .png name (got {path.suffix or 'no suffix'!r})")
+    return path
 
 
 def save_png(image: Image.Image, path: Path, metadata: Mapping[str, str]) -> Path:
@@ -17,7 +27,7 @@ def save_png(image: Image.Image, path: Path, metadata: Mapping[str, str]) -> Pat
 
     A reader sees either the previous file or the complete new one, never a partial PNG.
     """
-    path = Path(path)
+    path = require_png_path(path)
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_itxt(str(key), str(value))  # iTXt: UTF-8, so any prompt round-trips

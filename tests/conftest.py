@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The verified-graph record (artifacts/integrity.py) in a folder of this run, not the user's cache;
+    child processes inherit it."""
+    previous = os.environ.get("GAG_EXPORT_CACHE")
+    os.environ["GAG_EXPORT_CACHE"] = str(tmp_path_factory.mktemp("gag-export-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("GAG_EXPORT_CACHE", None)
+    else:
+        os.environ["GAG_EXPORT_CACHE"] = previous
 
 
 def tiny_sdxl_unet(seed: int = 0):

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from gag_export.workflows import bench
-from gag_export.workflows.bench import probes, report, run, timing
+from gag_export.workflows.bench import probes, timing
 from gag_export.cli import cli
 from gag_export.core.errors import InvalidInputError
 
@@ -252,6 +252,16 @@ def test_cli_bench_prints_the_results_when_writing_fails_at_the_end(tmp_path, mo
     assert "| torch | off | cpu |" in (tmp_path / "b.md").read_text()  # the outputs that can be written still are
 
 
+def test_cli_bench_exits_4_when_a_requested_variant_failed_and_still_writes_its_results(tmp_path, monkeypatch):
+    doc = _doc([_row("torch", False, [10, 12, 11]), _row("ort", False, [], status="failed", reason="graph damaged"),
+                _row("tensorrt", False, [], status="skipped", reason="not installed")])
+    monkeypatch.setattr(bench, "run_bench", _fake_run(doc))
+    result = CliRunner().invoke(cli, ["bench", "--model", "tiny-sdxl", "--json", str(tmp_path / "b.json")], obj={})
+    assert result.exit_code == 4, result.output
+    assert "bench: 1 of 3 variants failed: ort/no-gag: graph damaged" in result.stderr  # skipped is no failure
+    assert json.loads((tmp_path / "b.json").read_text())["results"][1]["status"] == "failed"
+
+
 def test_atomic_write_on_a_full_disk_is_resource_exhausted_and_leaves_nothing(tmp_path):
     import errno
 
@@ -327,3 +337,11 @@ def test_bench_ort_exports_the_denoiser_once_and_reuses_it(tmp_path):
     stamp = manifest.stat().st_mtime_ns
     assert bench.needs_export(config, bench.plan(config)) == {}
     assert manifest.stat().st_mtime_ns == stamp
+    # one policy for a damaged cache, whatever is damaged: it is exported again, saying why
+    unet = manifest.parent / "unet" / "model.onnx"
+    data = bytearray(unet.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    unet.write_bytes(bytes(data))
+    assert "cached export damaged" in bench.needs_export(config, bench.plan(config))[True]
+    manifest.write_text("{")
+    assert "cached export damaged" in bench.needs_export(config, bench.plan(config))[True]

@@ -296,7 +296,9 @@ def test_check_raises_artifact_error_in_the_api_too(graphs_copy):
 
 
 def _one_component_export(root: Path, nodes, inputs, outputs, initializers=()) -> Path:
-    """A graphs folder whose one denoiser graph is `nodes`, with a manifest that matches it."""
+    """A graphs folder (`root/tiny-sdxl`, as export names it) whose one denoiser graph is `nodes`, with a
+    manifest that matches it."""
+    root = root / "tiny-sdxl"
     model = graph(nodes, inputs=inputs, outputs=outputs, initializers=initializers)
     onnx.checker.check_model(model)
     (root / "unet").mkdir(parents=True)

@@ -138,11 +138,11 @@ def test_click_usage_errors_exit_2(args, message):
 @pytest.mark.parametrize("args, message", [
     (["build", "--model", "dmd3"], "unknown model 'dmd3'; known models: dmd2, dmd2-1step"),
     (["export", "--model", "dmd3"], "known models:"),
-    (["build", "--model", MODEL, "--gag-scale", "nan"], "scale: must be finite"),
+    (["build", "--model", MODEL, "--gag-scale", "nan"], "scale: must be in [-1, 100]"),
     (["build", "--model", MODEL, "--gag-eta", "-1"], "eta: must be > 0"),
     (["build", "--model", MODEL, "--gag-eta", "nan"], "eta: must be > 0"),
-    (["build", "--model", MODEL, "--gag-zeta", "-0.5"], "zeta: must be finite and >= 0"),
-    (["export", "--model", MODEL, "--gag-zeta", "-0.5"], "zeta: must be finite and >= 0"),
+    (["build", "--model", MODEL, "--gag-zeta", "-0.5"], "zeta: must be in [0, 10]"),
+    (["export", "--model", MODEL, "--gag-zeta", "-0.5"], "zeta: must be in [0, 10]"),
     (["build", "--model", MODEL, "--height", "72"], "not a multiple of 16"),
     (["build", "--model", MODEL, "--no-gag", "--gag-scale", "3"], "--no-gag cannot be combined"),
 ])
@@ -319,10 +319,13 @@ def test_export_of_one_component_over_an_export_with_other_settings_is_refused(r
 
 
 def _without_gag(run, tmp_path) -> Path:
-    """A copy of the build whose manifest says --no-gag (the torch backend reads only that of it)."""
+    """A copy of the build whose manifest says --no-gag (the torch backend reads only that of it):
+    GAG off, and no gag_* inputs declared (a manifest that says one and declares the other is refused)."""
     graphs_dir = graphs_copy(run, tmp_path)
     manifest = json.loads((graphs_dir / "manifest.json").read_text())
     manifest["gag"] = {"enabled": False, "rewritten": []}
+    for component in manifest["components"].values():
+        component["inputs"] = [i for i in component["inputs"] if not i["name"].startswith("gag_")]
     (graphs_dir / "manifest.json").write_text(json.dumps(manifest))
     return graphs_dir
 
@@ -461,7 +464,7 @@ def test_readme_tables_match_the_registry_and_exit_codes():
 
 def test_every_documented_exit_code_is_asserted_here():
     """Guards the README table: if a code is added to EXIT_CODES, a test above must trigger it."""
-    assert set(EXIT_CODES) == {0, 1, 2, 3, 4, 5, 6, 7, 130}
+    assert set(EXIT_CODES) == {0, 1, 2, 3, 4, 5, 6, 7, 130, 143}  # 143: tests/test_integrity.py (SIGTERM)
 
 
 def test_ctrl_c_exits_130_with_one_line(monkeypatch):

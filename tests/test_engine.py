@@ -812,13 +812,17 @@ def test_graph_with_external_data_matches_manifest_sha(tmp_path):
     from gag_export.artifacts.manifest import graph_sha256
 
     graphs = write_graphs(tmp_path, dtype="fp32")
-    (graphs / "unet" / "model.onnx.data").write_bytes(b"weights" * 100)
+    onnx_path, data = graphs / "unet" / "model.onnx", graphs / "unet" / "model.onnx.data"
+    data.write_bytes(b"weights" * 100)
     manifest = json.loads((graphs / "manifest.json").read_text())
-    manifest["components"]["unet"]["sha256"] = graph_sha256(graphs / "unet" / "model.onnx")
+    unet = manifest["components"]["unet"]
+    unet["external_data"] = {"path": "unet/model.onnx.data", "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+                             "size_bytes": 700}
+    unet["sha256"], unet["size_bytes"] = graph_sha256(onnx_path), onnx_path.stat().st_size + 700
     (graphs / "manifest.json").write_text(json.dumps(manifest))
     (spec,) = eng.component_specs(graphs, eng.load_manifest(graphs), EngineOptions(), TRT10)
-    assert spec.onnx_sha256 == manifest["components"]["unet"]["sha256"]
-    (graphs / "unet" / "model.onnx.data").write_bytes(b"other" * 100)
+    assert spec.onnx_sha256 == unet["sha256"]
+    data.write_bytes(b"others!" * 100)  # the same size: only the hash tells
     with pytest.raises(ArtifactError, match="does not match its manifest"):
         eng.component_specs(graphs, eng.load_manifest(graphs), EngineOptions(), TRT10)
 

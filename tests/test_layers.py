@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import subprocess
 import sys
 import tomllib
@@ -88,8 +89,20 @@ print(json.dumps(sorted(sys.modules)))
 # --------------------------------------------------------------------------------------------- contracts
 
 
+@pytest.fixture
+def logging_left_as_found():
+    """importlinter's CLI configures logging with `dictConfig`, which disables every logger that
+    already exists (`disable_existing_loggers`): gag_export's loggers would stay silent for every
+    later test in the process (CI's test_sampler caplog saw nothing after this file ran)."""
+    loggers = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    disabled = [lg.disabled for lg in loggers]
+    yield
+    for lg, was_disabled in zip(loggers, disabled):
+        lg.disabled = was_disabled
+
+
 @pytest.mark.parametrize("contract", [c["id"] for c in CONTRACTS])
-def test_import_contract_is_kept(contract, tmp_path, capsys):
+def test_import_contract_is_kept(contract, tmp_path, capsys, logging_left_as_found):
     from importlinter.cli import lint_imports
 
     code = lint_imports(config_filename=str(ROOT / "pyproject.toml"), limit_to_contracts=(contract,),

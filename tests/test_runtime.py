@@ -253,9 +253,23 @@ def test_truncated_graph(graphs_copy):
         load_components("tiny-sdxl", "ort", graphs=graphs_copy)
 
 
-def test_corrupt_graph_of_the_right_size(graphs_copy):
+def test_corrupt_graph_of_the_right_size_is_refused_by_its_hash(graphs_copy):
     path = graphs_copy / "tiny-sdxl" / "text_encoder" / "model.onnx"
     path.write_bytes(b"\xff" * path.stat().st_size)
+    with pytest.raises(ArtifactError, match=r"text_encoder/model.onnx does not match its manifest"):
+        load_components("tiny-sdxl", "ort", graphs=graphs_copy, options=ONE_THREAD).activate()
+
+
+def test_graph_onnx_runtime_cannot_load_is_an_artifact_error(graphs_copy):
+    # bytes that match their manifest (re-hashed by hand) yet are no graph: ONNX Runtime's own refusal
+    from gag_export.artifacts.manifest import graph_sha256
+
+    path = graphs_copy / "tiny-sdxl" / "text_encoder" / "model.onnx"
+    path.write_bytes(b"\xff" * path.stat().st_size)
+    manifest_path = graphs_copy / "tiny-sdxl" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["components"]["text_encoder"]["sha256"] = graph_sha256(path)
+    manifest_path.write_text(json.dumps(manifest))
     components = load_components("tiny-sdxl", "ort", graphs=graphs_copy, options=ONE_THREAD)
     with pytest.raises(ArtifactError, match=r"ONNX Runtime cannot load .*text_encoder/model.onnx"):
         components.activate()

@@ -405,7 +405,7 @@ def test_sampler_over_bls_equals_the_local_runtime(fake_triton, graphs):
     ({"eta": float("nan")}, "gag_eta: must be a number in (0, inf], got nan"),
     ({"zeta": float("inf")}, "gag_zeta: must be a finite number in [0, 10]"),
     ({"seed": -1}, "seed: must be an integer in [0, 2**63 - 1], got -1"),
-    ({"prompt": "x" * 1001}, "prompt: 1001 characters, the server accepts at most 1000"),
+    ({"prompt": "x" * 1001}, "prompt: 1001 characters, at most 1000 are accepted"),
     ({"prompt": b"\xff\xfe"}, "prompt: not valid UTF-8"),
 ])
 def test_bad_requests_get_an_error_response_and_the_model_keeps_serving(fake_triton, change, message):

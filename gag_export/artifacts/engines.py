@@ -20,7 +20,15 @@ from .. import __version__
 from ..core.errors import ArtifactError, InvalidInputError, MissingDependencyError
 from ..core.gpu import detect_gpu
 from ..core.precision import Precision
-from ..core.tensorrt import TENSORRT, TensorRTCapabilities, get_flavor, import_tensorrt, parse_sm_tag, parse_targets, sm_tag
+from ..core.tensorrt import (
+    TENSORRT,
+    TensorRTCapabilities,
+    get_flavor,
+    import_tensorrt,
+    parse_sm_tag,
+    parse_targets,
+    sm_tag,
+)
 
 SIDECAR_FORMAT_VERSION = 1
 RUNTIME_CACHE_SUFFIX = ".runtime-cache"  # TensorRT-RTX: the JIT's runtime cache, beside its engine

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..core.errors import ArtifactError, InvalidInputError
 from ..core.gag_config import GAGConfig
-from ..core.names import DATA_SUFFIX, FAMILIES, MANIFEST_NAME
+from ..core.names import DATA_SUFFIX, FAMILIES, GAG_INPUTS, MANIFEST_NAME
 from ..core.precision import Precision
 from ..core.shapes import ImageShape
 
@@ -108,12 +108,43 @@ class Manifest:
         for key, value in sizes.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"shape.{key} must be a positive integer, got {value!r}")
-        try:
-            self.gag
-        except (InvalidInputError, ValueError, KeyError, TypeError) as exc:
-            problems.append(f"gag: {exc}")
+        gag = self.data.get("gag")
+        if not isinstance(gag, dict) or not isinstance(gag.get("enabled"), bool):
+            problems.append(f"gag must be an object with a boolean 'enabled', got {gag!r}")
+        else:
+            try:
+                self.gag
+            except (InvalidInputError, ValueError, KeyError, TypeError) as exc:
+                problems.append(f"gag: {exc}")
+            problems += self._gag_input_problems(gag["enabled"])
+        problems += self._path_problems()
         if problems:
             raise ArtifactError(f"{self.path}: {'; '.join(problems)}; re-export the model")
+
+    def _gag_input_problems(self, enabled: bool) -> list[str]:
+        """A GAG export's denoiser takes the 0-d `gag_*` inputs, a plain one none of them (so a manifest
+        that says otherwise, `"gag": null` over a GAG graph, is refused rather than fed wrongly)."""
+        problems = []
+        for name, comp in self.components.items():
+            names = {i.get("name") for i in comp["inputs"] if isinstance(i, dict)} if isinstance(comp["inputs"], list) else set()
+            has = set(GAG_INPUTS) & names
+            if comp["role"] == "denoiser" and enabled and not has:
+                problems.append(f"gag.enabled is true but {name} takes no {'/'.join(GAG_INPUTS)} input")
+            elif has and not enabled:
+                problems.append(f"gag.enabled is false but {name} takes {sorted(has)}")
+        return problems
+
+    def _path_problems(self) -> list[str]:
+        """Every component's file lies inside the export folder: a manifest never makes a reader
+        open, copy or serve a file elsewhere (`/etc/passwd`, `../../x`)."""
+        root = self.graphs_dir.resolve()
+        problems = []
+        for name, comp in self.components.items():
+            path = comp["path"]
+            if not isinstance(path, str) or not path or Path(path).is_absolute() \
+                    or not (root / path).resolve().is_relative_to(root):
+                problems.append(f"components.{name}.path {path!r} is not a file inside {self.graphs_dir}")
+        return problems
 
 
 def data_path(onnx_path: Path) -> Path:

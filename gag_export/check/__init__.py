@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..artifacts.manifest import Manifest
-from ..core.errors import InvalidInputError
+from ..core.errors import ArtifactError, InvalidInputError
 from . import trt_ops
 from .lint import lint_graph
 from .parity import run_parity
@@ -88,6 +88,9 @@ def check_graphs(graphs_dir: Path, parity: bool = True, *, pipe=None, entry=None
 
         get_flavor(parser).import_module()  # MissingDependencyError (exit 3) before any work
     manifest = Manifest.load(Path(graphs_dir))
+    if manifest.graphs_dir.resolve().name != manifest.model:  # export writes <out>/<model>; the runtime finds it so
+        raise ArtifactError(f"{manifest.path} is for model {manifest.model!r}, not {manifest.graphs_dir.resolve().name!r} "
+                            "(the folder it lies in): re-export the model")
     unknown = [v for v in trt_versions if v not in trt_ops.SUPPORTED]
     if unknown:
         raise InvalidInputError(f"unknown TensorRT version(s) {unknown}; the lint knows {list(trt_ops.SUPPORTED)}")

@@ -4,7 +4,6 @@ pipeline (given, or loaded again through the registry)."""
 from __future__ import annotations
 
 from ..artifacts.manifest import Manifest
-from ..gag.attention import apply_gag, remove_gag
 from ..core.names import GAG_INPUTS
 from ..core.precision import Precision
 from ..export.parity import (
@@ -14,6 +13,7 @@ from ..export.parity import (
     load_reference,
 )
 from ..export.pipeline import denoiser_module, sample_feed
+from ..gag.attention import apply_gag, remove_gag
 from .precision import PRECISION_OF
 from .report import CheckReport, CheckResult
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..artifacts.manifest import Manifest, graph_sha256
 from ..core.errors import ArtifactError
-from ..export.graphs import load_graph_structure
+from ..export.graphs import graph_io, load_graph_structure
 
 CONTROL_FLOW_OPS = frozenset({"Loop", "If", "Scan"})
 
@@ -55,7 +55,20 @@ def verify_artifact(manifest: Manifest, component: str):
     if actual != entry["sha256"]:
         raise ArtifactError(f"{path} does not match {manifest.path}: sha256 {actual[:12]}... but the manifest says "
                             f"{str(entry['sha256'])[:12]}...; the graph changed after export, re-export the model")
+    _check_declared_io(manifest, component, model)
     return model
+
+
+def _check_declared_io(manifest: Manifest, component: str, model) -> None:
+    """The manifest's inputs and outputs are the graph's (names, types, shapes): every reader feeds
+    and shapes by the manifest, so a manifest that disagrees is a damaged artifact, not bad input."""
+    inputs, outputs = graph_io(model)
+    entry = manifest.components[component]
+    for kind, declared, actual in (("inputs", entry["inputs"], inputs), ("outputs", entry["outputs"], outputs)):
+        if declared != actual:
+            wrong = next(((d, a) for d, a in zip(declared, actual) if d != a), (declared, actual))
+            raise ArtifactError(f"{manifest.path}: {component}'s {kind} do not match its graph (manifest "
+                                f"{wrong[0]}, graph {wrong[1]}): re-export the model")
 
 
 def first_line(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ from ..core.errors import (
     GagExportError,
     ResourceExhaustedError,
 )
+from ..core.signals import Terminated, raise_if_terminated, terminate_on_signals
 
 console = Console(stderr=True)
 log = logging.getLogger("gag_export")
@@ -35,9 +36,14 @@ class GagGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with terminate_on_signals():
+                value = super().invoke(ctx)
+                raise_if_terminated()  # a stop signal whose exception was swallowed: the work finished whole
+                return value
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except Terminated as exc:  # SIGTERM/SIGHUP: unwound like Ctrl-C, so the temp files are gone
+            self._fail(ctx, f"terminated by {exc.name}; nothing half-written was left", exc.exit_code)
         except KeyboardInterrupt:  # click would print "Aborted!" and exit 1, the code of a bug
             self._fail(ctx, "interrupted; nothing half-written was left", INTERRUPTED_EXIT_CODE)
         except GagExportError as exc:

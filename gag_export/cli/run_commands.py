@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..core.errors import GagExportError
+from ..core.errors import CheckFailedError, GagExportError
 from ..core.extras import require_extra
 from .app import cli, console, engines_option, weights_option
 
@@ -81,10 +81,12 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
         check_request,
         parse_backend,
     )
+    from ..images import require_png_path
     from ..runtime.exports import model_entry
     from ..workflows.artifacts import ensure_artifacts
 
     backend = parse_backend(backend)
+    out_path = require_png_path(out_path or Path(f"{model}-{seed}.png"))  # before anything is built
     given = {k: v for k, v in (("scale", gag_scale), ("eta", gag_eta), ("zeta", gag_zeta)) if v is not None}
     if no_gag and given:
         raise click.UsageError("--no-gag cannot be combined with --gag-scale/--gag-eta/--gag-zeta")
@@ -105,7 +107,7 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
     gag = None if no_gag else sampler.gag_params(gag_scale, gag_eta, gag_zeta)
     with sampler, console.status(f"generating with {model} on {backend}"):
         result = sampler.generate(replace(request, gag=gag))
-    path = result.save(out_path or Path(f"{model}-{seed}.png"))
+    path = result.save(out_path)
     table = Table(title=f"{model} ({backend}) {result.width}x{result.height}", header_style="bold")
     table.add_column("stage")
     table.add_column("ms", justify="right")
@@ -275,6 +277,10 @@ def bench_command(model, backends, steps, height, width, batch, warmup, iters, g
         result = bench.run_bench(config, progress=status.update)
     click.echo(bench.render_markdown(result))  # first: the results survive a write that still fails
     _write_bench_outputs(result, outputs)
+    failed = [r for r in result.results if r.status == "failed"]
+    if failed:  # skipped (not installed here) is not a failure; a requested variant that broke is
+        raise CheckFailedError(f"bench: {len(failed)} of {len(result.results)} variants failed: "
+                               + "; ".join(f"{r.backend}/{'gag' if r.gag else 'no-gag'}: {r.reason}" for r in failed))
 
 
 def _write_bench_outputs(result, outputs) -> None:

@@ -147,9 +147,10 @@ def client_command(url, protocol, prompt, seed, steps, gag_scale, gag_eta, gag_z
     `gag-export client --url http://127.0.0.1:8000 --prompt "a red fox" --out fox.png`."""
     from PIL import Image
 
-    from ..images import save_png
+    from ..images import require_png_path, save_png
     from ..serving.client import PipelineClient, PipelineRequest
 
+    out_path = require_png_path(out_path or Path(f"triton-{seed}.png"))
     request = PipelineRequest(prompt, seed=seed, steps=steps, gag_scale=gag_scale, gag_eta=gag_eta, gag_zeta=gag_zeta)
     with PipelineClient(url, protocol=protocol, model=model_name, timeout=timeout) as client, \
             console.status(f"requesting {model_name} at {url}"):
@@ -161,5 +162,5 @@ def client_command(url, protocol, prompt, seed, steps, gag_scale, gag_eta, gag_z
                     k: "" if v is None else repr(float(v)) for k, v in
                     (("gag_scale", request.gag_scale), ("gag_eta", request.gag_eta), ("gag_zeta", request.gag_zeta))},
                 "Software": f"gag-export {__version__}"}
-    path = save_png(Image.fromarray(image), out_path or Path(f"triton-{seed}.png"), metadata)
+    path = save_png(Image.fromarray(image), out_path, metadata)
     click.echo(f"wrote {path} ({image.shape[1]}x{image.shape[0]})")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -114,6 +116,48 @@ def check_writable(dest: Path) -> None:
         raise write_failure(exc, dest) from exc
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+
+
+def make_temp_folder(parent: Path, stem: str) -> Path:
+    """A new temp folder `.<stem>.<host>-<pid>.<random>.tmp` in `parent`, mode as `mkdir` gives.
+
+    Host and pid let a later run tell a folder left by a killed process (SIGKILL, power loss) from
+    one a live run is filling (`remove_stale_temp_folders`).
+    """
+    prefix = f".{stem}.{_host()}-{os.getpid()}."
+    return as_if_created_plainly(Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temp_folders(parent: Path, stem: str) -> tuple[list[Path], list[Path]]:
+    """Remove the temp folders `make_temp_folder` made in `parent` for `stem` whose process, on this
+    host, is gone; return (removed, unknown): `unknown` are temp folders of another host or of an
+    older naming, which are reported, never removed (their writer may be alive elsewhere)."""
+    removed, unknown = [], []
+    pattern = re.compile(rf"\.{re.escape(stem)}\.(?:(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.)?[^./]+\.tmp")
+    for folder in sorted(Path(parent).glob(".*.tmp")):
+        match = pattern.fullmatch(folder.name)
+        if match is None or not folder.is_dir():
+            continue
+        if match["pid"] is None or match["host"] != _host():
+            unknown.append(folder)
+        elif int(match["pid"]) != os.getpid() and not _alive(int(match["pid"])):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed, unknown
+
+
 def link_or_copy(src: str | Path, dst: str | Path) -> None:
     """Hard-link `src` at `dst` (no second copy of a 10 GB graph; nothing ever writes an artifact in
     place), or copy it where links are impossible (another file system)."""
@@ -123,6 +167,6 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copy2(src, dst)
 
 
-__all__ = ["as_if_created_plainly", "atomic_path", "check_writable", "link_or_copy", "swap_into_place", "temp_beside",
-           "umask", "write_atomic", "write_failure"]
+__all__ = ["as_if_created_plainly", "atomic_path", "check_writable", "link_or_copy", "make_temp_folder",
+           "remove_stale_temp_folders", "swap_into_place", "temp_beside", "umask", "write_atomic", "write_failure"]
 

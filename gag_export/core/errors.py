@@ -49,17 +49,19 @@ class ResourceExhaustedError(GagExportError):
     exit_code = 7
 
 
-# 128 + SIGINT, as shells report a program stopped by Ctrl-C
+# 128 + the signal's number, as shells report a program stopped by it: Ctrl-C (SIGINT), SIGTERM
 INTERRUPTED_EXIT_CODE = 130
+TERMINATED_EXIT_CODE = 143
 
 EXIT_CODES = {
     0: "success",
     1: "unexpected internal error (a bug: please report it with --verbose output)",
     InvalidInputError.exit_code: "invalid input: bad option value, unknown model/backend, bad shape",
     MissingDependencyError.exit_code: "an optional dependency (TensorRT, Triton, onnxruntime-gpu, the export extra) is missing",
-    CheckFailedError.exit_code: "a check failed (ONNX checker, TensorRT lint, parity)",
+    CheckFailedError.exit_code: "a check failed (ONNX checker, TensorRT lint, parity), or a benchmarked variant did",
     ArtifactError.exit_code: "missing, corrupt or mismatched artifact (ONNX, manifest, engine)",
     WeightsNotFoundError.exit_code: "model weights not available locally and no network",
     ResourceExhaustedError.exit_code: "out of disk space or memory while writing an artifact",
     INTERRUPTED_EXIT_CODE: "interrupted (Ctrl-C); nothing half-written is left",
+    TERMINATED_EXIT_CODE: "terminated by SIGTERM (129: SIGHUP); nothing half-written is left",
 }

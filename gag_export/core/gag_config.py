@@ -18,6 +18,12 @@ ATTENTION_METHODS = ENTMAX_METHODS + ("fused", "auto")
 
 
 BLOCK_KEYWORDS = ("all", "down", "mid", "up")
+# One rule for guidance values, for the CLI, the Python API and the server (serving/requests.py).
+# scale -1 with zeta 1 and a huge eta is the unguided model (the identity); the paper's useful
+# scales are single digits to tens, and beyond 100 the guided term swamps the output (at 1e308 it
+# overflows float32 into a black image). zeta weighs the orthogonal part: 0 to 1 in the paper.
+SCALE_LIMITS = (-1.0, 100.0)
+MAX_ZETA = 10.0
 
 
 def parse_layer_spec(layers: str) -> tuple[str, ...]:
@@ -73,12 +79,12 @@ class GAGConfig:
         for field in ("scale", "eta", "zeta", "alpha"):
             if not isinstance(getattr(self, field), (int, float)) or isinstance(getattr(self, field), bool):
                 raise bad(field, "must be a number")
-        if not math.isfinite(self.scale):
-            raise bad("scale", "must be finite")
+        if not math.isfinite(self.scale) or not SCALE_LIMITS[0] <= self.scale <= SCALE_LIMITS[1]:
+            raise bad("scale", f"must be in [{SCALE_LIMITS[0]:g}, {SCALE_LIMITS[1]:g}]")
         if math.isnan(self.eta) or self.eta <= 0:
             raise bad("eta", "must be > 0 (inf disables the norm cap)")
-        if not math.isfinite(self.zeta) or self.zeta < 0:
-            raise bad("zeta", "must be finite and >= 0")
+        if not math.isfinite(self.zeta) or not 0 <= self.zeta <= MAX_ZETA:
+            raise bad("zeta", f"must be in [0, {MAX_ZETA:g}]")
         if not math.isfinite(self.alpha) or self.alpha <= 1:
             raise bad("alpha", "must be finite and > 1")
         if self.method not in ATTENTION_METHODS:

@@ -28,8 +28,16 @@ and GPU and the plan's bytes against the sidecar before anything is deserialized
     plan = load_engine_bytes(records[0].path, target, onnx_sha256=...)
 """
 
-from ..artifacts.engines import RuntimeTarget, Sidecar, find_engine, load_engine_bytes, read_sidecar, validate_engine
+from ..artifacts.engines import (
+    RuntimeTarget,
+    Sidecar,
+    find_engine,
+    load_engine_bytes,
+    read_sidecar,
+    validate_engine,
+)
 from ..core.tensorrt import TensorRTCapabilities, trt_features
+from .options import EngineOptions, PrecisionPlan, ShapeMode, resolve_precision
 from .plans import (
     EngineRecord,
     EngineSpec,
@@ -43,8 +51,14 @@ from .plans import (
     engine_io,
     network_io,
 )
-from .options import EngineOptions, PrecisionPlan, ShapeMode, resolve_precision
-from .profiles import InputRange, ShapeProfile, derive_profile, gag_node_names, layer_from_nodes, load_manifest
+from .profiles import (
+    InputRange,
+    ShapeProfile,
+    derive_profile,
+    gag_node_names,
+    layer_from_nodes,
+    load_manifest,
+)
 
 __all__ = [
     "EngineOptions", "EngineRecord", "EngineSpec", "InputRange", "PlanBuilder", "PolygraphyPlanBuilder", "PrecisionPlan",

@@ -10,6 +10,7 @@ from ..core.errors import InvalidInputError
 from ..core.precision import Precision
 from ..core.tensorrt import TENSORRT, TensorRTCapabilities, get_flavor
 
+
 class ShapeMode(str, enum.Enum):
     MANIFEST = "manifest"  # the manifest's profile as it is
     STATIC = "static"  # every input fixed at its `opt` shape

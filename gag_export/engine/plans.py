@@ -18,15 +18,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..artifacts.engines import RuntimeTarget, Sidecar, sidecar_path, validate_engine, version_tag
-from ..artifacts.manifest import graph_sha256, sha256_files
+from ..artifacts.engines import (
+    RuntimeTarget,
+    Sidecar,
+    sidecar_path,
+    validate_engine,
+    version_tag,
+)
+from ..artifacts.integrity import verify_graph
+from ..artifacts.manifest import Manifest, sha256_files
 from ..core.atomic import temp_beside, write_atomic, write_failure
 from ..core.errors import ArtifactError, CheckFailedError, InvalidInputError
-from ..core.names import MANIFEST_NAME
 from ..core.precision import Precision
-from ..core.tensorrt import TENSORRT_RTX, TensorRTCapabilities, TensorRTFlavor, get_flavor, import_tensorrt, trt_features
+from ..core.tensorrt import (
+    TENSORRT_RTX,
+    TensorRTCapabilities,
+    TensorRTFlavor,
+    get_flavor,
+    import_tensorrt,
+    trt_features,
+)
 from .options import EngineOptions, PrecisionPlan, resolve_precision
-from .profiles import ShapeProfile, derive_profile, gag_node_names, layer_from_nodes, load_manifest
+from .profiles import (
+    ShapeProfile,
+    derive_profile,
+    gag_node_names,
+    layer_from_nodes,
+    load_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +146,7 @@ def component_specs(
     for name in names:
         entry = components[name]
         onnx_path = graphs_dir / entry["path"]
-        if not onnx_path.is_file():
-            raise ArtifactError(f"{onnx_path} is missing (listed in {graphs_dir / MANIFEST_NAME}): re-export the model")
-        recorded = entry.get("sha256")
-        actual = graph_sha256(onnx_path)  # the manifest's definition: model.onnx + its external data
-        if recorded != actual:
-            raise ArtifactError(
-                f"{onnx_path} does not match its manifest (sha256 {actual[:12]}..., manifest says "
-                f"{str(recorded)[:12]}...): the graph changed after export; re-export the model"
-            )
+        verify_graph(Manifest(graphs_dir, manifest), name)  # size and sha256: the plan's cache key is the manifest's
         fp32_nodes: tuple[str, ...] = ()
         if not plan.strongly_typed:
             modules = (manifest.get("gag") or {}).get("rewritten") or []
@@ -152,7 +163,7 @@ def component_specs(
                 component=name,
                 graphs_dir=graphs_dir,
                 onnx_path=onnx_path,
-                onnx_sha256=actual,
+                onnx_sha256=entry["sha256"],  # verified above
                 precision=plan,
                 profile=derive_profile(manifest, name, options.shapes, graphs_dir=graphs_dir),
                 opt_level=options.opt_level,
@@ -361,7 +372,11 @@ class PolygraphyPlanBuilder:
 
     def __call__(self, spec: EngineSpec, dest: Path, timing_cache: Path | None) -> list[dict]:
         from polygraphy.backend.common import SaveBytes  # noqa: PLC0415
-        from polygraphy.backend.trt import EngineBytesFromNetwork, EngineFromNetwork, SaveEngine  # noqa: PLC0415
+        from polygraphy.backend.trt import (  # noqa: PLC0415
+            EngineBytesFromNetwork,
+            EngineFromNetwork,
+            SaveEngine,
+        )
         from polygraphy.exception import PolygraphyException  # noqa: PLC0415
         from polygraphy.logger import G_LOGGER  # noqa: PLC0415
 

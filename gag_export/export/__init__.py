@@ -43,9 +43,23 @@ Parity (ONNX Runtime vs torch eager on the descriptor's sample inputs) lives in 
 the `--slim` gate compares with the module in memory, `check/parity.py` with the recorded reference.
 """
 
-from .config import DEFAULT_EXPORT_GAG, DEFAULT_OPSET, EXPORTERS, OPSET_RANGE, ComponentStats, ExportConfig, ExportEvent
+from .config import (
+    DEFAULT_EXPORT_GAG,
+    DEFAULT_OPSET,
+    EXPORTERS,
+    OPSET_RANGE,
+    ComponentStats,
+    ExportConfig,
+    ExportEvent,
+)
 from .convert import export_model, versions
-from .graphs import LARGE_WEIGHTS_BYTES, graph_io, load_graph_structure, save_graph, slim_graph
+from .graphs import (
+    LARGE_WEIGHTS_BYTES,
+    graph_io,
+    load_graph_structure,
+    save_graph,
+    slim_graph,
+)
 from .pipeline import denoiser_module, sample_feed
 
 __all__ = [

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,13 +16,24 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..artifacts.manifest import MANIFEST_FORMAT_VERSION, Manifest, data_path, graph_sha256, sha256_files
-from .parity import ParityError, compare_with_reference, load_reference, record_reference, tolerance_dict
 from ..arrays import to_torch
-from ..core.atomic import as_if_created_plainly, swap_into_place
-from ..core.errors import ArtifactError, GagExportError, InvalidInputError, ResourceExhaustedError
+from ..artifacts.manifest import (
+    MANIFEST_FORMAT_VERSION,
+    Manifest,
+    data_path,
+    graph_sha256,
+    sha256_files,
+)
+from ..core.atomic import make_temp_folder, remove_stale_temp_folders, swap_into_place
+from ..core.errors import (
+    ArtifactError,
+    GagExportError,
+    InvalidInputError,
+    ResourceExhaustedError,
+)
 from ..core.names import GRAPH_NAME, MANIFEST_NAME, PARITY_NAME
 from ..core.precision import Precision
+from ..core.signals import raise_if_terminated
 from ..models import descriptors_for
 from .config import ComponentStats, ExportConfig, ExportEvent
 from .graphs import (
@@ -35,8 +45,27 @@ from .graphs import (
     save_graph,
     slim_graph,
 )
-from .incremental import carry_over, components_to_keep, merged_components, previous_export
-from .pipeline import denoiser_module, reduced_view, release_weights, sample_feed, set_gag, weights_bytes
+from .incremental import (
+    carry_over,
+    components_to_keep,
+    merged_components,
+    previous_export,
+)
+from .parity import (
+    ParityError,
+    compare_with_reference,
+    load_reference,
+    record_reference,
+    tolerance_dict,
+)
+from .pipeline import (
+    denoiser_module,
+    reduced_view,
+    release_weights,
+    sample_feed,
+    set_gag,
+    weights_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -270,9 +299,15 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
     notify = progress or (lambda event: None)
     try:
         config.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = as_if_created_plainly(Path(tempfile.mkdtemp(prefix=f".{config.model}.", suffix=".tmp", dir=config.out_dir)))
+        removed, unknown = remove_stale_temp_folders(config.out_dir, config.model)
+        tmp = make_temp_folder(config.out_dir, config.model)
     except OSError as exc:
         raise resource_error(exc) or ArtifactError(f"cannot write to {config.out_dir}: {exc}") from None
+    for folder in removed:
+        log.warning("removed %s, left by an export of %s that was killed", folder, config.model)
+    for folder in unknown:
+        log.warning("%s was left by an earlier export (another host, or an older gag-export): remove it when "
+                    "no export is running", folder)
     stats: dict[str, ComponentStats] = {}
     try:
         family_descriptors = descriptors_for(entry, pipe)
@@ -286,6 +321,7 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
         rewritten = set_gag(pipe, config.gag)
         manifest = manifest_head(entry, config, rewritten)
         for index, descriptor in enumerate(descriptors):
+            raise_if_terminated()  # a SIGTERM whose exception a C callback swallowed stops here
             gag = config.gag is not None and descriptor.role == "denoiser"
             notify(ExportEvent(descriptor.name, "start", index, len(descriptors)))
             comp_dir = tmp / descriptor.name

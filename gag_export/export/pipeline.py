@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from ..arrays import to_numpy
-from ..gag.attention import apply_gag, is_gag_applied, remove_gag
 from ..core.gag_config import GAGConfig
 from ..core.precision import Precision
 from ..core.shapes import ImageShape
+from ..gag.attention import apply_gag, is_gag_applied, remove_gag
+
 
 def sample_feed(descriptor, shape: ImageShape, precision: Precision, seed: int, gag: bool) -> OrderedDict[str, np.ndarray]:
     """The descriptor's sample inputs at `shape` as a name -> array feed, in graph order and types."""

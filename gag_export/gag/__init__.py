@@ -7,10 +7,31 @@
 The settings type, `GAGConfig`, is `core.gag_config`'s (torch-free, for the manifest and the server).
 """
 
-from ..core.gag_config import ATTENTION_METHODS, BLOCK_KEYWORDS, DEFAULT_EXPORT_GAG, ENTMAX_METHODS, GAGConfig, parse_layer_spec
-from .attention import GuidanceParams, apply_gag, gag_applied, guidance_params, is_gag_applied, remove_gag
+from ..core.gag_config import (
+    ATTENTION_METHODS,
+    BLOCK_KEYWORDS,
+    DEFAULT_EXPORT_GAG,
+    ENTMAX_METHODS,
+    GAGConfig,
+    parse_layer_spec,
+)
+from .attention import (
+    GuidanceParams,
+    apply_gag,
+    gag_applied,
+    guidance_params,
+    is_gag_applied,
+    remove_gag,
+)
 from .dispatch import gag_attention, gag_joint_attention
-from .math import JOINT_PAD, Scalar, entmax15, entmax_alpha, gag_combine, sparse_attention_probs
+from .math import (
+    JOINT_PAD,
+    Scalar,
+    entmax15,
+    entmax_alpha,
+    gag_combine,
+    sparse_attention_probs,
+)
 
 __all__ = [
     "ATTENTION_METHODS", "BLOCK_KEYWORDS", "DEFAULT_EXPORT_GAG", "ENTMAX_METHODS", "GAGConfig", "GuidanceParams", "JOINT_PAD",

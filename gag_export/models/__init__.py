@@ -42,9 +42,27 @@ from .loading import (
     resolve_entry,
     shipped_config,
 )
-from .registry import FAMILIES, ModelEntry, SchedulerSpec, WeightsSource, get_entry, list_entries
-from .sdxl import SDXLTextEncoder, SDXLTextEncoder2, SDXLUNet, SDXLVaeDecoder, sdxl_descriptors
-from .tiny import build_clip_tokenizer, build_t5_tokenizer, build_tiny_flux_pipeline, build_tiny_sdxl_pipeline
+from .registry import (
+    FAMILIES,
+    ModelEntry,
+    SchedulerSpec,
+    WeightsSource,
+    get_entry,
+    list_entries,
+)
+from .sdxl import (
+    SDXLTextEncoder,
+    SDXLTextEncoder2,
+    SDXLUNet,
+    SDXLVaeDecoder,
+    sdxl_descriptors,
+)
+from .tiny import (
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+    build_tiny_flux_pipeline,
+    build_tiny_sdxl_pipeline,
+)
 
 _ENTRY_NAMES = {entry.name for entry in list_entries()}
 

@@ -13,7 +13,14 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from .base import ComponentDescriptor, ExportWrapper, Precision, TensorSpec, pipeline_component, token_ids
+from .base import (
+    ComponentDescriptor,
+    ExportWrapper,
+    Precision,
+    TensorSpec,
+    pipeline_component,
+    token_ids,
+)
 
 # CLIP configs saved before transformers PR #24773 carry eos_token_id=2 (SDXL's and FLUX's
 # text encoders do); transformers then pools at argmax(input_ids), i.e. at the real

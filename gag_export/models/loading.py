@@ -31,7 +31,12 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
-from ..core.errors import ArtifactError, InvalidInputError, ResourceExhaustedError, WeightsNotFoundError
+from ..core.errors import (
+    ArtifactError,
+    InvalidInputError,
+    ResourceExhaustedError,
+    WeightsNotFoundError,
+)
 from .base import Precision
 from .registry import ModelEntry, SchedulerSpec, WeightsSource, get_entry
 from .tiny import (
@@ -326,7 +331,11 @@ def weights_present(entry: ModelEntry | str, cache_dir: str | os.PathLike | None
 
 def _hub_file(repo_id: str, filename: str, entry: ModelEntry, local_files_only: bool, cache_dir) -> Path:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(hf_hub_download(repo_id, filename, local_files_only=local_files_only, cache_dir=cache_dir))
@@ -486,7 +495,13 @@ def _build_model(family: str, name: str, config: Mapping):
         return AutoencoderKL.from_config(_init_kwargs(config))
     if name == DENOISER[family]:
         return _denoiser_class(family).from_config(_init_kwargs(config))
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     if family == "flux" and name == "text_encoder_2":
         return T5EncoderModel(T5Config(**_init_kwargs(config)))

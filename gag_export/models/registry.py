@@ -22,7 +22,6 @@ from ..core.errors import InvalidInputError
 from ..core.names import FAMILIES
 
 
-
 def _frozen(mapping: Mapping | None) -> Mapping:
     return types.MappingProxyType(dict(mapping or {}))
 

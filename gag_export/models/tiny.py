@@ -297,7 +297,12 @@ def _clip_text_model(config: dict, projection: bool):
 
 def build_tiny_sdxl_pipeline(seed: int = 0):
     """A StableDiffusionXLPipeline with tiny random weights (LCMScheduler, as DMD2 uses)."""
-    from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        LCMScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     configs = TINY_SDXL_CONFIGS
 
@@ -323,7 +328,12 @@ def build_tiny_flux_pipeline(seed: int = 0):
 
     Call it with `max_sequence_length=TINY_FLUX_TEXT_LEN` (or any length <= 512).
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import T5Config, T5EncoderModel
 
     configs = TINY_FLUX_CONFIGS

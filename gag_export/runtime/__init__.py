@@ -13,14 +13,27 @@ interface, `ComponentSet`), one per backend (`torch_backend`, `ort_backend`, `te
     result.save("fox.png")
 """
 
-from .components import BACKENDS, ENGINE_BACKENDS, BackendOptions, Component, ComponentSet, parse_backend
+from ..images import read_png_metadata, save_png
+from .components import (
+    BACKENDS,
+    ENGINE_BACKENDS,
+    BackendOptions,
+    Component,
+    ComponentSet,
+    parse_backend,
+)
+from .generation import (
+    IDENTITY_GAG,
+    GAGParams,
+    GenerationConfig,
+    GenerationResult,
+    StageTimings,
+)
 from .loading import load_components
 from .ort_backend import OrtComponent
-from ..images import read_png_metadata, save_png
+from .sampler import Sampler, SamplerAssets, check_request, load_assets, psnr
 from .tensorrt_backend import TensorRTComponent, TensorRTRtxComponent
 from .torch_backend import TorchComponent
-from .generation import IDENTITY_GAG, GAGParams, GenerationConfig, GenerationResult, StageTimings
-from .sampler import Sampler, SamplerAssets, check_request, load_assets, psnr
 
 __all__ = [
     "BACKENDS", "ENGINE_BACKENDS", "BackendOptions", "Component", "ComponentSet", "OrtComponent", "TensorRTComponent",

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from ..artifacts.manifest import Manifest, data_path
+from ..artifacts.integrity import verify_graphs
+from ..artifacts.manifest import Manifest
 from ..core.errors import ArtifactError
 from .components import TensorSpec, spec_from_manifest
 
@@ -40,21 +41,9 @@ def load_manifest_for(model: str, graphs_root: Path) -> Manifest:
 
 
 def check_graph_files(manifest: Manifest, graphs_root: Path) -> None:
-    """Every component's ONNX file (and external data) is present with its recorded size."""
-    for name, entry in manifest.components.items():
-        path = manifest.graph_path(name)
-        files = [path] + ([data_path(path)] if entry.get("external_data") else [])
-        for file in files:
-            if not file.is_file():
-                raise ArtifactError(
-                    f"{manifest.model}: {file} is missing (named in its manifest); re-run {_export_hint(manifest.model, graphs_root)}"
-                )
-        size = sum(f.stat().st_size for f in files)
-        if entry.get("size_bytes") is not None and size != entry["size_bytes"]:
-            raise ArtifactError(
-                f"{manifest.model}: {path} is {size} bytes, its manifest records {entry['size_bytes']} (truncated or "
-                f"replaced); re-run {_export_hint(manifest.model, graphs_root)}"
-            )
+    """Every component's graph is the one its manifest names: present, its size, its sha256
+    (`artifacts.integrity`: hashed once per change of the file); else ArtifactError (exit 5)."""
+    verify_graphs(manifest, hint=f"re-run {_export_hint(manifest.model, graphs_root)}")
 
 
 def manifest_specs(entry: Mapping) -> tuple[list[TensorSpec], list[TensorSpec]]:

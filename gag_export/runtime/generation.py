@@ -13,7 +13,7 @@ import numpy as np
 from .. import __version__
 from ..core.errors import InvalidInputError
 from ..core.gag_config import GAGConfig
-from ..core.shapes import require_positive_int
+from ..core.shapes import check_prompt, require_positive_int
 from ..images import save_png
 
 
@@ -53,8 +53,8 @@ class GenerationConfig:
     negative_prompt: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str):
-            raise InvalidInputError(f"prompt: must be text, got {type(self.prompt).__name__}")
+        check_prompt(self.prompt)
+        check_prompt(self.negative_prompt, "negative prompt")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise InvalidInputError(f"seed: must be an integer in [0, 2**63), got {self.seed!r}")
         for name in ("height", "width"):  # None: the model's (or the export's) size

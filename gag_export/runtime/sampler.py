@@ -40,7 +40,14 @@ from ..core.errors import ArtifactError, InvalidInputError
 from ..core.shapes import ImageShape
 from .components import BackendOptions, ComponentSet, parse_backend
 from .conditioning import FAMILY_CONDITIONING, step_kwargs
-from .generation import IDENTITY_GAG, GAGParams, GenerationConfig, GenerationResult, StageTimings, build_metadata
+from .generation import (
+    IDENTITY_GAG,
+    GAGParams,
+    GenerationConfig,
+    GenerationResult,
+    StageTimings,
+    build_metadata,
+)
 from .loading import load_components
 
 log = logging.getLogger(__name__)

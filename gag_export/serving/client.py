@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import GagExportError, InvalidInputError, MissingDependencyError
+from ..core.shapes import check_prompt
 from .protocol import GAG_INPUTS, PIPELINE
 
 PROTOCOLS = ("http", "grpc")
@@ -38,6 +39,9 @@ class PipelineRequest:
     gag_scale: float | None = None
     gag_eta: float | None = None
     gag_zeta: float | None = None
+
+    def __post_init__(self) -> None:
+        check_prompt(self.prompt)  # the server's rule, before anything is sent
 
 
 def parse_url(url: str, protocol: str | None = None) -> tuple[str, str]:

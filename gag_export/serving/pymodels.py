@@ -33,9 +33,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..core.errors import ArtifactError, GagExportError, InvalidInputError
 from ..arrays import to_numpy
 from ..artifacts.manifest import Manifest
+from ..core.errors import ArtifactError, GagExportError, InvalidInputError
 from ..models.base import TensorSpec
 from ..runtime.components import Component, ComponentSet, spec_from_manifest
 from ..runtime.ort_backend import OrtComponent
@@ -362,9 +362,12 @@ class EngineModel(_GraphModel):
         import torch  # noqa: PLC0415
 
         from ..artifacts.engines import RuntimeTarget  # noqa: PLC0415
-        from ..core.tensorrt import trt_features  # noqa: PLC0415
+        from ..core.tensorrt import (  # noqa: PLC0415
+            get_flavor,
+            parse_sm_tag,
+            trt_features,  # noqa: PLC0415
+        )
         from ..runtime.tensorrt_backend import TensorRTComponent, TensorRTRtxComponent  # noqa: PLC0415
-        from ..core.tensorrt import get_flavor, parse_sm_tag  # noqa: PLC0415
 
         flavor = get_flavor(parameters.get("flavor", "tensorrt"))
         device = int(args.get("model_instance_device_id") or 0)

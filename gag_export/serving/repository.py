@@ -50,17 +50,21 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 from .. import __version__
-from ..core.atomic import as_if_created_plainly, link_or_copy, swap_into_place
-from ..core.errors import ArtifactError, InvalidInputError, ResourceExhaustedError
+from ..artifacts.integrity import verify_graph
 from ..artifacts.manifest import Manifest, data_path
+from ..core.atomic import (
+    link_or_copy,
+    make_temp_folder,
+    remove_stale_temp_folders,
+    swap_into_place,
+)
+from ..core.errors import ArtifactError, InvalidInputError, ResourceExhaustedError
 from . import pbtxt
-from .protocol import PIPELINE, SAMPLER
 from .model_configs import (
     MODEL_FILES,
     PLATFORMS,
@@ -72,6 +76,7 @@ from .model_configs import (
     pipeline_config,
     sampler_config,
 )
+from .protocol import PIPELINE, SAMPLER
 from .pymodels import ASSETS_DIR, save_assets
 
 log = logging.getLogger(__name__)
@@ -159,18 +164,10 @@ def _write(path: Path, text: str) -> None:
 
 
 def _graph_files(manifest: Manifest, name: str) -> list[Path]:
-    """The component's ONNX file and external data, checked against the manifest's sizes."""
-    entry = manifest.components[name]
+    """The component's ONNX file and external data, verified against the manifest (size and sha256)."""
+    verify_graph(manifest, name, hint=f"re-export it (`gag-export export --model {manifest.model}`)")
     path = manifest.graph_path(name)
-    files = [path] + ([data_path(path)] if entry.get("external_data") else [])
-    hint = f"re-export it (`gag-export export --model {manifest.model}`)"
-    for file in files:
-        if not file.is_file():
-            raise ArtifactError(f"{manifest.model}: {file} is missing (named in its manifest); {hint}")
-    size = sum(f.stat().st_size for f in files)
-    if entry.get("size_bytes") is not None and size != entry["size_bytes"]:
-        raise ArtifactError(f"{manifest.model}: {path} is {size} bytes, its manifest records {entry['size_bytes']}; {hint}")
-    return files
+    return [path] + ([data_path(path)] if manifest.components[name].get("external_data") else [])
 
 
 def find_plans(engines_dir: Path, manifest: Manifest, name: str, flavor: str = "tensorrt") -> dict[str, Path]:
@@ -400,7 +397,9 @@ def build_repository(graphs_dir: Path, out_dir: Path, options: RepositoryOptions
     assets = load_assets(entry, manifest.data.get("weights"))
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = as_if_created_plainly(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent)))
+        for folder in remove_stale_temp_folders(out_dir.parent, out_dir.name)[0]:
+            log.warning("removed %s, left by a `gag-export triton` that was killed", folder)
+        tmp = make_temp_folder(out_dir.parent, out_dir.name)
     except OSError as exc:
         raise ArtifactError(f"cannot write {out_dir}: {exc}") from None
     try:

@@ -27,7 +27,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..core.errors import InvalidInputError
+from ..core.gag_config import MAX_ZETA, SCALE_LIMITS
 from ..core.names import GAG_INPUTS
+from ..core.shapes import check_prompt
 from ..runtime.generation import GAGParams, GenerationConfig
 
 SEED_MAX = 2**63 - 1
@@ -40,10 +42,10 @@ class RequestLimits:
     min_steps: int
     max_steps: int
     max_prompt_chars: int = 1000
-    min_scale: float = -1.0
-    max_scale: float = 100.0
+    min_scale: float = SCALE_LIMITS[0]
+    max_scale: float = SCALE_LIMITS[1]
     max_eta: float = math.inf  # GAGConfig's rule: any eta > 0, inf disabling the cap
-    max_zeta: float = 10.0
+    max_zeta: float = MAX_ZETA
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:
@@ -126,11 +128,7 @@ def _prompt(values, limits: RequestLimits) -> str:
         text = raw
     else:
         raise InvalidInputError(f"prompt: must be a string (Triton BYTES), got {type(raw).__name__}")
-    if "\x00" in text:
-        raise InvalidInputError("prompt: contains a NUL character")
-    if len(text) > limits.max_prompt_chars:
-        raise InvalidInputError(f"prompt: {len(text)} characters, the server accepts at most {limits.max_prompt_chars}")
-    return text
+    return check_prompt(text, max_chars=limits.max_prompt_chars)
 
 
 def parse_request(values: Mapping[str, np.ndarray], limits: RequestLimits, gag: bool) -> GenerationConfig:

@@ -43,7 +43,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
-from ..core.errors import ArtifactError, GagExportError, InvalidInputError, MissingDependencyError
+from ..core.errors import (
+    ArtifactError,
+    GagExportError,
+    InvalidInputError,
+    MissingDependencyError,
+)
 from .environment import SETUP_HINT, PythonEnvironment, default_env_path, describe
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from ..check import CheckReport, check_graphs
 from ..core.errors import InvalidInputError, MissingDependencyError
 from ..core.gag_config import DEFAULT_EXPORT_GAG, GAGConfig
 from ..core.precision import Precision
-from ..core.shapes import ImageShape, require_positive_int
+from ..core.shapes import ImageShape, check_prompt, require_positive_int
 from ..core.tensorrt import (
     FLAVORS,
     TENSORRT,
@@ -54,6 +54,7 @@ from ..core.tensorrt import (
     trt_features,
 )
 from ..export import ExportConfig, ExportEvent, export_model
+from ..images import require_png_path
 from ..models import ModelEntry, descriptors_for, load_pipeline, resolve_entry
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ class BuildConfig:
         object.__setattr__(self, "graphs_root", Path(self.graphs_root))
         object.__setattr__(self, "engines_root", Path(self.engines_root))
         if self.image is not None:
-            object.__setattr__(self, "image", Path(self.image))
+            object.__setattr__(self, "image", require_png_path(Path(self.image)))
+        check_prompt(self.prompt)
         if self.weights is not None and self.weights not in ("pretrained", "random", "tiny"):
             raise InvalidInputError(f"weights: use pretrained, random or tiny, got {self.weights!r}")
         for name in ("height", "width"):  # None: the model's size

@@ -102,7 +102,15 @@ from .report import (
     write_markdown,
     write_plot,
 )
-from .results import BenchResult, GagOverhead, ResultRow, RowMemory, RunPart, Series, Speedup
+from .results import (
+    BenchResult,
+    GagOverhead,
+    ResultRow,
+    RowMemory,
+    RunPart,
+    Series,
+    Speedup,
+)
 from .run import measure, ratios, run_bench
 from .timing import (
     CudaEventTimer,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...core.errors import InvalidInputError
+from ...core.shapes import check_prompt
 
 SCHEMA = "gag-export-bench"
 
@@ -99,6 +100,7 @@ class BenchConfig:
         object.__setattr__(self, "backends", parse_backends(self.backends))
         object.__setattr__(self, "graphs", Path(self.graphs))
         object.__setattr__(self, "engines", Path(self.engines))
+        check_prompt(self.prompt)
         if self.gag not in GAG_MODES:
             raise InvalidInputError(f"gag: use one of {', '.join(GAG_MODES)}, got {self.gag!r}")
         if self.isolate not in ISOLATE_MODES:

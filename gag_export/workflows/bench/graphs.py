@@ -20,7 +20,8 @@ def graphs_root(config: BenchConfig, gag: bool) -> Path:
 
 def _manifest_mismatch(config: BenchConfig, p: Plan, gag: bool) -> str | None:
     """Why the cached export cannot serve this run (None when it can)."""
-    from ...artifacts.manifest import Manifest
+    from ...artifacts.integrity import verify_graphs  # noqa: PLC0415
+    from ...artifacts.manifest import Manifest  # noqa: PLC0415
     from ...export import DEFAULT_EXPORT_GAG  # noqa: PLC0415
 
     graphs_dir = graphs_root(config, gag) / p.entry.name
@@ -29,7 +30,7 @@ def _manifest_mismatch(config: BenchConfig, p: Plan, gag: bool) -> str | None:
     try:
         manifest = Manifest.load(graphs_dir)
     except GagExportError as exc:
-        return str(exc)
+        return f"cached export damaged: {exc}"
     data = manifest.data
     shape = data.get("shape", {})
     wanted_components = set(p.components) if p.components else {d.name for d in descriptors_of(p.entry)}
@@ -44,7 +45,15 @@ def _manifest_mismatch(config: BenchConfig, p: Plan, gag: bool) -> str | None:
         (wanted_components <= set(manifest.components), f"components {sorted(manifest.components)}"),
     ]
     failed = [reason for ok, reason in checks if not ok]
-    return f"cached export differs ({', '.join(failed)})" if failed else None
+    if failed:
+        return f"cached export differs ({', '.join(failed)})"
+    # One policy for damage, the manifest's or a graph's: the cache is the benchmark's own, so it
+    # is exported again (and the run says why) rather than timed or failed.
+    try:
+        verify_graphs(manifest, sorted(wanted_components))
+    except GagExportError as exc:
+        return f"cached export damaged: {exc}"
+    return None
 
 
 def descriptors_of(entry, pipe=None):
@@ -112,7 +121,8 @@ def prepare(config: BenchConfig, p: Plan, pipe=None):
     """Export the graph sets the cache lacks; return the pipeline (loaded here if needed and not given)."""
     missing = needs_export(config, p)
     for gag, reason in missing.items():
-        log.info("%s graphs for %s: %s", "GAG" if gag else "plain", p.entry.name, reason)
+        (log.warning if "damaged" in reason else log.info)("%s graphs for %s: %s; exporting them",
+                                                            "GAG" if gag else "plain", p.entry.name, reason)
         if pipe is None:
             pipe = load_bench_pipeline(config, p)
         export_graphs(config, p, pipe, gag)

@@ -13,6 +13,7 @@ from ...core.atomic import atomic_path
 from .config import BASELINE
 from .results import MEASURES, BenchResult, ResultRow
 
+
 def validate_result(doc: Mapping) -> BenchResult:
     """A JSON document read back as `BenchResult`; InvalidInputError naming the first key that does not fit."""
     return BenchResult.from_dict(doc)

@@ -36,7 +36,16 @@ from .probes import (
     rss_bytes,
     to_mib,
 )
-from .results import MEASURES, BenchResult, GagOverhead, ResultRow, RowMemory, RunPart, Series, Speedup
+from .results import (
+    MEASURES,
+    BenchResult,
+    GagOverhead,
+    ResultRow,
+    RowMemory,
+    RunPart,
+    Series,
+    Speedup,
+)
 from .timing import LatencyStats, paired_ratio, summarize
 from .variants import (
     Skip,

@@ -83,8 +83,8 @@ def torch_components(p: Plan, pipe, gag: bool, compile: bool, device: str, dtype
     `dtype`: the precision `pipe` is in; each component declares (and is fed) the types an export
     at that precision gives it (an fp16 SDXL VAE stays fp32: `pipe` must hold it so).
     """
-    from ...gag.attention import apply_gag, is_gag_applied  # noqa: PLC0415
     from ...core.gag_config import DEFAULT_EXPORT_GAG  # noqa: PLC0415
+    from ...gag.attention import apply_gag, is_gag_applied  # noqa: PLC0415
     from ...runtime.components import ComponentSet
     from ...runtime.torch_backend import TorchComponent, torch_runtime_gag  # noqa: PLC0415
 
