@@ -39,7 +39,7 @@ measure)
   echo "gpu tests rc=$? ($(elapsed) s)"; tail -n 15 "$OUT/gpu_tests.log"
 
   echo "== 2. bench_e2e_gpu.py: dmd2-1step prompt to image ($(elapsed) s)"
-  timeout 200 python3 benchmarks/bench_e2e_gpu.py --iters 30 --warmup 5 --json "$OUT/bench_e2e.json" > "$OUT/bench_e2e.log" 2>&1
+  timeout 280 python3 benchmarks/bench_e2e_gpu.py --iters 20 --warmup 3 --json "$OUT/bench_e2e.json" > "$OUT/bench_e2e.log" 2>&1
   echo "bench_e2e rc=$? ($(elapsed) s)"; grep -v "should be kept in float32\|^\[transformers\]" "$OUT/bench_e2e.log" | tail -n 25
 
   echo "== 3. bench_gpu.py core, joint, eager ($(elapsed) s)"

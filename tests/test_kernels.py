@@ -152,6 +152,23 @@ def tolerance(dtype, interpreter: bool = False) -> dict:
             torch.bfloat16: dict(atol=1e-3, rtol=bf16_rtol)}[dtype]
 
 
+def assert_joint_as_close_as_torch(out: torch.Tensor, q, k, v, text_len: int) -> None:
+    """16-bit joint attention: the fused output no further from fp32 math than the PyTorch path's.
+
+    Both share the dense joint attention and the text-mass factor in the model's precision, which
+    dominate the error in bf16 (measured on an H200 and on CPU alike: 0.0256 max abs at FLUX's shape,
+    six bf16 ulps), so a one-rounding tolerance against fp32 cannot hold for either path; what the
+    kernel must not do is add error of its own.
+    """
+    params = (text_len, 5.0, 15.0, 0.0)
+    ref32 = gag_joint_attention(q.float(), k.float(), v.float(), *params, method="bisect")
+    torch_path = gag_joint_attention(q, k, v, *params, method="bisect").float()
+    fused_err, torch_err = (out.float() - ref32).abs(), (torch_path - ref32).abs()
+    ulp = torch.finfo(q.dtype).eps * ref32.abs().max()
+    assert fused_err.max() <= torch_err.max() + ulp, (fused_err.max().item(), torch_err.max().item())
+    assert fused_err.mean() <= 1.25 * torch_err.mean(), (fused_err.mean().item(), torch_err.mean().item())
+
+
 def check_case(case: dict, out: torch.Tensor, outputs: dict, interpreter: bool = False) -> None:
     q, k, v = case["q"], case["k"], case["v"]
     assert out.shape == q.shape and out.dtype == q.dtype, case["name"]
@@ -159,12 +176,11 @@ def check_case(case: dict, out: torch.Tensor, outputs: dict, interpreter: bool =
     out = out.cpu()
     tol = tolerance(q.dtype, interpreter)
     if "text_len" in case:  # joint attention: against its PyTorch path on the same inputs
-        n, params = case["text_len"], (case["scale"], case["eta"], case["zeta"])
-        bisect = gag_joint_attention(q, k, v, n, *params, method="bisect")
+        n = case["text_len"]
+        bisect, sort = (outputs[f"{case['name']}/{method}"] for method in ("bisect", "sort"))
         torch.testing.assert_close(out.float(), bisect.float(), **tol, msg=lambda m: f"{case['name']} vs bisect: {m}")
         assert out[:, :, :n].equal(bisect[:, :, :n]), "text queries are plain joint attention, untouched"
         if q.dtype == torch.float32:
-            sort = gag_joint_attention(q, k, v, n, *params, method="sort")
             torch.testing.assert_close(out, sort, **tol)
         return
     check = case["check"]
@@ -209,9 +225,13 @@ def run_cases(cases: list[dict], device: str) -> dict:
     for c in cases:
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         if "text_len" in c:
-            outputs[c["name"]] = gag_joint_attention(
-                move(c["q"]), move(c["k"]), move(c["v"]), c["text_len"], c["scale"], c["eta"], c["zeta"], method="fused",
-            ).cpu()
+            args = (move(c["q"]), move(c["k"]), move(c["v"]), c["text_len"], c["scale"], c["eta"], c["zeta"])
+            outputs[c["name"]] = gag_joint_attention(*args, method="fused").cpu()
+            # The PyTorch paths on the same device: the joint output shares its dense attention with
+            # them, and CUDA's SDPA rounds differently from the CPU's (on an H200 the text queries
+            # matched the CPU's only to ~1e-7, and 16-bit outputs by more than an ulp)
+            for method in ("bisect", "sort"):
+                outputs[f"{c['name']}/{method}"] = gag_joint_attention(*args, method=method).cpu()
             continue
         outputs[c["name"]] = gag_attention(
             move(c["q"]), move(c["k"]), move(c["v"]), move(c["scale"]), move(c["eta"]), move(c["zeta"]),
@@ -331,8 +351,7 @@ def test_fused_joint_attention_on_cuda_flux_shapes(dtype):
     text_len = 256
     q, k, v = (t.cuda() for t in _qkv(1, 24, text_len + 1024, text_len + 1024, 128, seed=9, dtype=dtype))
     out = gag_joint_attention(q, k, v, text_len, 5.0, 15.0, 0.0, method="fused")
-    ref = gag_joint_attention(q.float(), k.float(), v.float(), text_len, 5.0, 15.0, 0.0, method="bisect")
-    torch.testing.assert_close(out.float(), ref, **tolerance(dtype))
+    assert_joint_as_close_as_torch(out, q, k, v, text_len)
 
 
 @gpu
@@ -346,8 +365,7 @@ def test_late_values_form_on_cuda_t5_shapes(monkeypatch, dtype):
     text_len = 256
     q, k, v = (t.cuda() for t in _qkv(1, 24, text_len + 1024, text_len + 1024, 128, seed=9, dtype=dtype))
     out = gag_joint_attention(q, k, v, text_len, 5.0, 15.0, 0.0, method="fused")
-    ref = gag_joint_attention(q.float(), k.float(), v.float(), text_len, 5.0, 15.0, 0.0, method="bisect")
-    torch.testing.assert_close(out.float(), ref, **tolerance(dtype))
+    assert_joint_as_close_as_torch(out, q, k, v, text_len)
     q, k, v = (t.cuda() for t in _qkv(1, 4, 256, 512, 64, seed=10, dtype=dtype))
     out = gag_attention(q, k, v, 10.0, 15.0, 0.0, method="fused")
     ref = gag_attention(q.float(), k.float(), v.float(), 10.0, 15.0, 0.0, method="sort")
@@ -586,14 +604,14 @@ def test_onnx_export_of_auto_has_no_custom_ops(monkeypatch, tmp_path, kernel_loo
 
 
 @pytest.mark.parametrize("lk, d, itemsize, expected", [
-    (77, 64, 2, (128, 64, 16, 64, 8)),   # SDXL cross-attention in fp16/bf16: the H200 sweep's choice
+    (77, 64, 2, (64, 64, 16, 64, 4)),    # SDXL cross-attention in fp16/bf16: the H200 sweep's choice
     (77, 64, 4, (32, 64, 16, 64, 4)),    # fp32: unmeasured, the register-sized block
     (77, 128, 2, (32, 64, 16, 128, 4)),  # head_dim 128: operands of 128 x 128 stay small
     (512, 64, 2, (16, 512, 0, 64, 8)),   # T5's 512 keys: one tile
     (300, 40, 2, (16, 256, 64, 64, 8)),  # 256 + 64 keys instead of 512
-    (100, 64, 2, (128, 128, 0, 64, 8)),  # 64 + 64 would save nothing: one tile
-    (17, 16, 2, (128, 32, 0, 16, 8)),    # 16 + 16 likewise
-    (16, 16, 2, (128, 16, 0, 16, 8)),
+    (100, 64, 2, (64, 128, 0, 64, 4)),   # 64 + 64 would save nothing: one tile
+    (17, 16, 2, (64, 32, 0, 16, 4)),     # 16 + 16 likewise
+    (16, 16, 2, (64, 16, 0, 16, 4)),
 ])
 def test_block_sizes_use_the_measured_tile_only_where_it_was_measured(lk, d, itemsize, expected):
     assert kernels.block_sizes(lk, d, itemsize) == expected

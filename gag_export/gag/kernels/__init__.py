@@ -105,10 +105,11 @@ def block_sizes(lk: int, head_dim: int, itemsize: int = 2) -> tuple[int, int, in
 
     All keys live in registers: a main tile and maybe a tail tile (`key_tiles`). The query block
     and warps are chosen by the padded key count next_pow2(Lk), as measured before the split.
-    For 16-bit inputs with up to 128 keys (CLIP's 77) and head_dim <= 64: 128 queries and 8 warps,
+    For 16-bit inputs with up to 128 keys (CLIP's 77) and head_dim <= 64: 64 queries and 4 warps,
     the fastest of the (BLOCK_M in 16..128) x (4, 8 warps) sweep on an H200 at both SDXL
-    cross-attention shapes (benchmarks/README.md, "Fused GAG kernel": 0.046 ms against 0.082 for
-    32 x 4 warps at 10 heads x 4096 queries, 0.041 against 0.039 at 20 x 1024). Elsewhere (fp32,
+    cross-attention shapes with the split key tile, timed as replayed CUDA graphs (GPU time, not
+    launch cost; benchmarks/README.md, "GPU figures, 2026-12-04"): 0.0159 ms against 0.0215 for
+    128 x 8 warps at 10 heads x 4096 queries, 0.0103 against 0.0151 at 20 x 1024. Elsewhere (fp32,
     head_dim 128, T5's 512 keys: unmeasured) the query block shrinks as the key tile grows so the
     few [BLOCK_M, BLOCK_N] fp32 tiles stay in registers and the dot operands fit the shared memory
     of smaller GPUs than Hopper.
@@ -117,7 +118,7 @@ def block_sizes(lk: int, head_dim: int, itemsize: int = 2) -> tuple[int, int, in
     block_n, block_n2 = key_tiles(lk)
     block_d = max(16, _next_pow2(head_dim))
     if padded <= 128 and block_d <= 64 and itemsize <= 2:
-        return 128, block_n, block_n2, block_d, 8
+        return 64, block_n, block_n2, block_d, 4
     return max(16, min(64, 4096 // padded)), block_n, block_n2, block_d, 4 if padded <= 128 else 8
 
 
