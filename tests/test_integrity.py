@@ -269,3 +269,45 @@ def test_an_image_name_that_is_not_png_is_refused_before_anything_runs(tmp_path)
                     "--out", str(tmp_path / "fox.jpg"))
     assert result.exit_code == 2, result.output
     assert "give a .png name" in result.output and not (tmp_path / "none").exists()
+
+
+# ------------------------------------------------------------------ memory: exit 7 before, not 137 during
+
+
+@pytest.fixture
+def small_machine(monkeypatch):
+    """A machine that can give this process at most 1 MiB: less than any tiny graph's ORT session."""
+    from gag_export.core import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 512 * 1024)
+    monkeypatch.setattr(memory, "process_bytes", lambda: 512 * 1024)
+
+
+def test_parity_that_cannot_fit_is_exit_7_and_says_what_to_do(graphs, small_machine):
+    result = invoke("check", str(graphs / MODEL), "--parser", "none")
+    assert result.exit_code == 7, result.output
+    line = " ".join(result.output.split())
+    assert f"parity of {MODEL}/" in line and "GiB" in line and "--no-parity" in line
+    assert invoke("check", str(graphs / MODEL), "--parser", "none", "--no-parity").exit_code == 0  # no session
+
+
+def test_engine_build_that_cannot_fit_is_exit_7_with_nothing_written(graphs, tmp_path, small_machine):
+    pytest.importorskip("tensorrt_rtx")
+    out = tmp_path / "engines"
+    result = invoke("engine", str(graphs / MODEL), "--backend", "tensorrt-rtx", "--out", str(out), "--component", "unet")
+    assert result.exit_code == 7, result.output
+    assert "engine build of tiny-sdxl/unet" in " ".join(result.output.split())
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_the_memory_guard_counts_what_the_process_holds(monkeypatch):
+    # freed weights stay resident and are reused by the next stage: "available" alone would refuse
+    # the full-size engine stage that fits (benchmarks/README.md); available + held is the bound
+    from gag_export.core import memory
+    from gag_export.core.errors import ResourceExhaustedError
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2 * memory.GIB)
+    monkeypatch.setattr(memory, "process_bytes", lambda: 6 * memory.GIB)
+    memory.ensure_memory(7.9 * memory.GIB, "a stage", "advice")
+    with pytest.raises(ResourceExhaustedError, match=r"a stage needs ~8.1 GiB, this machine can give it at most 8.0 GiB"):
+        memory.ensure_memory(8.1 * memory.GIB, "a stage", "advice")

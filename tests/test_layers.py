@@ -40,6 +40,7 @@ LAZY_PROBES = {
     ("gag_export.core.gpu", "torch"),  # detect_gpu: the CUDA device torch sees
     ("gag_export.core.gpu", "pynvml"),  # detect_gpu: the driver's view, without torch
     ("gag_export.core.gpu", "cuda"),  # detect_gpu: cuda-python, for the compute capability
+    ("gag_export.core.memory", "psutil"),  # ensure_memory: what the OS and this process hold
 }
 
 

@@ -4,6 +4,7 @@ pipeline (given, or loaded again through the registry)."""
 from __future__ import annotations
 
 from ..artifacts.manifest import Manifest
+from ..core.memory import GIB, ORT_SESSION_FACTOR, ensure_memory
 from ..core.names import GAG_INPUTS
 from ..core.precision import Precision
 from ..export.parity import (
@@ -76,6 +77,15 @@ def _parity(manifest: Manifest, component: str, descriptor, reference_pipe, seed
                           "torch fp32 eager")
 
 
+def _ensure_session_fits(manifest: Manifest, component: str) -> None:
+    """Exit 7 before an ONNX Runtime session that cannot fit (the graph itself is already whole)."""
+    size = int(manifest.components[component].get("size_bytes") or 0)
+    ensure_memory(ORT_SESSION_FACTOR * size, f"parity of {manifest.model}/{component} (an ONNX Runtime session of its "
+                  f"{size / GIB:.1f} GiB graph)",
+                  f"the graphs in {manifest.graphs_dir} are written and whole; check them with `gag-export check "
+                  f"{manifest.graphs_dir} --no-parity` here, or with parity on a machine with more memory")
+
+
 def run_parity(manifest: Manifest, report: CheckReport, pipe, entry, gag_cfg, seed: int, notify) -> None:
     """Parity of every component: against torch's outputs recorded at export where the manifest has
     them for this seed (no model loaded), else against the pipeline (`pipe`, or loaded again)."""
@@ -86,6 +96,7 @@ def run_parity(manifest: Manifest, report: CheckReport, pipe, entry, gag_cfg, se
         if _component_precision(comp) is Precision.BF16:
             report.results.append(CheckResult(name, "parity", "skipped", _BF16_SKIP))
         elif name not in live:
+            _ensure_session_fits(manifest, name)
             notify(name, "parity")
             report.results.append(_recorded_parity(manifest, name, comp["parity_reference"]))
     if not live:
@@ -105,6 +116,7 @@ def run_parity(manifest: Manifest, report: CheckReport, pipe, entry, gag_cfg, se
             remove_gag(denoiser)
     try:
         for name in live:
+            _ensure_session_fits(manifest, name)
             notify(name, "parity")
             descriptor = descriptors.get(name)
             if descriptor is None:

@@ -44,7 +44,8 @@ class WeightsNotFoundError(GagExportError, FileNotFoundError):
 
 
 class ResourceExhaustedError(GagExportError):
-    """Out of disk space or memory while writing an artifact (nothing half-written is left)."""
+    """Out of disk space or memory while writing an artifact (nothing half-written is left), or a
+    stage whose estimated peak cannot fit in this machine's memory (`core.memory`)."""
 
     exit_code = 7
 

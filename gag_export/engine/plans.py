@@ -26,9 +26,10 @@ from ..artifacts.engines import (
     version_tag,
 )
 from ..artifacts.integrity import verify_graph
-from ..artifacts.manifest import Manifest, sha256_files
+from ..artifacts.manifest import Manifest, data_path, sha256_files
 from ..core.atomic import temp_beside, write_atomic, write_failure
 from ..core.errors import ArtifactError, CheckFailedError, InvalidInputError
+from ..core.memory import ENGINE_BUILD_FACTOR, GIB, ensure_memory, files_bytes
 from ..core.precision import Precision
 from ..core.tensorrt import (
     TENSORRT_RTX,
@@ -194,10 +195,15 @@ def build_engine(
             log.info("%s: reusing %s", spec.component, dest)
             return EngineRecord(spec.component, dest, sidecar, "reused", 0.0)
 
+    builder = get_flavor(target.flavor).label
+    graph_bytes = files_bytes([spec.onnx_path, data_path(spec.onnx_path)])
+    ensure_memory(ENGINE_BUILD_FACTOR * graph_bytes, f"the {builder} engine build of {spec.model}/{spec.component} "
+                  f"(from its {graph_bytes / GIB:.1f} GiB graph)",
+                  "build it on a machine with more memory (TensorRT-RTX engines build ahead of time anywhere: "
+                  "`gag-export engine --backend tensorrt-rtx --target ...`), or close other programs")
     dest.parent.mkdir(parents=True, exist_ok=True)
     if timing_cache is not None:
         Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
-    builder = get_flavor(target.flavor).label
     log.info(
         "%s: building %s %s engine (%s typed) for %s from %s",
         spec.component,

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from ...core.errors import GagExportError
+from ...core.memory import ORT_SESSION_FACTOR
 from .config import GRAPH_BACKENDS, BenchConfig, Plan, Skip
 
 log = logging.getLogger(__name__)
@@ -157,12 +158,6 @@ def shape_summary(p: Plan) -> dict:
     }
 
 
-# Peak RSS of a process running an ONNX Runtime CPU session, per byte of graph: measured 1.40 on the
-# SDXL UNet at 1024x1024 (9.6 GiB graph, 13.4 GiB peak: weights, prepacked GEMM weights being swapped
-# in, activations, Python and torch). A guard against running the machine out of memory, not a model.
-ORT_MEMORY_FACTOR = 1.4
-
-
 def check_memory_for_graphs(config: BenchConfig, p: Plan, gag: bool) -> None:
     """`Skip` instead of running the machine out of memory when an ORT session will not fit."""
     import psutil  # noqa: PLC0415
@@ -170,7 +165,7 @@ def check_memory_for_graphs(config: BenchConfig, p: Plan, gag: bool) -> None:
     from ...runtime.exports import load_manifest_for  # noqa: PLC0415
 
     manifest = load_manifest_for(p.entry.name, graphs_root(config, gag))
-    need = ORT_MEMORY_FACTOR * sum(int(c.get("size_bytes") or 0) for c in manifest.components.values())
+    need = ORT_SESSION_FACTOR * sum(int(c.get("size_bytes") or 0) for c in manifest.components.values())
     available = psutil.virtual_memory().available
     if need > available:
         raise Skip(f"not enough memory: the ONNX Runtime session needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB "

@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ...core.errors import GagExportError
+from ...core.memory import ORT_SESSION_FACTOR
 from .config import BASELINE, BenchConfig, Plan, plan
 from .graphs import (
-    ORT_MEMORY_FACTOR,
     graphs_root,
     graphs_used,
     needs_export,
@@ -233,7 +233,7 @@ def _variants_fit(config: BenchConfig, p: Plan, backend: str) -> bool:
     if backend != "ort" or unavailable(backend) is not None:
         return True
     try:
-        need = ORT_MEMORY_FACTOR * sum(
+        need = ORT_SESSION_FACTOR * sum(
             int(c.get("size_bytes") or 0)
             for gag in config.gag_settings
             for c in load_manifest_for(p.entry.name, graphs_root(config, gag)).components.values()
