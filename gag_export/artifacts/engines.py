@@ -252,6 +252,17 @@ def load_engine_bytes(path: Path, target: RuntimeTarget, *, onnx_sha256: str | N
     return validate_engine(path, target, onnx_sha256=onnx_sha256)[1]
 
 
+def _built_on_another_gpu_model(plan_path: Path, target: RuntimeTarget) -> bool:
+    """TensorRT: the sidecar names another GPU model than `target`'s (TensorRT-RTX engines are not
+    tied to one). A missing or unreadable sidecar is left to `load_engine_bytes` to report."""
+    if get_flavor(target.flavor).ahead_of_time:
+        return False
+    try:
+        return read_sidecar(plan_path).gpu_name != target.gpu_name
+    except ArtifactError:
+        return False
+
+
 def find_engine(
     out_dir: Path, model: str, component: str, target: RuntimeTarget, onnx_sha256: str,
     precision: Precision | None = None, prefer: Precision | None = None,
@@ -261,12 +272,15 @@ def find_engine(
     can have fp32 engines and weakly typed fp16/bf16 ones; `prefer` (the graph's own dtype, say)
     is then taken first where it exists, so that a weakly typed engine runs only where asked
     for or alone. A TensorRT-RTX engine is found when it was built for the target's compute
-    capability among others. Loading it still goes through `load_engine_bytes`."""
+    capability among others. A TensorRT engine's name has no GPU model: one built on another model
+    of the same sm (which does not load here) is passed over by its sidecar. Loading it still goes
+    through `load_engine_bytes`."""
     folder = Path(out_dir) / model / component
     precision_tag = "*" if precision is None else Precision(precision).value
     # names are sha-<flavor><version>-<sm tag>-PRECISION-settings.plan, with no other dashes
     plans = [p for p in folder.glob(f"{onnx_sha256[:12]}-{target.file_tag}-sm*-{precision_tag}-*.plan")
-             if set(target.capabilities) <= set(parse_sm_tag(p.name.split("-")[2]))]
+             if set(target.capabilities) <= set(parse_sm_tag(p.name.split("-")[2]))
+             and not _built_on_another_gpu_model(p, target)]
     plans.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     if prefer is not None:
         plans.sort(key=lambda p: p.name.split("-")[3] != Precision(prefer).value)  # stable: newest first within each
