@@ -8,6 +8,7 @@ keyed by name, in one temp folder per session (`graphs_root`).
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,12 @@ def session(path: Path) -> ort.InferenceSession:
 
 def run(sess: ort.InferenceSession, feed: dict) -> list[np.ndarray]:
     return sess.run(None, {k: np.asarray(v) for k, v in feed.items()})
+
+
+def sha256_of(*paths: Path) -> str:
+    """SHA-256 of the files' bytes one after another, with hashlib alone: the manifest's `sha256`
+    (the graph, then its external data) computed without the code under test."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()

@@ -6,6 +6,7 @@ Benchmark figures are never asserted: only that runs complete and their outputs 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -304,7 +305,11 @@ def test_cli_bench_tiny_sdxl_writes_json_markdown_and_plot(tmp_path):
         assert torch_row["step"]["stats"]["n"] == 2 and len(torch_row["step"]["samples_ms"]) == 2
         assert torch_row["e2e"]["stats"]["n"] == 2 and set(torch_row["e2e"]["stages_ms"]) == set(bench.SAMPLER_STAGES)
         assert torch_row["step"]["first_call_ms"] is not None
-        assert rows[("tensorrt", gag)]["status"] in ("skipped", "failed") and rows[("tensorrt", gag)]["reason"]
+        trt_row = rows[("tensorrt", gag)]  # not installed here: skipped, saying so; a failure would be a bug
+        if importlib.util.find_spec("tensorrt") is None:
+            assert trt_row["status"] == "skipped" and "tensorrt" in trt_row["reason"].lower(), trt_row
+        else:
+            assert trt_row["status"] in ("ok", "skipped"), trt_row
     assert {(o["backend"], o["measure"]) for o in doc["gag_overhead"]} == {("torch", "step"), ("torch", "e2e")}
     assert not (tmp_path / "graphs").exists()  # torch alone exports nothing
     assert doc["config"]["isolate"] == "backend" and doc["memory"]["method"] == "child-peak-rss"  # the default

@@ -9,12 +9,13 @@ import sys
 import pytest
 from PIL import Image
 
+from export_helpers import sha256_of
 from build_helpers import MODEL, add_float64_cast, built_tiny_sdxl, graphs_copy, rewrite_component
 from gag_export.workflows import build
 from gag_export.workflows.build import BuildConfig, run_build
 from gag_export.core.gpu import detect_gpu
 from gag_export.core.errors import CheckFailedError, InvalidInputError, MissingDependencyError
-from gag_export.artifacts.manifest import Manifest, graph_sha256
+from gag_export.artifacts.manifest import Manifest
 from gag_export.gag import GAGConfig
 
 
@@ -51,7 +52,7 @@ def test_build_subprocess_writes_graphs_manifest_and_a_png(run):
     for name, comp in manifest["components"].items():
         path = run.graphs_dir / comp["path"]
         assert path.is_file() and path.stat().st_size == comp["size_bytes"]
-        assert graph_sha256(path) == comp["sha256"], name
+        assert sha256_of(path) == comp["sha256"], name
     unet_inputs = {i["name"] for i in manifest["components"]["unet"]["inputs"]}
     assert {"gag_scale", "gag_eta", "gag_zeta"} <= unet_inputs
     assert not list((run.cwd / "graphs").glob(".*")), "no temp folders left beside the export"

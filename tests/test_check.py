@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from export_helpers import exported, shared_root
+from export_helpers import exported, sha256_of, shared_root
 from onnx import TensorProto, helper, numpy_helper
 
 from gag_export.check import trt_ops
@@ -342,6 +342,45 @@ def test_cli_check_fails_with_a_per_check_report(tmp_path):
     assert {r.check for r in report.failures()} == {"control_flow", "tensorrt_lint"}
 
 
+def _control_flow_node(op: str):
+    """One valid `op` node (Loop, If or Scan) that maps `x` [1, 4, 5000] to `y` through an Identity body."""
+    shape = [1, 4, 5000]
+    if op == "If":
+        body = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
+                                 [helper.make_tensor_value_info("t", TensorProto.FLOAT, shape)])
+        return [helper.make_node("If", ["cond"], ["y"], then_branch=body, else_branch=body, name="flow")], \
+            [numpy_helper.from_array(np.array(True), "cond")]
+    if op == "Loop":  # two trips of a loop-carried copy of x
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["v_in"], ["v_out"])],
+            "body",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("v_in", TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, shape)],
+        )
+        return [helper.make_node("Loop", ["trips", "cond", "x"], ["y"], body=body, name="flow")], \
+            [numpy_helper.from_array(np.array(2, np.int64), "trips"), numpy_helper.from_array(np.array(True), "cond")]
+    body = helper.make_graph(  # Scan over the last axis of x, one state: y is the final state
+        [helper.make_node("Identity", ["row"], ["s_out"])], "body",
+        [helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [1, 4]), helper.make_tensor_value_info("row", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [1, 4])],
+    )
+    return [helper.make_node("Scan", ["s0", "x"], ["y"], body=body, num_scan_inputs=1, scan_input_axes=[2], name="flow")], \
+        [numpy_helper.from_array(np.zeros((1, 4), np.float32), "s0")]
+
+
+@pytest.mark.parametrize("op", ["Loop", "If", "Scan"])
+def test_each_control_flow_op_in_the_denoiser_fails_check(op, tmp_path):
+    nodes, initializers = _control_flow_node(op)
+    y_shape = [1, 4] if op == "Scan" else [1, 4, 5000]
+    root = _one_component_export(tmp_path / op, nodes, [X], [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                                 initializers)
+    report = check_graphs(root, parity=False)
+    assert report.get("unet", "onnx_checker").passed  # valid ONNX: only the control flow is wrong
+    flow = report.get("unet", "control_flow")
+    assert not flow.passed and f"{op}:flow" in flow.details
+
+
 # --------------------------------------------------------------------------- the real parser
 
 
@@ -373,6 +412,26 @@ def test_a_graph_the_parser_takes_passes_and_says_how_many_layers(tmp_path):
     report = check_graphs(root, parity=False, parser="tensorrt-rtx")
     assert report.get("unet", "trt_parser").passed and "parsed into 1 network layers" in report.get("unet", "trt_parser").details
     assert check_graphs(root, parity=False, parser="none").get("unet", "trt_parser") is None
+
+
+@needs_rtx
+def test_the_topk_bound_of_the_lint_is_the_builders(tmp_path):
+    """The lint's K limit against a real build (TensorRT-RTX's, ahead of time, no GPU needed): the
+    largest K it lets through builds, one more fails to build, and the lint flags exactly that one."""
+    from gag_export.check.parser import parse_onnx
+
+    built = {}
+    for k in (trt_ops.TOPK_MAX_K, trt_ops.TOPK_MAX_K + 1):
+        model = graph([helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=-1, name=f"sort_{k}")],
+                      initializers=[const_int64("k", [k])],
+                      outputs=[helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 4, k])])
+        onnx.save(model, str(tmp_path / f"topk{k}.onnx"))
+        parsed = parse_onnx(tmp_path / f"topk{k}.onnx", "tensorrt-rtx")
+        assert parsed.ok, parsed.errors  # the parser takes any K: the limit is the builder's
+        builder = parsed._keep[0]
+        built[k] = builder.build_serialized_network(parsed.network, builder.create_builder_config()) is not None
+        assert bool(findings_for(model, "TopK")) == (not built[k])
+    assert built == {trt_ops.TOPK_MAX_K: True, trt_ops.TOPK_MAX_K + 1: False}
 
 
 def test_without_a_parser_the_check_is_skipped_saying_how_to_get_one(tmp_path, monkeypatch):
@@ -410,7 +469,7 @@ def _scale_an_initializer(graphs_dir: Path, component: str, factor: float) -> st
     target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * np.float32(factor), target.name))
     onnx.save_model(model, str(path))
     manifest = json.loads((graphs_dir / "manifest.json").read_text())
-    manifest["components"][component]["sha256"] = graph_sha256(path)
+    manifest["components"][component]["sha256"] = sha256_of(path)
     manifest["components"][component]["size_bytes"] = path.stat().st_size
     (graphs_dir / "manifest.json").write_text(json.dumps(manifest))
     return target.name
@@ -454,6 +513,17 @@ def test_parity_at_the_tolerances_edge(graphs_copy, monkeypatch):
     manifest["components"]["unet"]["tolerance"] = {"atol": worst * 1.01, "rtol": 0.0}
     (graphs_copy / "manifest.json").write_text(json.dumps(manifest))
     assert check_graphs(graphs_copy, parity=True).get("unet", "parity").passed
+
+
+@pytest.mark.parametrize("relative, exit_code", [(1e-2, 4), (1e-6, 0)])
+def test_check_of_a_unet_weight_off_by(relative, exit_code, graphs_copy, monkeypatch):
+    """One UNet weight off by 1% fails the CLI's parity (exit 4, the UNet named); off by 1e-6, inside
+    the recorded tolerance, it passes: the comparison is neither a stub nor looser than recorded."""
+    _no_pipeline(monkeypatch)
+    _scale_an_initializer(graphs_copy, "unet", 1 + relative)
+    result = invoke_check(graphs_copy)
+    assert result.exit_code == exit_code, result.output
+    assert ("unet/parity" in result.stderr) == (exit_code == 4)
 
 
 def test_a_damaged_parity_reference_is_an_artifact_error(graphs_copy):

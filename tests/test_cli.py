@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from export_helpers import sha256_of
 from build_helpers import MODEL, add_float64_cast, built_tiny_sdxl, graphs_copy, rewrite_component
 from gag_export.export import convert as export
 from gag_export.cli import cli
 from gag_export.core.errors import EXIT_CODES
-from gag_export.artifacts.manifest import Manifest, graph_sha256
+from gag_export.artifacts.manifest import Manifest
 from gag_export.models import list_entries
 
 COMMANDS = ("build", "export", "check", "engine", "generate", "doctor", "models")
@@ -296,7 +297,7 @@ def test_export_of_one_component_keeps_the_others(run, tmp_path):
     assert manifest.data["gag"] == before["gag"]  # the UNet's rewritten layers are still listed
     after = _files(graphs_dir)
     assert all(after[path] == data for path, data in kept.items() if path.name != "manifest.json")
-    assert graph_sha256(manifest.graph_path("text_encoder")) == manifest.components["text_encoder"]["sha256"]
+    assert sha256_of(manifest.graph_path("text_encoder")) == manifest.components["text_encoder"]["sha256"]
     assert sorted(p.name for p in graphs_dir.parent.iterdir()) == [MODEL]  # no temp folder left
 
 
@@ -403,7 +404,7 @@ def test_out_of_disk_keeps_the_previous_export_intact(run, tmp_path, monkeypatch
     assert after == before
     assert sorted(p.name for p in (tmp_path / "graphs").iterdir()) == [MODEL]
     manifest = Manifest.load(graphs_dir)
-    assert all(graph_sha256(manifest.graph_path(n)) == c["sha256"] for n, c in manifest.components.items())
+    assert all(sha256_of(manifest.graph_path(n)) == c["sha256"] for n, c in manifest.components.items())
 
 
 def test_out_of_memory_anywhere_exits_7(monkeypatch, tmp_path):

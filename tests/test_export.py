@@ -26,11 +26,11 @@ from export_helpers import (
     pipeline,
     run,
     session,
+    sha256_of,
     shared_root,
 )
 
 import gag_export.export.convert as export_mod
-from gag_export.artifacts.manifest import sha256_files
 from gag_export.export.graphs import promote_concat_inputs
 from gag_export.export.pipeline import cast_copy
 from gag_export.gag.attention import apply_gag, remove_gag
@@ -39,7 +39,7 @@ from gag_export.cli import cli
 from gag_export.core.errors import ArtifactError, GagExportError, InvalidInputError, ResourceExhaustedError
 from gag_export.core.names import GAG_INPUTS
 from gag_export.export import ExportConfig, export_model, sample_feed
-from gag_export.artifacts.manifest import Manifest, graph_sha256
+from gag_export.artifacts.manifest import Manifest
 from gag_export.models import ImageShape, Precision, descriptors_for, get_entry
 
 MANIFEST_KEYS = {"format_version", "model", "family", "source", "revision", "weights", "dtype", "dynamic", "opset",
@@ -82,7 +82,7 @@ def test_manifest_records_graphs_as_written(graphs_root):
         assert set(comp) == COMPONENT_KEYS
         path = manifest.graphs_dir / comp["path"]
         assert comp["path"] == f"{name}/model.onnx" and comp["external_data"] is None
-        assert comp["sha256"] == graph_sha256(path) and comp["size_bytes"] == path.stat().st_size
+        assert comp["sha256"] == sha256_of(path) and comp["size_bytes"] == path.stat().st_size
         graph = onnx.load(str(path), load_external_data=False).graph
         assert comp["nodes"] == len(graph.node)
         assert [i["name"] for i in comp["inputs"]] == [i.name for i in graph.input]
@@ -346,7 +346,7 @@ def test_component_export_keeps_others_only_with_the_same_dynamic_range(tmp_path
     again = export_model(pipe, entry, _dynamic_config(tmp_path, ("text_encoder",), 128))
     assert list(again.components) == ["text_encoder", "vae_decoder"] and list(again.stats) == ["text_encoder"]
     assert again.components["vae_decoder"] == first.components["vae_decoder"]
-    assert graph_sha256(again.graph_path("vae_decoder")) == first.components["vae_decoder"]["sha256"]
+    assert sha256_of(again.graph_path("vae_decoder")) == first.components["vae_decoder"]["sha256"]
 
 
 def test_export_error_is_one_clear_line(tmp_path, monkeypatch):
@@ -368,7 +368,7 @@ def test_large_weights_go_to_one_external_data_file(tmp_path, monkeypatch):
     assert comp["external_data"]["path"] == "text_encoder/model.onnx.data"
     assert comp["external_data"]["size_bytes"] == data.stat().st_size > graph.stat().st_size
     assert comp["size_bytes"] == graph.stat().st_size + data.stat().st_size
-    assert comp["sha256"] == graph_sha256(graph) != sha256_files([graph])
+    assert comp["sha256"] == sha256_of(graph, data) != sha256_of(graph)
     report = check_graphs(manifest.graphs_dir, pipe=pipeline("tiny-sdxl"), entry=get_entry("tiny-sdxl"))
     assert report, report.summary()
 

@@ -173,6 +173,11 @@ def test_tcd_eta_from_the_model_card_reaches_the_scheduler(sdxl):
 # --------------------------------------------------------------------------------------------
 
 
+# Expected values from the model cards' own sampling code, not from the registry: DMD2
+# (tianweiy/DMD2: `timesteps=[999, 749, 499, 249]` for the 4-step UNet, `timesteps=[399]` for the
+# 1-step one), Hyper-SDXL 1-step UNet (ByteDance/Hyper-SD: TCDScheduler, `timesteps=[800]`, eta 1.0),
+# SDXL-Lightning and SDXL-Turbo (Euler, "trailing" spacing over 1000 training steps), LCM-SDXL
+# (LCMScheduler's own skipping of its 50 original steps).
 SDXL_SCHEDULES = [
     ("dmd2", 4, [999, 749, 499, 249]),
     ("dmd2", 1, [999]),  # no prescribed 1-step timesteps: LCM's own spacing
