@@ -1,4 +1,4 @@
-"""Shared by test_runtime.py and test_sampler.py: tiny exports made once per session, thread limits.
+"""Shared by test_runtime.py, test_sampler.py and test_nonsquare.py: tiny exports made once per session, thread limits.
 
 Exports are cached under pytest's session base temp folder, so the two modules (and every test in
 them) share one export of each tiny model without a conftest fixture.
@@ -19,17 +19,19 @@ ONE_THREAD = BackendOptions(threads=1)
 PROMPT = "a photo of a cat sitting on a wooden table"
 
 
-def exported_graphs(tmp_path_factory, model: str) -> Path:
-    """The graphs root holding `<root>/<model>/manifest.json` (exported once per session, GAG bisect)."""
+def exported_graphs(tmp_path_factory, model: str, height: int | None = None, width: int | None = None) -> Path:
+    """The graphs root holding `<root>/<model>/manifest.json` (exported once per session, GAG bisect),
+    static at the entry's size or at `height` x `width` (a root of its own per size)."""
     from gag_export.export import DEFAULT_EXPORT_GAG, ExportConfig, export_model
     from gag_export.models import ImageShape, get_entry, load_pipeline
 
-    root = tmp_path_factory.getbasetemp() / "runtime-graphs"
+    entry = get_entry(model)
+    shape = ImageShape(height or entry.height, width or entry.width)
+    default = (shape.height, shape.width) == (entry.height, entry.width)
+    root = tmp_path_factory.getbasetemp() / ("runtime-graphs" if default else f"runtime-graphs-{shape.height}x{shape.width}")
     if not (root / model / "manifest.json").is_file():
-        entry = get_entry(model)
         with torch_threads(1):
-            export_model(load_pipeline(model), entry,
-                         ExportConfig(model, root, ImageShape(entry.height, entry.width), gag=DEFAULT_EXPORT_GAG))
+            export_model(load_pipeline(model), entry, ExportConfig(model, root, shape, gag=DEFAULT_EXPORT_GAG))
     return root
 
 
