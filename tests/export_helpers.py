@@ -34,6 +34,9 @@ EXPORTS = {
         "min_shape": ImageShape(32, 32, 1), "max_shape": ImageShape(96, 128, 3),
     }),
     "sdxl_fp16": ("tiny-sdxl", {"precision": "fp16"}),
+    # with the VAE encoder (test_vae_encoder.py)
+    "sdxl_img2img": ("tiny-sdxl", {"img2img": True}),
+    "flux_img2img": ("tiny-flux", {"img2img": True}),
 }
 
 # Every tiny model x precision x static/dynamic, each exported whole with GAG (test_export.py's

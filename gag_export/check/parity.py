@@ -107,7 +107,7 @@ def run_parity(manifest: Manifest, report: CheckReport, pipe, entry, gag_cfg, se
         from ..models import manifest_entry
 
         entry = manifest_entry(manifest.data)
-    descriptors = {d.name: d for d in descriptors_for(entry, pipe)}
+    descriptors = {d.name: d for d in descriptors_for(entry, pipe, img2img=True)}  # whichever were exported
     denoiser = denoiser_module(pipe)
     if denoiser is not None:
         if gag_cfg is not None:

@@ -7,9 +7,13 @@ GAG_INPUTS = ("gag_scale", "gag_eta", "gag_zeta")
 
 FAMILIES = ("sdxl", "flux")  # the model families: SDXL's UNet, FLUX's MMDiT transformer
 
+# Components img2img needs beyond txt2img's: exported only when asked (`--img2img`, or by name with
+# `--component`), so that a txt2img export stays as small as it is.
+IMG2IMG_COMPONENTS = ("vae_encoder",)
+
 MANIFEST_NAME = "manifest.json"  # graphs/<model>/manifest.json
 GRAPH_NAME = "model.onnx"  # graphs/<model>/<component>/model.onnx
 DATA_SUFFIX = ".data"  # its external data, when the weights exceed protobuf's 2 GB: model.onnx.data
 PARITY_NAME = "parity.npz"  # beside model.onnx: the sample feed and torch's outputs recorded at export
 
-__all__ = ["DATA_SUFFIX", "FAMILIES", "GAG_INPUTS", "GRAPH_NAME", "MANIFEST_NAME", "PARITY_NAME"]
+__all__ = ["DATA_SUFFIX", "FAMILIES", "GAG_INPUTS", "GRAPH_NAME", "IMG2IMG_COMPONENTS", "MANIFEST_NAME", "PARITY_NAME"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..core.errors import InvalidInputError
 from ..core.gag_config import DEFAULT_EXPORT_GAG, GAGConfig
+from ..core.names import IMG2IMG_COMPONENTS
 from ..core.precision import Precision
 from ..core.shapes import ImageShape
 
@@ -24,6 +25,9 @@ class ExportConfig:
 
     `shape` is the static shape, or the opt shape of a dynamic export; `min_shape`/`max_shape`
     bound a dynamic export (default: `shape`). `opset` is always passed to the exporter explicitly.
+    `img2img` adds IMG2IMG_COMPONENTS (the VAE encoder) to what is exported: to the family's
+    components, or to `components` when some are named. Without it they are exported only when
+    named in `components`, so a txt2img export stays as small as it was.
     """
 
     model: str
@@ -40,6 +44,7 @@ class ExportConfig:
     weights: str | None = None  # how the pipeline's weights were obtained (recorded in the manifest)
     seed: int = 0  # sample inputs for export tracing and parity
     components: tuple[str, ...] = ()  # only these components (default: all of the family's)
+    img2img: bool = False  # also the components img2img needs (vae_encoder)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -51,7 +56,10 @@ class ExportConfig:
                 f"ExportConfig.opset: {self.opset!r} is outside {OPSET_RANGE[0]}..{OPSET_RANGE[1]} "
                 "(TensorRT 10.0 parses up to opset 20)"
             )
-        object.__setattr__(self, "components", tuple(self.components))
+        components = tuple(self.components)
+        if self.img2img and components:  # named here, so that the pipeline is loaded with its VAE
+            components += tuple(c for c in IMG2IMG_COMPONENTS if c not in components)
+        object.__setattr__(self, "components", components)
         if not self.dynamic and (self.min_shape is not None or self.max_shape is not None):
             raise InvalidInputError("min/max shapes need a dynamic export (--dynamic)")
         if self.dynamic:

@@ -31,7 +31,7 @@ from ..core.errors import (
     InvalidInputError,
     ResourceExhaustedError,
 )
-from ..core.names import GRAPH_NAME, MANIFEST_NAME, PARITY_NAME
+from ..core.names import GRAPH_NAME, IMG2IMG_COMPONENTS, MANIFEST_NAME, PARITY_NAME
 from ..core.precision import Precision
 from ..core.signals import raise_if_terminated
 from ..models import descriptors_for
@@ -263,6 +263,11 @@ def manifest_head(entry, config: ExportConfig, rewritten: list[str]) -> dict:
     }
 
 
+def _whole(descriptors, config: ExportConfig) -> list:
+    """What an export of every component holds: the family's, and the img2img ones when asked."""
+    return [d for d in descriptors if config.img2img or d.name not in IMG2IMG_COMPONENTS]
+
+
 def _selected(descriptors, config: ExportConfig) -> list:
     """The descriptors to export, after checking the shapes against each (InvalidInputError early)."""
     descriptors = list(descriptors)
@@ -270,7 +275,7 @@ def _selected(descriptors, config: ExportConfig) -> list:
     unknown = [c for c in config.components if c not in names]
     if unknown:
         raise InvalidInputError(f"{config.model} has no component {', '.join(map(repr, unknown))}; it has {', '.join(names)}")
-    chosen = [d for d in descriptors if not config.components or d.name in config.components]
+    chosen = [d for d in descriptors if d.name in config.components] if config.components else _whole(descriptors, config)
     for d in chosen:
         for s in config.shape_range:
             d.dim_values(s)
@@ -310,10 +315,10 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
                     "no export is running", folder)
     stats: dict[str, ComponentStats] = {}
     try:
-        family_descriptors = descriptors_for(entry, pipe)
+        family_descriptors = descriptors_for(entry, pipe, img2img=True)  # any of them may be named
         descriptors = _selected(family_descriptors, config)
         order = [d.name for d in family_descriptors]
-        previous = previous_export(config, order)
+        previous = previous_export(config, [d.name for d in _whole(family_descriptors, config)])
         kept = components_to_keep(previous, entry, config, [d.name for d in descriptors],
                                   manifest_head(entry, config, []))  # before the slow part
         if any(d.role == "denoiser" for d in descriptors) and denoiser_module(pipe) is None:
@@ -322,6 +327,8 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
         manifest = manifest_head(entry, config, rewritten)
         for index, descriptor in enumerate(descriptors):
             raise_if_terminated()  # a SIGTERM whose exception a C callback swallowed stops here
+            # The VAE's decoder and encoder share one module: its weights go after the last of them.
+            release_now = release and descriptor.module_attr not in {d.module_attr for d in descriptors[index + 1:]}
             gag = config.gag is not None and descriptor.role == "denoiser"
             notify(ExportEvent(descriptor.name, "start", index, len(descriptors)))
             comp_dir = tmp / descriptor.name
@@ -339,7 +346,7 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
                 work = pipe
             else:
                 work = reduced_view(pipe, descriptor.module_attr, precision.torch_dtype, config.gag)
-                if release:  # the fp32 weights are needed no more: only the reduced copy is exported
+                if release_now:  # the fp32 weights are needed no more: only the reduced copy is exported
                     release_weights(pipe, descriptor.module_attr)
             module = descriptor.export_module(work)
             try:
@@ -352,7 +359,7 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise GagExportError(f"exporting {config.model}/{descriptor.name} failed: {type(exc).__name__}: {first}") from exc
             del module, work
-            if release:
+            if release_now:
                 release_weights(pipe, descriptor.module_attr)
             notify(ExportEvent(descriptor.name, "exported", index, len(descriptors), nodes=nodes,
                                seconds=time.perf_counter() - start))

@@ -74,7 +74,7 @@ def components_to_keep(previous: Manifest | None, entry, config: ExportConfig, c
                    for key in dict.fromkeys([*now, *there]) if there.get(key) != now.get(key)]
     kept = {name: comp for name, comp in previous.components.items() if name not in chosen}
     if config.dynamic and not differences:
-        descriptors = {d.name: d for d in descriptors_for(entry)}
+        descriptors = {d.name: d for d in descriptors_for(entry, img2img=True)}
         differences += [f"{name}'s dynamic shape range" for name, comp in kept.items()
                         if name not in descriptors or _range_differs(comp, descriptors[name], config)]
     if differences:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from ..core.errors import InvalidInputError
+from ..core.names import IMG2IMG_COMPONENTS
 from .base import (
     GAG_INPUTS,
     ComponentDescriptor,
@@ -27,6 +28,7 @@ from .flux import (
     FluxTextEncoder,
     FluxTransformer,
     FluxVaeDecoder,
+    FluxVaeEncoder,
     float32_rotary,
     flux_descriptors,
     latent_image_ids,
@@ -55,6 +57,7 @@ from .sdxl import (
     SDXLTextEncoder2,
     SDXLUNet,
     SDXLVaeDecoder,
+    SDXLVaeEncoder,
     sdxl_descriptors,
 )
 from .tiny import (
@@ -74,8 +77,10 @@ def _family_of(pipe) -> str:
     return family
 
 
-def descriptors_for(entry_or_family: ModelEntry | str | None = None, pipe=None) -> list[ComponentDescriptor]:
-    """The descriptors of a model in export order: text encoders, denoiser, vae_decoder.
+def descriptors_for(entry_or_family: ModelEntry | str | None = None, pipe=None,
+                    img2img: bool = False) -> list[ComponentDescriptor]:
+    """The descriptors of a model in export order: text encoders, denoiser, vae_decoder
+    (then vae_encoder with `img2img`: IMG2IMG_COMPONENTS, exported only when asked).
 
     `entry_or_family`: a ModelEntry, a registered name, a local diffusers folder, or a family
     ("sdxl", "flux"); may be None when `pipe` is given. Dims come from, in order of preference:
@@ -106,9 +111,9 @@ def descriptors_for(entry_or_family: ModelEntry | str | None = None, pipe=None) 
     else:
         configs = {name: shipped_config(family, name) for name in _FAMILY_FILES[family]}
     if family == "sdxl":
-        return sdxl_descriptors(configs)
+        return sdxl_descriptors(configs, img2img=img2img)
     text_len = entry.text_len if entry is not None and entry.text_len else 256
-    return flux_descriptors(configs, text_len=text_len)
+    return flux_descriptors(configs, text_len=text_len, img2img=img2img)
 
 
 _FAMILY_FILES = {
@@ -118,6 +123,7 @@ _FAMILY_FILES = {
 
 __all__ = [
     "GAG_INPUTS",
+    "IMG2IMG_COMPONENTS",
     "ComponentDescriptor",
     "ExportWrapper",
     "ImageShape",
@@ -147,10 +153,12 @@ __all__ = [
     "SDXLTextEncoder2",
     "SDXLUNet",
     "SDXLVaeDecoder",
+    "SDXLVaeEncoder",
     "FluxTextEncoder",
     "FluxT5Encoder",
     "FluxTransformer",
     "FluxVaeDecoder",
+    "FluxVaeEncoder",
     "sdxl_descriptors",
     "flux_descriptors",
     "float32_rotary",

@@ -1,4 +1,4 @@
-"""Descriptors of components shared by the families: CLIP, T5 and the AutoencoderKL decoder.
+"""Descriptors of components shared by the families: CLIP, T5 and the AutoencoderKL decoder and encoder.
 
 Family modules subclass these to set `name`, `family` and the family's shape rules.
 Text encoder outputs are named the same everywhere: `text_embeddings` (per-token hidden
@@ -200,36 +200,21 @@ def vae_scale_factor(configs: Mapping[str, Mapping], default: int = 8) -> int:
     return 2 ** (len(blocks) - 1) if blocks else default
 
 
-# --------------------------------------------------------------------------- VAE decoder
-
-
-class VaeDecoderWrapper(ExportWrapper):
-    """latent (denoiser space) -> images: decode(latent / scaling_factor + shift_factor)."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-        self.scaling_factor = float(vae.config.scaling_factor)
-        self.shift_factor = float(vae.config.get("shift_factor") or 0.0)
-
-    def run(self, latent):
-        z = latent.to(self.vae.dtype) / self.scaling_factor
-        if self.shift_factor:
-            z = z + self.shift_factor
-        return (self.vae.decode(z, return_dict=False)[0],)
+# --------------------------------------------------------------------------- AutoencoderKL
 
 
 @dataclass(frozen=True)
-class VaeDecoder(ComponentDescriptor):
-    """AutoencoderKL decoder taking denoiser-space latents (the graph applies scaling/shift)."""
+class AutoencoderKLComponent(ComponentDescriptor):
+    """What the VAE's two halves share: its config's dims, its precision rule and its tolerance.
+
+    Both halves come from the pipeline's one `vae` module, so the same `force_upcast` holds for both.
+    """
 
     latent_channels: int = 4
     scaling_factor: float = 0.13025
     shift_factor: float = 0.0
     force_upcast: bool = True
 
-    name = "vae_decoder"
-    role = "vae_decoder"
     pipeline_attr = "vae"
 
     # The decoder's output becomes an 8-bit image, where one level is 2/255 = 7.8e-3 of [-1, 1].
@@ -237,6 +222,9 @@ class VaeDecoder(ComponentDescriptor):
     # torch by up to 4.4e-4 in fp32 under ONNX Runtime (mean 5e-5, measured: benchmarks/README.md):
     # summation order, not a defect. An absolute tolerance of an eighth of one level (9.8e-4) can move
     # a pixel by at most one level where it sits on a rounding edge; a wrong weight or op is far above.
+    # The encoder is the same convolution stack run the other way, so its summation noise is of the
+    # same size; its moments are multiplied by scaling_factor (< 0.4) before the denoiser sees them,
+    # so the same bound is tighter still in latent space.
     IMAGE_ATOL = (2 / 255) / 8
 
     @classmethod
@@ -265,6 +253,33 @@ class VaeDecoder(ComponentDescriptor):
         tolerance["atol"] = max(tolerance["atol"], self.IMAGE_ATOL)
         return tolerance
 
+
+# --------------------------------------------------------------------------- VAE decoder
+
+
+class VaeDecoderWrapper(ExportWrapper):
+    """latent (denoiser space) -> images: decode(latent / scaling_factor + shift_factor)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(vae.config.get("shift_factor") or 0.0)
+
+    def run(self, latent):
+        z = latent.to(self.vae.dtype) / self.scaling_factor
+        if self.shift_factor:
+            z = z + self.shift_factor
+        return (self.vae.decode(z, return_dict=False)[0],)
+
+
+@dataclass(frozen=True)
+class VaeDecoder(AutoencoderKLComponent):
+    """AutoencoderKL decoder taking denoiser-space latents (the graph applies scaling/shift)."""
+
+    name = "vae_decoder"
+    role = "vae_decoder"
+
     def inputs(self, dtype: Precision | str = "fp32", gag: bool = True) -> list[TensorSpec]:
         return [TensorSpec("latent", self.float_dtype(dtype), ("batch", self.latent_channels, "latent_height", "latent_width"))]
 
@@ -278,3 +293,52 @@ class VaeDecoder(ComponentDescriptor):
     def export_module(self, pipe) -> ExportWrapper:
         self.check_pipeline(pipe)
         return VaeDecoderWrapper.wrap(self.input_names(), self.output_names(), pipeline_component(pipe, self.module_attr))
+
+
+# --------------------------------------------------------------------------- VAE encoder
+
+
+class VaeEncoderWrapper(ExportWrapper):
+    """image in [-1, 1] -> moments: `AutoencoderKL._encode` without its tiling branch.
+
+    The graph stops before `DiagonalGaussianDistribution`: the host splits mean/logvar, clamps and
+    samples (with its own generator), exactly as diffusers does, so no randomness is in the graph.
+    Tiling and slicing are host-side memory savers of the eager model (off by default), not part
+    of the function.
+    """
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def run(self, image):
+        moments = self.vae.encoder(image.to(self.vae.dtype))
+        if self.vae.quant_conv is not None:  # FLUX's VAE has none (use_quant_conv False)
+            moments = self.vae.quant_conv(moments)
+        return (moments,)
+
+
+@dataclass(frozen=True)
+class VaeEncoder(AutoencoderKLComponent):
+    """AutoencoderKL encoder for img2img: image [b,3,h,w] -> moments [b, 2 * latent_channels, h/8, w/8].
+
+    Exported only when asked (`img2img`): txt2img never runs it.
+    """
+
+    name = "vae_encoder"
+    role = "vae_encoder"
+
+    def inputs(self, dtype: Precision | str = "fp32", gag: bool = True) -> list[TensorSpec]:
+        return [TensorSpec("image", self.float_dtype(dtype), ("batch", 3, "image_height", "image_width"))]
+
+    def outputs(self, dtype: Precision | str = "fp32", gag: bool = True) -> list[TensorSpec]:
+        moments = 2 * self.latent_channels  # mean and logvar, concatenated on the channel axis
+        return [TensorSpec("moments", self.float_dtype(dtype), ("batch", moments, "latent_height", "latent_width"))]
+
+    def _sample(self, spec, shape, dims, gen):
+        # Pixels as diffusers' image processor gives them: [-1, 1].
+        return torch.rand(shape, generator=gen) * 2 - 1
+
+    def export_module(self, pipe) -> ExportWrapper:
+        self.check_pipeline(pipe)
+        return VaeEncoderWrapper.wrap(self.input_names(), self.output_names(), pipeline_component(pipe, self.module_attr))

@@ -12,6 +12,8 @@ Graph I/O, for the runtime to wire up (FluxPipeline's `encode_prompt` and denois
                     gag_scale, gag_eta, gag_zeta (0-d float32, when GAG is applied)
                     -> latent [b, image_tokens, 64] (velocity, still packed)
     vae_decoder     latent [b,16,h/8,w/8] (unpacked, denoiser space) -> images [b,3,h,w] in about [-1, 1]
+    vae_encoder     image [b,3,h,w] in [-1, 1] -> moments [b,32,h/8,w/8] (mean, logvar; img2img only,
+                    exported when asked; no quant_conv in FLUX's VAE)
 
 image_tokens = (h/16) * (w/16); images must be multiples of 16 (VAE factor 8 times the 2x2 packing).
 The VAE decoder graph applies `latent / scaling_factor + shift_factor` (0.3611, 0.1159) itself.
@@ -40,7 +42,14 @@ from .base import (
     model_has_gag,
     pipeline_component,
 )
-from .components import ClipTextEncoder, T5TextEncoder, VaeDecoder, vae_scale_factor
+from .components import (
+    AutoencoderKLComponent,
+    ClipTextEncoder,
+    T5TextEncoder,
+    VaeDecoder,
+    VaeEncoder,
+    vae_scale_factor,
+)
 
 # FLUX.1-schnell's max_sequence_length; dev uses 512.
 SCHNELL_TEXT_LEN = 256
@@ -214,24 +223,41 @@ def latent_image_ids(rows: int, cols: int) -> torch.Tensor:
     return ids.reshape(rows * cols, 3)
 
 
-# --------------------------------------------------------------------------- VAE decoder
+# --------------------------------------------------------------------------- VAE
 
 
 @dataclass(frozen=True)
-class FluxVaeDecoder(FluxFamily, VaeDecoder):
+class FluxVae(FluxFamily, AutoencoderKLComponent):
+    """FLUX's AutoencoderKL dims, shared by its decoder and encoder (used where no config is given)."""
+
     pixel_multiple: int = 16
     latent_channels: int = 16
     scaling_factor: float = 0.3611
     shift_factor: float = 0.1159
 
 
+@dataclass(frozen=True)
+class FluxVaeDecoder(FluxVae, VaeDecoder):
+    pass
+
+
+@dataclass(frozen=True)
+class FluxVaeEncoder(FluxVae, VaeEncoder):
+    pass
+
+
 FLUX_DESCRIPTORS = (FluxTextEncoder, FluxT5Encoder, FluxTransformer, FluxVaeDecoder)
+FLUX_IMG2IMG_DESCRIPTORS = (FluxVaeEncoder,)  # exported only when asked
 
 
-def flux_descriptors(configs: Mapping[str, Mapping] | None = None, text_len: int = SCHNELL_TEXT_LEN) -> list[ComponentDescriptor]:
-    """The FLUX family's descriptors in export order; full-size dims where a config is missing."""
+def flux_descriptors(configs: Mapping[str, Mapping] | None = None, text_len: int = SCHNELL_TEXT_LEN,
+                     img2img: bool = False) -> list[ComponentDescriptor]:
+    """The FLUX family's descriptors in export order; full-size dims where a config is missing.
+
+    `img2img`: also the VAE encoder, after the others.
+    """
     configs = configs or {}
     return [
         cls.from_configs(configs, **({"text_len": text_len} if "text_len" in cls.CHOICE_FIELDS else {}))
-        for cls in FLUX_DESCRIPTORS
+        for cls in FLUX_DESCRIPTORS + (FLUX_IMG2IMG_DESCRIPTORS if img2img else ())
     ]

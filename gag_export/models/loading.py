@@ -59,7 +59,7 @@ FAMILY_MODELS = {
 }
 DENOISER = {"sdxl": "unet", "flux": "transformer"}
 PIPELINE_FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
-_ALIASES = {"vae_decoder": "vae"}
+_ALIASES = {"vae_decoder": "vae", "vae_encoder": "vae"}
 
 
 # --------------------------------------------------------------------------- configs
@@ -214,7 +214,7 @@ def load_pipeline(
     weights: "pretrained" (default; HF cache or local folder), "random" (full-size architecture,
         random weights) or "tiny" (the family's tiny model; the default for tiny-* entries).
     components: models to load or build (default: all); the others are None. Names as in the
-        pipeline ("unet", "vae", ...), "vae_decoder" and "denoiser" accepted.
+        pipeline ("unet", "vae", ...), "vae_decoder", "vae_encoder" and "denoiser" accepted.
     cache_dir: a Hugging Face cache folder (default: the hub's, HF_HUB_CACHE).
     denoiser_path: a local single-file UNet/transformer (safetensors or .bin, diffusers layout)
         replacing the entry's denoiser.

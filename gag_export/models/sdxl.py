@@ -13,11 +13,13 @@ Graph I/O, for the runtime to wire up (SDXL pipeline's `encode_prompt` and denoi
                     gag_scale, gag_eta, gag_zeta (0-d float32, when GAG is applied)
                     -> latent [b,4,h/8,w/8] (the UNet's prediction, epsilon for these models)
     vae_decoder     latent [b,4,h/8,w/8] (denoiser space) -> images [b,3,h,w] in about [-1, 1]
+    vae_encoder     image [b,3,h,w] in [-1, 1] -> moments [b,8,h/8,w/8] (mean, logvar; img2img only,
+                    exported when asked: the host samples latents from them as diffusers does)
 
 The VAE decoder graph divides by `scaling_factor` itself (SDXL 0.13025), so the runtime feeds it
 the scheduler's final latents unchanged and only maps images to [0, 1] (`x / 2 + 0.5`, clamp).
 SDXL's VAE overflows in fp16 (its config says `force_upcast`): asked for fp16 it is exported in
-fp32 (`export_dtype`), and the runtime casts latents to float32 before it.
+fp32 (`export_dtype`), and the runtime casts latents to float32 before it; the encoder likewise.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .base import (
     model_has_gag,
     pipeline_component,
 )
-from .components import ClipTextEncoder, VaeDecoder, vae_scale_factor
+from .components import ClipTextEncoder, VaeDecoder, VaeEncoder, vae_scale_factor
 
 SDXL_TIME_IDS = 6  # original (h, w), crop (top, left), target (h, w)
 
@@ -172,10 +174,19 @@ class SDXLVaeDecoder(SDXLFamily, VaeDecoder):
     pixel_multiple: int = 32
 
 
+@dataclass(frozen=True)
+class SDXLVaeEncoder(SDXLFamily, VaeEncoder):
+    pixel_multiple: int = 32
+
+
 SDXL_DESCRIPTORS = (SDXLTextEncoder, SDXLTextEncoder2, SDXLUNet, SDXLVaeDecoder)
+SDXL_IMG2IMG_DESCRIPTORS = (SDXLVaeEncoder,)  # exported only when asked
 
 
-def sdxl_descriptors(configs: Mapping[str, Mapping] | None = None) -> list[ComponentDescriptor]:
-    """The SDXL family's descriptors in export order; full-size SDXL dims where a config is missing."""
+def sdxl_descriptors(configs: Mapping[str, Mapping] | None = None, img2img: bool = False) -> list[ComponentDescriptor]:
+    """The SDXL family's descriptors in export order; full-size SDXL dims where a config is missing.
+
+    `img2img`: also the VAE encoder, after the others.
+    """
     configs = configs or {}
-    return [cls.from_configs(configs) for cls in SDXL_DESCRIPTORS]
+    return [cls.from_configs(configs) for cls in SDXL_DESCRIPTORS + (SDXL_IMG2IMG_DESCRIPTORS if img2img else ())]

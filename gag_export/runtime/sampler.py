@@ -135,9 +135,7 @@ class Sampler:
         components = load_components(model, backend, graphs=graphs, engines=engines, options=options)
         weights = components.manifest.data.get("weights") if components.manifest is not None else None
         assets = load_assets(entry, weights, pipe=components.pipe)
-        descriptors = {d.name: d for d in descriptors_for(entry, components.pipe)} if components.pipe is not None else {
-            d.name: d for d in descriptors_for(entry)
-        }
+        descriptors = {d.name: d for d in descriptors_for(entry, components.pipe, img2img=True)}
         return cls(entry, components, assets, descriptors)
 
     def __enter__(self) -> "Sampler":

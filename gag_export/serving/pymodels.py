@@ -215,7 +215,7 @@ class SamplerService:
             components[name] = make_component(name, item["role"], inputs, outputs, wiring[name])
         component_set = ComponentSet(manifest.model, "triton", components, manifest=manifest, gag=manifest.gag)
         assets = load_saved_assets(folder / ASSETS_DIR)
-        descriptors = {d.name: d for d in descriptors_for(entry)}
+        descriptors = {d.name: d for d in descriptors_for(entry, img2img=True)}
         sampler = Sampler(entry, component_set, assets, descriptors)
         limits = RequestLimits.from_parameters(parameters) if "limit_min_steps" in parameters else RequestLimits.for_entry(entry)
         return cls(sampler.__enter__(), limits)

@@ -253,7 +253,7 @@ def _descriptor_shapes(entry, manifest: Manifest) -> dict[str, dict[str, list]]:
 
     gag = manifest.gag is not None
     shapes = {}
-    for d in descriptors_for(entry):
+    for d in descriptors_for(entry, img2img=True):  # a vae_encoder too, where one was exported
         specs = d.inputs("fp32", gag) + d.outputs("fp32", gag)
         shapes[d.name] = {spec.name: list(spec.shape) for spec in specs}
     return shapes

@@ -12,7 +12,8 @@ Stages, each recorded as a `StageRecord` (status "done", "reused", "skipped" or 
 
 - `load`: the pipeline through the registry (`models.load_pipeline`; pretrained weights from the
   local Hugging Face cache only, `WeightsNotFoundError` naming the download command otherwise).
-- `export`: every component to `<graphs>/<model>/` with GAG applied to the denoiser. Export has
+- `export`: every component to `<graphs>/<model>/` with GAG applied to the denoiser (with
+  `img2img`, the VAE encoder too). Export has
   no cache (its output depends on the weights, which nothing hashes cheaply), so every build
   exports again and atomically replaces the previous folder. The graphs are byte-identical for
   the same weights and settings, so their sha256 and with it the engine cache keys stay the same.
@@ -80,6 +81,7 @@ class BuildConfig:
     gag: the export's GAG configuration (its scale/eta/zeta become the manifest's defaults and
         the smoke image's values); None exports the unmodified denoiser.
     image: the smoke image's path; None: `<model>-<seed>.png` in the current folder.
+    img2img: also export (check, build engines for) the VAE encoder img2img needs.
     """
 
     model: str
@@ -98,6 +100,7 @@ class BuildConfig:
     require_engine: bool = False
     smoke: bool = True
     engine_backend: str = "auto"  # "auto", "tensorrt" or "tensorrt-rtx"
+    img2img: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision.parse(self.precision))
@@ -299,7 +302,7 @@ def run_build(config: BuildConfig, progress: Callable[[BuildEvent], None] | None
 
     export_config = ExportConfig(
         model=entry.name, out_dir=config.graphs_root, shape=shape, dynamic=config.dynamic,
-        precision=config.precision, gag=config.gag, weights=config.weights, seed=config.seed,
+        precision=config.precision, gag=config.gag, weights=config.weights, seed=config.seed, img2img=config.img2img,
     )
     with _Stage(result, "export", notify, f"exporting {entry.name} to {export_config.graphs_dir}") as stage:
         def on_export(event: ExportEvent) -> None:
@@ -322,7 +325,7 @@ def run_build(config: BuildConfig, progress: Callable[[BuildEvent], None] | None
     from ..runtime import SamplerAssets  # noqa: PLC0415
 
     assets = SamplerAssets.from_pipeline(pipe)
-    descriptors = {d.name: d for d in descriptors_for(entry, pipe)}
+    descriptors = {d.name: d for d in descriptors_for(entry, pipe, img2img=config.img2img)}
     pipe = None
     gc.collect()
     with _Stage(result, "check", notify, f"checking {manifest.graphs_dir}") as stage:
