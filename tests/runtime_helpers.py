@@ -19,19 +19,22 @@ ONE_THREAD = BackendOptions(threads=1)
 PROMPT = "a photo of a cat sitting on a wooden table"
 
 
-def exported_graphs(tmp_path_factory, model: str, height: int | None = None, width: int | None = None) -> Path:
+def exported_graphs(tmp_path_factory, model: str, height: int | None = None, width: int | None = None,
+                    img2img: bool = False) -> Path:
     """The graphs root holding `<root>/<model>/manifest.json` (exported once per session, GAG bisect),
-    static at the entry's size or at `height` x `width` (a root of its own per size)."""
+    static at the entry's size or at `height` x `width`, with the VAE encoder when `img2img` (a root
+    of its own per size and per img2img)."""
     from gag_export.export import DEFAULT_EXPORT_GAG, ExportConfig, export_model
     from gag_export.models import ImageShape, get_entry, load_pipeline
 
     entry = get_entry(model)
     shape = ImageShape(height or entry.height, width or entry.width)
     default = (shape.height, shape.width) == (entry.height, entry.width)
-    root = tmp_path_factory.getbasetemp() / ("runtime-graphs" if default else f"runtime-graphs-{shape.height}x{shape.width}")
+    name = "runtime-graphs" if default else f"runtime-graphs-{shape.height}x{shape.width}"
+    root = tmp_path_factory.getbasetemp() / (name + ("-img2img" if img2img else ""))
     if not (root / model / "manifest.json").is_file():
         with torch_threads(1):
-            export_model(load_pipeline(model), entry, ExportConfig(model, root, shape, gag=DEFAULT_EXPORT_GAG))
+            export_model(load_pipeline(model), entry, ExportConfig(model, root, shape, gag=DEFAULT_EXPORT_GAG, img2img=img2img))
     return root
 
 

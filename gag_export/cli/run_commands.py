@@ -60,9 +60,15 @@ def doctor_command(as_json: bool) -> None:
 @click.option("--ort-provider", "ort_providers", multiple=True, metavar="NAME",
               help="ort backend: execution provider, in order (repeatable), e.g. TensorrtExecutionProvider "
                    "[default: CUDA if available, else CPU].")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Image-to-image: the input image (any format Pillow reads); generated at its size unless the "
+                   "graphs are static. Needs the VAE encoder (`export --img2img`).")
+@click.option("--strength", type=float, default=None,
+              help="Image-to-image: how much of the schedule runs on the image, in (0, 1] "
+                   "[default: diffusers', 0.3 for SDXL models, 0.6 for FLUX].")
 def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_scale, gag_eta, gag_zeta, no_gag, height,
                      width, graphs_root, engines_root, out_path, no_build, compile_torch, cuda_graph, threads,
-                     ort_providers) -> None:
+                     ort_providers, image_path, strength) -> None:
     """Generate an image from exported graphs or engines (exported or built first when missing).
 
     \b
@@ -70,6 +76,7 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
       gag-export generate --model tiny-sdxl --prompt "a red fox" --backend ort
       gag-export generate --model dmd2 --prompt "a red fox" --backend tensorrt --gag-scale 5
       gag-export generate --model dmd2 --prompt "a red fox" --backend tensorrt-rtx    # RTX PCs
+      gag-export generate --model sdxl-turbo --prompt "a watercolor fox" --image fox.png --strength 0.5 --steps 2
     """
     from dataclasses import replace
 
@@ -92,12 +99,12 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
         raise click.UsageError("--no-gag cannot be combined with --gag-scale/--gag-eta/--gag-zeta")
     GAGParams(**given)  # bad values fail here, before anything is built
     request = GenerationConfig(prompt, seed=seed, steps=steps, height=height, width=width, gag=None,
-                               negative_prompt=negative_prompt)
+                               negative_prompt=negative_prompt, image=image_path, strength=strength)
     check_request(model_entry(model, graphs_root), request)  # bad steps/size fail before anything is built
     if not no_build:
         with console.status(f"checking artifacts for {model} ({backend})") as status:
             ensure_artifacts(model, backend, graphs=graphs_root, engines=engines_root, height=height, width=width,
-                             on_stage=status.update,
+                             on_stage=status.update, img2img=image_path is not None,
                              on_export=lambda e: status.update(f"exporting {model}: {e.component} {e.stage} "
                                                                f"({e.index + 1}/{e.total})"))
     with console.status(f"loading {model} on {backend}"):

@@ -62,7 +62,8 @@ EXIT_CODES = {
     CheckFailedError.exit_code: "a check failed (ONNX checker, TensorRT lint, parity), or a benchmarked variant did",
     ArtifactError.exit_code: "missing, corrupt or mismatched artifact (ONNX, manifest, engine)",
     WeightsNotFoundError.exit_code: "model weights not available locally and no network",
-    ResourceExhaustedError.exit_code: "out of disk space or memory while writing an artifact",
+    ResourceExhaustedError.exit_code: ("out of disk space or memory while writing an artifact, or a stage (loading random "
+                                       "weights, parity, an engine build) that cannot fit in this machine's memory"),
     INTERRUPTED_EXIT_CODE: "interrupted (Ctrl-C); nothing half-written is left",
     TERMINATED_EXIT_CODE: "terminated by SIGTERM (129: SIGHUP); nothing half-written is left",
 }

@@ -106,7 +106,14 @@ class Conditioning:
     def initial_latents(self, shape: ImageShape, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
         """Seeded initial latents (before `init_noise_sigma`) and any denoiser inputs that follow from their layout."""
 
-    def set_timesteps(self, scheduler, steps: int, fixed: tuple[int, ...] | None, latents: torch.Tensor) -> torch.Tensor:
+    # img2img: how `strength` cuts the schedule (see `img2img.cut_schedule`)
+    fractional_strength = False
+
+    def noise_image_latents(self, scheduler, image_latents: torch.Tensor, first: torch.Tensor,
+                            generator: torch.Generator, shape: ImageShape) -> tuple[torch.Tensor, dict[str, Any]]:
+        """img2img: the encoded image noised to the first timestep left, laid out for the denoiser."""
+
+    def set_timesteps(self, scheduler, steps: int, fixed: tuple[int, ...] | None, shape: ImageShape) -> torch.Tensor:
         if fixed is not None:
             return _retrieve_timesteps(scheduler, None, timesteps=list(fixed))
         return _retrieve_timesteps(scheduler, steps)
@@ -161,6 +168,13 @@ class SDXLConditioning(Conditioning):
         size = (shape.batch, channels, shape.height // self.vae_scale_factor, shape.width // self.vae_scale_factor)
         return randn_tensor(size, generator=generator, dtype=torch.float32), {}
 
+    def noise_image_latents(self, scheduler, image_latents, first, generator, shape):
+        from diffusers.utils.torch_utils import randn_tensor  # noqa: PLC0415
+
+        # StableDiffusionXLImg2ImgPipeline.prepare_latents: add_noise at the first timestep
+        noise = randn_tensor(image_latents.shape, generator=generator, dtype=torch.float32)
+        return scheduler.add_noise(image_latents, noise, first.repeat(shape.batch)), {}
+
     def _run(self, sample: torch.Tensor, t: torch.Tensor, cond: Mapping[str, np.ndarray], gag) -> torch.Tensor:
         batch = sample.shape[0]
         feed = {"sample": sample, "timestep": _fit(self.denoiser, "timestep", t, batch), **cond, **gag}
@@ -210,15 +224,29 @@ class FluxConditioning(Conditioning):
         img_ids = FluxPipeline._prepare_latent_image_ids(shape.batch, height // 2, width // 2, "cpu", torch.float32)
         return FluxPipeline._pack_latents(latents, shape.batch, channels, height, width), {"img_ids": img_ids}
 
-    def set_timesteps(self, scheduler, steps, fixed, latents):
+    fractional_strength = True  # FluxImg2ImgPipeline.get_timesteps keeps steps x strength fractional
+
+    def noise_image_latents(self, scheduler, image_latents, first, generator, shape):
+        from diffusers import FluxPipeline  # noqa: PLC0415
+        from diffusers.utils.torch_utils import randn_tensor  # noqa: PLC0415
+
+        # FluxImg2ImgPipeline.prepare_latents: scale_noise (flow matching) at the first timestep, then pack
+        batch, channels, height, width = image_latents.shape
+        noise = randn_tensor(image_latents.shape, generator=generator, dtype=torch.float32)
+        latents = scheduler.scale_noise(image_latents, first.repeat(shape.batch), noise)
+        img_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu", torch.float32)
+        return FluxPipeline._pack_latents(latents, batch, channels, height, width), {"img_ids": img_ids}
+
+    def set_timesteps(self, scheduler, steps, fixed, shape):
         if fixed is not None:
-            return super().set_timesteps(scheduler, steps, fixed, latents)
+            return super().set_timesteps(scheduler, steps, fixed, shape)
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: PLC0415
 
         config = scheduler.config
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
-        mu = calculate_shift(
-            latents.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+        height, width = self._latent_hw(shape)
+        mu = calculate_shift(  # the packed sequence length: one token per 2x2 latent patch
+            (height // 2) * (width // 2), config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5), config.get("max_shift", 1.15),
         )
         return _retrieve_timesteps(scheduler, steps, sigmas=sigmas, mu=mu)

@@ -51,8 +51,23 @@ class GenerationConfig:
     width: int | None = None
     gag: GAGParams | None = GAGParams()
     negative_prompt: str = ""
+    # img2img: a path, PIL image or [H, W, 3] uint8 array (read here, so a bad file fails before any
+    # model loads), and how much of the schedule to run on it, in (0, 1] (None: diffusers' default)
+    image: Any = field(default=None, compare=False)
+    strength: float | None = None
+    image_source: str = field(default="", compare=False)  # the path it was read from (PNG metadata)
 
     def __post_init__(self) -> None:
+        from .img2img import check_strength, load_image  # noqa: PLC0415
+
+        if self.image is not None:
+            if isinstance(self.image, (str, Path)) and not self.image_source:
+                object.__setattr__(self, "image_source", str(self.image))
+            object.__setattr__(self, "image", load_image(self.image))
+            if self.strength is not None:
+                object.__setattr__(self, "strength", check_strength(self.strength))
+        elif self.strength is not None:
+            raise InvalidInputError("strength: given without an image (it sets how much of an input image is kept)")
         check_prompt(self.prompt)
         check_prompt(self.negative_prompt, "negative prompt")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
@@ -69,17 +84,19 @@ class StageTimings:
     text_encode: float
     denoise: tuple[float, ...]
     vae_decode: float
+    vae_encode: float = 0.0  # img2img only
 
     @property
     def total(self) -> float:
-        return self.text_encode + sum(self.denoise) + self.vae_decode
+        return self.text_encode + self.vae_encode + sum(self.denoise) + self.vae_decode
 
     def rows(self, timesteps: tuple[float, ...] = ()) -> list[tuple[str, float]]:
         """(stage, seconds) in order: text encode, each denoise step (with its timestep), VAE decode, total."""
         labels = [f"denoise step {i + 1}" + (f" (t={_number(timesteps[i])})" if i < len(timesteps) else "")
                   for i in range(len(self.denoise))]
         steps = list(zip(labels, self.denoise))
-        return [("text encode", self.text_encode), *steps, ("vae decode", self.vae_decode), ("total", self.total)]
+        encode = [("vae encode", self.vae_encode)] if self.vae_encode else []
+        return [("text encode", self.text_encode), *encode, *steps, ("vae decode", self.vae_decode), ("total", self.total)]
 
 
 @dataclass(frozen=True)
@@ -107,7 +124,7 @@ def _number(value: float) -> int | float:
 
 
 def build_metadata(model: str, backend: str, config: GenerationConfig, steps: int, height: int, width: int,
-                   timesteps: tuple[float, ...], scheduler: str) -> dict[str, str]:
+                   timesteps: tuple[float, ...], scheduler: str, strength: float | None = None) -> dict[str, str]:
     """The PNG text chunks of one generation (all values are strings; lists and dicts as JSON)."""
     gag = config.gag
     data = {
@@ -125,6 +142,8 @@ def build_metadata(model: str, backend: str, config: GenerationConfig, steps: in
         "gag_scale": "" if gag is None else repr(float(gag.scale)),
         "gag_eta": "" if gag is None else repr(float(gag.eta)),
         "gag_zeta": "" if gag is None else repr(float(gag.zeta)),
+        **({"init_image": config.image_source or "(in memory)", "strength": repr(strength)}
+           if config.image is not None else {}),
         "gag_export_version": __version__,
         "Software": f"gag-export {__version__}",
     }

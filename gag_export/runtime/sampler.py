@@ -39,6 +39,7 @@ import torch
 from ..core.errors import ArtifactError, InvalidInputError
 from ..core.shapes import ImageShape
 from .components import BackendOptions, ComponentSet, parse_backend
+from . import img2img
 from .conditioning import FAMILY_CONDITIONING, step_kwargs
 from .generation import (
     IDENTITY_GAG,
@@ -150,6 +151,8 @@ class Sampler:
         manifest = self.components.manifest
         static = manifest is not None and not manifest.data.get("dynamic") and self.components.backend != "torch"
         default = manifest.shape() if static else ImageShape(self.entry.height, self.entry.width)
+        if config.image is not None and not static:  # img2img: the image's own size, as diffusers' SDXL img2img
+            default = img2img.image_shape(config.image, self.pixel_multiple)
         shape = ImageShape(default.height if config.height is None else config.height,  # 0: an error, not the default
                            default.width if config.width is None else config.width)
         shape.require_multiple(self.pixel_multiple, f"{self.entry.family} ({self.entry.name})")
@@ -208,10 +211,19 @@ class Sampler:
         text_seconds = time.perf_counter() - start
 
         scheduler = spec.build(self.assets.scheduler_config)
-        latents, layout_inputs = self.family.initial_latents(shape, generator)
+        timesteps = self.family.set_timesteps(scheduler, steps, fixed, shape)
+        strength, encode_seconds = None, 0.0
+        if config.image is None:
+            latents, layout_inputs = self.family.initial_latents(shape, generator)
+            latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+        else:
+            strength = config.strength if config.strength is not None else img2img.DEFAULT_STRENGTH[self.entry.family]
+            timesteps = img2img.cut_schedule(scheduler, timesteps, strength, self.family.fractional_strength)
+            begin = time.perf_counter()
+            image_latents = self._encode_image(config.image, shape, generator)
+            encode_seconds = time.perf_counter() - begin
+            latents, layout_inputs = self.family.noise_image_latents(scheduler, image_latents, timesteps[:1], generator, shape)
         cond = {**cond, **layout_inputs}
-        timesteps = self.family.set_timesteps(scheduler, steps, fixed, latents)
-        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
         step_options = step_kwargs(scheduler, generator, spec.call_kwargs)
         scale_input = getattr(scheduler, "scale_model_input", None)
         step_seconds = []
@@ -235,14 +247,25 @@ class Sampler:
 
         recorded = tuple(float(t) for t in timesteps)
         metadata = build_metadata(self.entry.name, self.components.backend, config, steps, shape.height, shape.width,
-                                  recorded, type(scheduler).__name__)
+                                  recorded, type(scheduler).__name__, strength)
         log.debug("%s on %s: timesteps %s", self.entry.name, self.components.backend, recorded)
         return GenerationResult(
             image=image, config=config, model=self.entry.name, backend=self.components.backend, steps=steps,
             height=shape.height, width=shape.width, timesteps=recorded,
-            timings=StageTimings(text_seconds, tuple(step_seconds), vae_seconds), metadata=metadata,
+            timings=StageTimings(text_seconds, tuple(step_seconds), vae_seconds, encode_seconds), metadata=metadata,
             latents=vae_latents.numpy().copy(),
         )
+
+    def _encode_image(self, image, shape: ImageShape, generator: torch.Generator) -> torch.Tensor:
+        """The input image in denoiser space, through the export's vae_encoder (`--img2img` exports it)."""
+        encoder = self.components.by_role("vae_encoder")
+        if not encoder:
+            where = self.components.manifest.graphs_dir if self.components.manifest is not None else self.entry.name
+            raise ArtifactError(f"image-to-image needs the VAE encoder, and {where} has none: export it with "
+                                f"`gag-export export --model {self.entry.name} --img2img`")
+        decoder = self.descriptors["vae_decoder"]  # the VAE's scaling/shift, as the decoder graph undoes them
+        moments = encoder[0].infer({"image": img2img.pixels(image, shape, self.vae_scale_factor)})["moments"]
+        return img2img.sample_latents(moments, generator, decoder.scaling_factor, decoder.shift_factor)
 
 
 def _to_pil(images: np.ndarray):

@@ -93,7 +93,7 @@ def load_torch_components(model: str, graphs_root: Path, options: BackendOptions
         apply_gag(pipe.unet if entry.family == "sdxl" else pipe.transformer, gag)
     device = options.torch_device()
     components = {}
-    for descriptor in descriptors_for(entry, pipe):
+    for descriptor in descriptors_for(entry, pipe, img2img=True):  # the encoder is the pipeline's VAE: always at hand
         has_gag = gag is not None and descriptor.role == "denoiser"
         components[descriptor.name] = TorchComponent(
             descriptor.name, descriptor.role, descriptor.inputs("fp32", has_gag), descriptor.outputs("fp32", has_gag),

@@ -54,9 +54,10 @@ def engine_target(backend: str) -> RuntimeTarget:
 
 
 def ensure_graphs(model: str, graphs: Path, *, height: int | None = None, width: int | None = None,
-                  on_export: Callable | None = None) -> bool:
+                  on_export: Callable | None = None, img2img: bool = False) -> bool:
     """Export `model` into `graphs` (at `height`x`width`, default the model's size) with the default
-    GAG when it has no manifest there; True when it exported."""
+    GAG when it has no manifest there, with the VAE encoder too when `img2img`; True when it exported.
+    An existing export without the encoder is left as it is (the sampler says how to add it)."""
     graphs = Path(graphs)
     if (graphs / model / "manifest.json").is_file():
         return False
@@ -67,7 +68,7 @@ def ensure_graphs(model: str, graphs: Path, *, height: int | None = None, width:
 
     entry = get_entry(model)
     shape = ImageShape(height or entry.height, width or entry.width)
-    export_model(load_pipeline(model), entry, ExportConfig(model, graphs, shape, gag=DEFAULT_EXPORT_GAG),
+    export_model(load_pipeline(model), entry, ExportConfig(model, graphs, shape, gag=DEFAULT_EXPORT_GAG, img2img=img2img),
                  progress=on_export, release=True)
     return True
 
@@ -99,6 +100,7 @@ def ensure_artifacts(
     width: int | None = None,
     on_export: Callable | None = None,
     on_stage: Callable[[str], None] | None = None,
+    img2img: bool = False,
 ) -> list[PrepareStep]:
     """Export `model` into `graphs` if it has no manifest there, and for the engine backends build
     the missing engines into `engines`; return what ran.
@@ -114,7 +116,7 @@ def ensure_artifacts(
     steps = []
     if not (graphs / model / "manifest.json").is_file():
         notify(f"exporting {model} to {graphs / model}")
-    if ensure_graphs(model, graphs, height=height, width=width, on_export=on_export):
+    if ensure_graphs(model, graphs, height=height, width=width, on_export=on_export, img2img=img2img):
         steps.append(PrepareStep("export", graphs / model))
     if target is not None:
         manifest = load_manifest_for(model, graphs)
