@@ -167,7 +167,7 @@ class FakeTriton:
                                                            f"the config says {expected}"))
             checked.append(Tensor(t.name(), self._check(config, spec, t.as_numpy(), f"{model_name}.{t.name()}")))
             seen.add(t.name())
-        missing = set(declared) - seen
+        missing = {name for name, spec in declared.items() if not spec.optional} - seen  # `optional: true` may be left out
         if missing:
             return InferenceResponse(error=TritonError(f"{model_name}: missing inputs {sorted(missing)}"))
         response = self.models[model_name].execute([Request(checked)])[0]

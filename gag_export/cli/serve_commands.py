@@ -138,20 +138,28 @@ def serve_command(repository, host, http_port, grpc_port, metrics_port, binary, 
 @click.option("--gag-scale", type=float, default=None, help="GAG scale [default: the served export's].")
 @click.option("--gag-eta", type=float, default=None, help="GAG norm cap eta [default: the served export's].")
 @click.option("--gag-zeta", type=float, default=None, help="GAG orthogonal weight zeta [default: the served export's].")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Image-to-image: the input image (sent as uint8 HxWx3; the served export needs --img2img).")
+@click.option("--strength", type=float, default=None,
+              help="With --image: how much of the schedule runs on it, in (0, 1] [default: the server's, diffusers'].")
 @click.option("--model", "model_name", default="pipeline", show_default=True, help="The served model to call.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="Seconds to wait for the image.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output PNG [default: triton-<seed>.png].")
-def client_command(url, protocol, prompt, seed, steps, gag_scale, gag_eta, gag_zeta, model_name, timeout, out_path) -> None:
+def client_command(url, protocol, prompt, seed, steps, gag_scale, gag_eta, gag_zeta, image_path, strength, model_name,
+                   timeout, out_path) -> None:
     """Request an image from a served pipeline, e.g.
-    `gag-export client --url http://127.0.0.1:8000 --prompt "a red fox" --out fox.png`."""
+    `gag-export client --url http://127.0.0.1:8000 --prompt "a red fox" --out fox.png`, or from an image
+    (an export with --img2img): `... --image fox.png --strength 0.5`."""
     from PIL import Image
 
     from ..images import require_png_path, save_png
-    from ..serving.client import PipelineClient, PipelineRequest
+    from ..serving.client import PipelineClient, PipelineRequest, read_image
 
     out_path = require_png_path(out_path or Path(f"triton-{seed}.png"))
-    request = PipelineRequest(prompt, seed=seed, steps=steps, gag_scale=gag_scale, gag_eta=gag_eta, gag_zeta=gag_zeta)
+    init = read_image(image_path) if image_path is not None else None
+    request = PipelineRequest(prompt, seed=seed, steps=steps, gag_scale=gag_scale, gag_eta=gag_eta, gag_zeta=gag_zeta,
+                              image=init, strength=strength)
     with PipelineClient(url, protocol=protocol, model=model_name, timeout=timeout) as client, \
             console.status(f"requesting {model_name} at {url}"):
         request = client.resolve(request)
@@ -161,6 +169,8 @@ def client_command(url, protocol, prompt, seed, steps, gag_scale, gag_eta, gag_z
                 "backend": f"triton {client.protocol}://{client.address}", **{
                     k: "" if v is None else repr(float(v)) for k, v in
                     (("gag_scale", request.gag_scale), ("gag_eta", request.gag_eta), ("gag_zeta", request.gag_zeta))},
+                **({"init_image": str(image_path), "strength": "" if strength is None else repr(float(strength))}
+                   if image_path is not None else {}),
                 "Software": f"gag-export {__version__}"}
     path = save_png(Image.fromarray(image), out_path, metadata)
     click.echo(f"wrote {path} ({image.shape[1]}x{image.shape[0]})")

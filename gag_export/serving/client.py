@@ -4,6 +4,9 @@
         image = client.generate(PipelineRequest("a red fox", seed=1))     # uint8 HxWx3
         client.defaults                                                    # from the pipeline's config
 
+Image-to-image (an export with the VAE encoder): `PipelineRequest(..., image=array, strength=0.5)`,
+the image as uint8 [height, width, 3], the pipeline output's own layout (`read_image(path)` reads a file).
+
 `url`: `http://host:port`, `grpc://host:port`, or `host:port` with `protocol`. Values a request
 leaves out (steps, GAG parameters) come from the `pipeline` model's config parameters, which
 `gag-export triton` writes from the export (default steps, the export's GAG values). A refused
@@ -14,14 +17,14 @@ that name: the error names the pipeline models it serves); any other server fail
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from ..core.errors import GagExportError, InvalidInputError, MissingDependencyError
 from ..core.shapes import check_prompt
-from .protocol import GAG_INPUTS, PIPELINE
+from .protocol import GAG_INPUTS, IMAGE_INPUT, PIPELINE, STRENGTH_INPUT
 
 PROTOCOLS = ("http", "grpc")
 # A parameter every config that `gag-export triton` writes for requests carries (repository.client_defaults).
@@ -39,9 +42,38 @@ class PipelineRequest:
     gag_scale: float | None = None
     gag_eta: float | None = None
     gag_zeta: float | None = None
+    # img2img (an export with the VAE encoder): uint8 [height, width, 3] RGB, and strength in (0, 1]
+    # (None: the server's default, diffusers' for the family)
+    image: Any = field(default=None, compare=False)
+    strength: float | None = None
 
     def __post_init__(self) -> None:
         check_prompt(self.prompt)  # the server's rule, before anything is sent
+        if self.image is not None:
+            image = np.asarray(self.image)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise InvalidInputError(f"image: must be uint8 [height, width, 3] (RGB), got {image.dtype} {list(image.shape)}")
+            object.__setattr__(self, "image", np.ascontiguousarray(image))
+        if self.strength is not None:
+            if self.image is None:
+                raise InvalidInputError("strength: given without an image (it sets how much of an input image is kept)")
+            if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) \
+                    or not 0 < float(self.strength) <= 1:
+                raise InvalidInputError(f"strength: must be in (0, 1], got {self.strength!r}")
+
+
+def read_image(path) -> np.ndarray:
+    """An image file as the pipeline's `init_image` input (uint8 [height, width, 3] RGB); InvalidInputError
+    when it cannot be read. PIL only: the client loads no torch."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    try:
+        with Image.open(path) as opened:
+            return np.ascontiguousarray(np.asarray(opened.convert("RGB"), dtype=np.uint8))
+    except FileNotFoundError:
+        raise InvalidInputError(f"--image: {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InvalidInputError(f"--image: {path} is not an image this machine can read ({exc})") from None
 
 
 def parse_url(url: str, protocol: str | None = None) -> tuple[str, str]:
@@ -186,6 +218,11 @@ class PipelineClient:
                     raise InvalidInputError(f"{name}: the served model was exported without GAG")
             elif getattr(request, name) is None:
                 filled[name] = float(defaults[f"default_{name}"])
+        if request.image is not None and IMAGE_INPUT not in self._inputs:
+            model = defaults.get("gag_export_model") or "<model>"
+            raise InvalidInputError(f"image: the served model was exported without the VAE encoder, so it takes no input "
+                                    f"image; export with `gag-export export --model {model} --img2img` and regenerate "
+                                    "the repository (`gag-export triton`)")
         return replace(request, **filled)
 
     def _values(self, request: PipelineRequest) -> dict[str, np.ndarray]:
@@ -197,6 +234,10 @@ class PipelineClient:
         for name in GAG_INPUTS:
             if name in self._inputs:
                 values[name] = np.array([getattr(request, name)], dtype=np.float32)
+        if request.image is not None:
+            values[IMAGE_INPUT] = request.image
+            if request.strength is not None:
+                values[STRENGTH_INPUT] = np.array([request.strength], dtype=np.float32)
         return values
 
     def generate(self, request: PipelineRequest) -> np.ndarray:
@@ -207,7 +248,8 @@ class PipelineClient:
         inputs = []
         for name, array in values.items():
             datatype = "BYTES" if array.dtype == np.object_ else {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32",
-                                                                 np.dtype(np.float32): "FP32"}[array.dtype]
+                                                                 np.dtype(np.float32): "FP32",
+                                                                 np.dtype(np.uint8): "UINT8"}[array.dtype]
             tensor = self._tc.InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)

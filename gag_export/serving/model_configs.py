@@ -15,7 +15,7 @@ from ..artifacts.manifest import Manifest
 from ..core.errors import ArtifactError, InvalidInputError
 from ..core.names import GAG_INPUTS
 from .pbtxt import Token
-from .protocol import IMAGE_OUTPUT, PIPELINE, REQUEST_INPUTS, SAMPLER
+from .protocol import IMAGE_OUTPUT, IMG2IMG_INPUTS, PIPELINE, REQUEST_INPUTS, SAMPLER
 from .requests import RequestLimits
 
 TRITON_BACKENDS = ("plan", "onnx", "tensorrt-rtx")
@@ -193,9 +193,31 @@ def component_config(name: str, entry: Mapping, kind: str, options: RepositoryOp
     return config
 
 
-def request_inputs(gag: bool) -> list[dict]:
+def request_inputs(gag: bool, img2img: bool = False) -> list[dict]:
     names = [n for n in REQUEST_INPUTS if gag or n not in GAG_INPUTS]
-    return [{"name": n, "data_type": Token(REQUEST_INPUTS[n]), "dims": [1]} for n in names]
+    inputs = [{"name": n, "data_type": Token(REQUEST_INPUTS[n]), "dims": [1]} for n in names]
+    if img2img:  # optional: a request without them is text-to-image
+        inputs += [{"name": n, "data_type": Token(kind), "dims": list(dims), "optional": True}
+                   for n, (kind, dims) in IMG2IMG_INPUTS.items()]
+    return inputs
+
+
+def has_encoder(manifest: Manifest) -> bool:
+    """Whether the export has the VAE encoder (`--img2img`), so the pipeline takes an input image."""
+    return any(item.get("role") == "vae_encoder" for item in manifest.components.values())
+
+
+def max_image_side(manifest: Manifest, default: int = 2048) -> int:
+    """The largest side of an img2img input image: `default`, or for a dynamic export the largest
+    height/width its encoder's profile covers (the image sets the size there; static graphs resize it)."""
+    if not manifest.data.get("dynamic"):
+        return default
+    for item in manifest.components.values():
+        if item.get("role") == "vae_encoder":
+            top = (item.get("profile") or {}).get("image", {}).get("max")
+            if top and len(top) == 4 and all(isinstance(d, int) for d in top[2:]):
+                return max(1, min(int(top[2]), int(top[3])))
+    return default
 
 
 def image_output(manifest: Manifest) -> dict:
@@ -224,12 +246,13 @@ def client_defaults(manifest: Manifest, entry) -> dict[str, str]:
 
 def sampler_config(manifest: Manifest, entry, options: RepositoryOptions, wiring: Mapping[str, dict]) -> dict:
     gag = manifest.gag is not None
-    limits = RequestLimits.for_entry(entry, max_prompt_chars=options.max_prompt_chars)
+    limits = RequestLimits.for_entry(entry, max_prompt_chars=options.max_prompt_chars,
+                                     max_image_side=max_image_side(manifest))
     return {
         "name": SAMPLER,
         "backend": "python",
         "max_batch_size": 0,
-        "input": request_inputs(gag),
+        "input": request_inputs(gag, has_encoder(manifest)),
         "output": [image_output(manifest)],
         "instance_group": _instance_group(options, True, options.sampler_instances),
         "parameters": _parameters({
@@ -243,7 +266,7 @@ def sampler_config(manifest: Manifest, entry, options: RepositoryOptions, wiring
 
 def pipeline_config(manifest: Manifest, entry) -> dict:
     gag = manifest.gag is not None
-    inputs = request_inputs(gag)
+    inputs = request_inputs(gag, has_encoder(manifest))
     return {
         "name": PIPELINE,
         "platform": "ensemble",

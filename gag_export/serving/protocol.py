@@ -13,5 +13,12 @@ IMAGE_OUTPUT = "image"  # uint8 HxWx3
 # The pipeline's inputs and their Triton types (each `dims: [1]`); the GAG values only for GAG exports.
 REQUEST_INPUTS = {"prompt": "TYPE_STRING", "seed": "TYPE_INT64", "steps": "TYPE_INT32",
                   **{name: "TYPE_FP32" for name in GAG_INPUTS}}
+# Image-to-image, only for exports with the VAE encoder, both optional (`optional: true`): the input
+# image as the pipeline returns its output (uint8 [height, width, 3], RGB) and the strength (fp32 [1]).
+# Not named "image": the ensemble's tensors share one namespace with its output.
+IMAGE_INPUT = "init_image"
+STRENGTH_INPUT = "strength"
+IMG2IMG_INPUTS = {IMAGE_INPUT: ("TYPE_UINT8", [-1, -1, 3]), STRENGTH_INPUT: ("TYPE_FP32", [1])}
 
-__all__ = ["GAG_INPUTS", "IMAGE_OUTPUT", "PIPELINE", "REQUEST_INPUTS", "SAMPLER"]
+__all__ = ["GAG_INPUTS", "IMAGE_INPUT", "IMAGE_OUTPUT", "IMG2IMG_INPUTS", "PIPELINE", "REQUEST_INPUTS", "SAMPLER",
+           "STRENGTH_INPUT"]

@@ -189,6 +189,7 @@ class SamplerService:
         self.sampler = sampler
         self.limits = limits
         self.gag = sampler.components.has_gag_inputs
+        self.img2img = bool(sampler.components.by_role("vae_encoder"))  # an `--img2img` export
 
     @classmethod
     def load(cls, folder: Path, parameters: Mapping[str, str], make_component: ComponentFactory) -> "SamplerService":
@@ -222,8 +223,8 @@ class SamplerService:
 
     def generate(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
         """The image for one request's input arrays (InvalidInputError for a bad request)."""
-        config = parse_request(values, self.limits, self.gag)
-        result = self.sampler.generate(config)
+        config = parse_request(values, self.limits, self.gag, self.img2img, self.sampler.entry.name)
+        result = self.sampler.generate(config)  # img2img: the same path as `generate --image`
         return np.ascontiguousarray(np.asarray(result.image.convert("RGB"), dtype=np.uint8))
 
     def close(self) -> None:

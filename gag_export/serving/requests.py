@@ -13,6 +13,8 @@ sampler model turns that into a Triton error response and goes on serving.
 | gag_scale | finite, in [-1, 100] (-1 with zeta 1 and a huge eta is the unguided model) |
 | gag_eta | in (0, inf] (inf: no norm cap, as `GAGConfig` and `generate` take it) |
 | gag_zeta | finite, in [0, 10] |
+| init_image | optional (img2img exports only): uint8 [height, width, 3], each side 1..`max_image_side` (2048; a dynamic export's encoder profile); sets the size unless the graphs are static (then resized), as `generate --image` |
+| strength | optional, with `init_image` only: in (0, 1] (left out: diffusers' default, 0.3 SDXL / 0.6 FLUX) |
 
 The limits travel in the sampler's `config.pbtxt` as parameters (`limit_*`), so a deployment can
 narrow or widen them without code.
@@ -31,6 +33,7 @@ from ..core.gag_config import MAX_ZETA, SCALE_LIMITS
 from ..core.names import GAG_INPUTS
 from ..core.shapes import check_prompt
 from ..runtime.generation import GAGParams, GenerationConfig
+from .protocol import IMAGE_INPUT, STRENGTH_INPUT
 
 SEED_MAX = 2**63 - 1
 
@@ -46,6 +49,7 @@ class RequestLimits:
     max_scale: float = SCALE_LIMITS[1]
     max_eta: float = math.inf  # GAGConfig's rule: any eta > 0, inf disabling the cap
     max_zeta: float = MAX_ZETA
+    max_image_side: int = 2048  # the largest height or width of an img2img input image
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:
@@ -58,6 +62,8 @@ class RequestLimits:
             raise InvalidInputError(f"max_eta must be > 0 (inf: no bound), got {self.max_eta}")
         if not (math.isfinite(self.max_zeta) and self.max_zeta >= 0):
             raise InvalidInputError(f"max_zeta must be finite and >= 0, got {self.max_zeta}")
+        if self.max_image_side < 1:
+            raise InvalidInputError(f"max_image_side must be >= 1, got {self.max_image_side}")
 
     @classmethod
     def for_entry(cls, entry, **overrides) -> "RequestLimits":
@@ -84,7 +90,7 @@ class RequestLimits:
     def describe(self) -> str:
         return (f"prompt <= {self.max_prompt_chars} chars, seed 0..2**63-1, steps {self.min_steps}..{self.max_steps}, "
                 f"gag_scale [{self.min_scale:g}, {self.max_scale:g}], gag_eta (0, {self.max_eta:g}], "
-                f"gag_zeta [0, {self.max_zeta:g}]")
+                f"gag_zeta [0, {self.max_zeta:g}], {IMAGE_INPUT} sides <= {self.max_image_side}, strength (0, 1]")
 
 
 def _one(values: Mapping[str, np.ndarray], name: str) -> Any:
@@ -131,10 +137,26 @@ def _prompt(values, limits: RequestLimits) -> str:
     return check_prompt(text, max_chars=limits.max_prompt_chars)
 
 
-def parse_request(values: Mapping[str, np.ndarray], limits: RequestLimits, gag: bool) -> GenerationConfig:
+def _image(values, limits: RequestLimits) -> np.ndarray:
+    """The img2img input: uint8 [height, width, 3] within `max_image_side`, checked before anything decodes it."""
+    image = np.asarray(values[IMAGE_INPUT])
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidInputError(f"{IMAGE_INPUT}: send the image as uint8 [height, width, 3] (RGB), "
+                                f"got {image.dtype} {list(image.shape)}")
+    height, width = image.shape[:2]
+    if not (1 <= height <= limits.max_image_side and 1 <= width <= limits.max_image_side):
+        raise InvalidInputError(f"{IMAGE_INPUT}: {width}x{height} is outside what this pipeline accepts (each side "
+                                f"1..{limits.max_image_side} pixels); send a smaller image")
+    return np.ascontiguousarray(image)
+
+
+def parse_request(values: Mapping[str, np.ndarray], limits: RequestLimits, gag: bool,
+                  img2img: bool = False, model: str = "") -> GenerationConfig:
     """A `GenerationConfig` from one request's input arrays, or `InvalidInputError` naming the first bad input.
 
     `gag`: whether the served denoiser takes GAG inputs (the request must then carry all three).
+    `img2img`: whether the export has the VAE encoder (`init_image`/`strength` are refused otherwise);
+    `model` names it in that refusal.
     """
     prompt = _prompt(values, limits)
     seed = _integer(values, "seed")
@@ -155,4 +177,18 @@ def parse_request(values: Mapping[str, np.ndarray], limits: RequestLimits, gag: 
         extra = [name for name in GAG_INPUTS if name in values]
         if extra:
             raise InvalidInputError(f"{', '.join(extra)}: this model was exported without GAG and takes no guidance inputs")
-    return GenerationConfig(prompt, seed=seed, steps=steps, gag=params)
+    image, strength = None, None
+    if IMAGE_INPUT in values or STRENGTH_INPUT in values:
+        if not img2img:
+            given = ", ".join(n for n in (IMAGE_INPUT, STRENGTH_INPUT) if n in values)
+            raise InvalidInputError(
+                f"{given}: image-to-image needs the VAE encoder, and this model was exported without it: export with "
+                f"`gag-export export --model {model or '<model>'} --img2img` and regenerate the repository (`gag-export triton`)")
+        if IMAGE_INPUT not in values:
+            raise InvalidInputError(f"{STRENGTH_INPUT}: given without {IMAGE_INPUT} (it sets how much of an input image is kept)")
+        image = _image(values, limits)
+        if STRENGTH_INPUT in values:
+            strength = _number(values, STRENGTH_INPUT, 0.0, 1.0, low_open=True)
+            # the decimal the client sent (0.7, not fp32's 0.699999988): steps x strength is rounded down
+            strength = float(str(np.float32(strength)))
+    return GenerationConfig(prompt, seed=seed, steps=steps, gag=params, image=image, strength=strength)
