@@ -350,3 +350,23 @@ def test_bench_ort_exports_the_denoiser_once_and_reuses_it(tmp_path):
     assert "cached export damaged" in bench.needs_export(config, bench.plan(config))[True]
     manifest.write_text("{")
     assert "cached export damaged" in bench.needs_export(config, bench.plan(config))[True]
+
+
+def test_bench_img2img_rows_time_image_to_image_on_the_encoders_graphs(tmp_path):
+    """`--img2img`: each row gains an img2img series (a fixed input image at strength 0.5: int(4 x 0.5) = 2 steps),
+    the graphs are exported with the VAE encoder, and the document still validates; torch and ort side by side."""
+    with pytest.raises(InvalidInputError, match="--img2img times whole generations"):
+        bench.plan(bench.BenchConfig("tiny-sdxl", e2e=False, img2img=True))
+    config = bench.BenchConfig("tiny-sdxl", backends=("torch", "ort"), gag="gag", warmup=0, iters=1, threads=1,
+                               isolate="none", graphs=tmp_path / "graphs", img2img=True)
+    result = bench.run_bench(config)
+    doc = json.loads(json.dumps(result.to_dict()))
+    assert bench.validate_result(doc) == result
+    manifest = json.loads((tmp_path / "graphs" / "gag" / "tiny-sdxl" / "manifest.json").read_text())
+    assert "vae_encoder" in manifest["components"]
+    for row in doc["results"]:
+        assert row["status"] == "ok", row["reason"]
+        assert row["img2img"]["stats"]["n"] == 1 and row["img2img"]["steps"] == 2 and row["img2img"]["first_call_ms"] > 0
+        assert row["e2e"]["stats"]["n"] == 1  # text-to-image still timed
+    assert {s["measure"] for s in doc["speedup"]} >= {"img2img"}
+    assert "| backend | GAG | img2img p50 ms |" in bench.render_markdown(result)

@@ -248,6 +248,9 @@ def _models_markdown(entries) -> str:
 @weights_option
 @click.option("--e2e/--no-e2e", default=True, show_default=True,
               help="Also time whole generations; --no-e2e loads and exports the denoiser alone.")
+@click.option("--img2img", is_flag=True,
+              help="Also time image-to-image generations (a fixed generated input image, strength 0.5); "
+                   "the graphs are exported with the VAE encoder.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="torch and ONNX Runtime intra-op threads (0: every CPU this process may use).")
 @click.option("--isolate", type=click.Choice(["none", "backend", "variant"]), default="backend", show_default=True,
@@ -263,8 +266,8 @@ def _models_markdown(entries) -> str:
               help="Write the Markdown tables.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG: latency per backend, GAG off/on.")
-def bench_command(model, backends, steps, height, width, batch, warmup, iters, gag_mode, weights, e2e, threads, isolate,
-                  graphs_root, engines_root, seed, reexport, json_path, markdown_path, plot_path) -> None:
+def bench_command(model, backends, steps, height, width, batch, warmup, iters, gag_mode, weights, e2e, img2img, threads,
+                  isolate, graphs_root, engines_root, seed, reexport, json_path, markdown_path, plot_path) -> None:
     """Time backends against PyTorch eager and GAG against the plain graph, in one run, e.g.
     `gag-export bench --model tiny-sdxl --backends torch,ort --json out.json --plot out.png`."""
     require_extra("bench", "gag-export bench")
@@ -273,7 +276,7 @@ def bench_command(model, backends, steps, height, width, batch, warmup, iters, g
     config = bench.BenchConfig(
         model=model, backends=bench.parse_backends(backends), gag=gag_mode, steps=steps, height=height, width=width,
         batch=batch, warmup=warmup, iters=iters, weights=weights, e2e=e2e, threads=threads, isolate=isolate,
-        seed=seed, graphs=graphs_root, engines=engines_root, reexport=reexport,
+        seed=seed, graphs=graphs_root, engines=engines_root, reexport=reexport, img2img=img2img,
     )
     outputs = [(path, write) for path, write in
                ((json_path, bench.write_json), (markdown_path, bench.write_markdown), (plot_path, bench.write_plot))

@@ -68,8 +68,9 @@ JSON schema (`schema_version` 1; times in milliseconds, memory in MiB, null when
                   "e2e": null | {"first_call_ms", "stats": STATS, "samples_ms": [...],
                                  "stages_ms": {"text_encode", "denoise", "vae_decode"}},
                   "memory": {"rss_delta_mib", "peak_rss_mib", "gpu_peak_mib", "gpu_used_mib"},
-                  "load_average_after": [1, 5, 15-minute load] when its process finished timing}],
-     "gag_overhead": [{"backend", "measure": "step|e2e", "ratio", "percent", "paired_p50", "interleaved"}],
+                  "load_average_after": [1, 5, 15-minute load] when its process finished timing,
+                  "img2img": null | {"first_call_ms", "stats": STATS, "samples_ms": [...], "steps"}  (--img2img)}],
+     "gag_overhead": [{"backend", "measure": "step|e2e|img2img", "ratio", "percent", "paired_p50", "interleaved"}],
      "speedup": [{"backend", "gag", "measure", "baseline": "torch", "ratio", "interleaved"}]}
     STATS = {"n", "mean_ms", "std_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "max_ms"}
 """

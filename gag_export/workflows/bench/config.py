@@ -43,6 +43,9 @@ DEFAULT_GRAPHS = Path("graphs") / "bench"
 SAMPLER_STAGES = ("text_encode", "denoise", "vae_decode")
 
 
+IMG2IMG_STRENGTH = 0.5  # `--img2img` rows: half the schedule on a fixed generated input image
+
+
 def parse_backends(text: str | Sequence[str]) -> tuple[str, ...]:
     """"torch,ort" -> ("torch", "ort"); InvalidInputError naming an unknown backend."""
     items = text.split(",") if isinstance(text, str) else list(text)
@@ -95,6 +98,7 @@ class BenchConfig:
     graphs: Path = DEFAULT_GRAPHS
     engines: Path = Path("engines")
     reexport: bool = False
+    img2img: bool = False  # also time image-to-image generations (exports with the VAE encoder)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backends", parse_backends(self.backends))
@@ -145,6 +149,7 @@ class Plan:
     weights: str
     e2e: bool
     e2e_skip: str  # why e2e is not measured ("" when it is)
+    img2img: bool = False  # img2img generations timed too (e2e only; the graphs carry the VAE encoder)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -172,7 +177,11 @@ def plan(config: BenchConfig) -> Plan:
         e2e, skip = False, "the sampler generates one image per call: e2e is measured at --batch 1 only"
     if not config.e2e:
         skip = "not requested (--no-e2e)"
-    return Plan(entry, shape, steps, weights, e2e, skip)
+    if config.img2img and not e2e:
+        raise InvalidInputError(f"--img2img times whole generations: it needs --e2e at --batch 1 ({skip})")
+    if config.img2img and int(steps * IMG2IMG_STRENGTH) < 1 and entry.family == "sdxl":
+        raise InvalidInputError(f"--img2img runs at strength {IMG2IMG_STRENGTH}: {steps} step(s) leave none; use more --steps")
+    return Plan(entry, shape, steps, weights, e2e, skip, config.img2img)
 
 
 class Skip(Exception):

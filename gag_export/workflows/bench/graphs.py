@@ -34,7 +34,7 @@ def _manifest_mismatch(config: BenchConfig, p: Plan, gag: bool) -> str | None:
         return f"cached export damaged: {exc}"
     data = manifest.data
     shape = data.get("shape", {})
-    wanted_components = set(p.components) if p.components else {d.name for d in descriptors_of(p.entry)}
+    wanted_components = set(p.components) if p.components else {d.name for d in descriptors_of(p.entry, img2img=p.img2img)}
     checks = [
         (data.get("dynamic") is False, "dynamic graphs"),
         ((shape.get("batch"), shape.get("height"), shape.get("width")) == (p.shape.batch, p.shape.height, p.shape.width),
@@ -57,10 +57,10 @@ def _manifest_mismatch(config: BenchConfig, p: Plan, gag: bool) -> str | None:
     return None
 
 
-def descriptors_of(entry, pipe=None):
+def descriptors_of(entry, pipe=None, img2img: bool = False):
     from ...models import descriptors_for  # noqa: PLC0415
 
-    return descriptors_for(entry, pipe)
+    return descriptors_for(entry, pipe, img2img=img2img)
 
 
 def unavailable(backend: str) -> str | None:
@@ -113,7 +113,7 @@ def export_graphs(config: BenchConfig, p: Plan, pipe, gag: bool) -> Path:
     shutil.rmtree(root / p.entry.name, ignore_errors=True)
     export_model(pipe, p.entry, ExportConfig(
         p.entry.name, root, p.shape, gag=DEFAULT_EXPORT_GAG if gag else None, weights=p.weights,
-        seed=config.seed, components=p.components,
+        seed=config.seed, components=p.components, img2img=p.img2img,
     ))
     return root / p.entry.name
 

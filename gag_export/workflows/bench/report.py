@@ -81,6 +81,15 @@ def render_markdown(result: BenchResult) -> str:
             f"| {_fmt(r.step.first_call_ms, 0)} | {_fmt(mem, 0)} |"
             + (f" {_fmt(r.memory.gpu_peak_mib, 0)} |" if cuda_mem else "")
         )
+    i2i = [r for r in ok if r.img2img]
+    if i2i:
+        digits = _ms_digits(ok, "img2img")
+        lines += ["", "| backend | GAG | img2img p50 ms | img2img mean ± std | steps run | vs eager |", "|---|---|---:|---:|---:|---:|"]
+        for r in i2i:
+            st, up = r.img2img.stats, speed.get((r.backend, r.gag, "img2img"))
+            lines.append(f"| {r.backend} | {'on' if r.gag else 'off'} | {_fmt(st.p50_ms, digits)} | {_fmt(st.mean_ms, digits)} ± "
+                         f"{_fmt(st.std_ms, digits)} | {r.img2img.steps} | "
+                         f"{'1.00x' if r.backend == BASELINE else (f'{up:.2f}x' if up else '-')} |")
     if result.gag_overhead:
         lines += ["", "| backend | measure | GAG / plain (p50) | overhead | paired per-round median |",
                   "|---|---|---:|---:|---:|"]
@@ -150,7 +159,8 @@ def write_plot(result: BenchResult, dest: Path) -> Path:
         ax.set_xticks(range(len(backends)), backends)
         ax.set_xlim(-0.6, len(backends) - 0.4)
         ax.set_ylabel(f"{measure_name} latency, p50 (ms)")
-        ax.set_title("denoiser step" if measure_name == "step" else f"end to end ({result.config['steps']} steps)")
+        ax.set_title({"step": "denoiser step", "img2img": "image to image, end to end"}.get(
+            measure_name, f"end to end ({result.config['steps']} steps)"))
         ax.legend()
         ax.grid(axis="y", alpha=0.3)
     cfg, env = result.config, result.environment

@@ -22,7 +22,7 @@ from .config import SCHEMA, SCHEMA_VERSION
 from .timing import LatencyStats
 
 STATUSES = ("ok", "skipped", "failed")
-MEASURES = ("step", "e2e")
+MEASURES = ("step", "e2e", "img2img")  # img2img: whole image-to-image generations (`--img2img`)
 # The environment keys the report prints.
 ENVIRONMENT_KEYS = ("cpu", "versions", "precision", "threads")
 
@@ -60,6 +60,7 @@ class ResultRow:
     e2e: Series | None = None
     memory: RowMemory = field(default_factory=RowMemory)
     load_average_after: tuple[float, ...] | None = None
+    img2img: Series | None = None  # `--img2img`: e2e from a fixed input image (steps: those the strength leaves)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -70,7 +71,7 @@ class ResultRow:
         return self.status == "ok"
 
     def series(self, measure: str) -> Series | None:
-        return self.step if measure == "step" else self.e2e
+        return {"step": self.step, "e2e": self.e2e, "img2img": self.img2img}[measure]
 
     def p50(self, measure: str) -> float | None:
         series = self.series(measure)

@@ -94,6 +94,8 @@ def measure(config: BenchConfig, p: Plan, pipe=None, pipeline_rss: int | None = 
                 activate_and_first_call(variant, "step")
                 if p.e2e and not variant.error:
                     activate_and_first_call(variant, "e2e")
+                if p.img2img and not variant.error:
+                    activate_and_first_call(variant, "img2img")
                 variant.rss_delta = rss_bytes() - before
                 variant.gpu_peak, variant.gpu_used = gpu_peak(backend), nvml_used_bytes()
                 variants.append(variant)
@@ -104,6 +106,8 @@ def measure(config: BenchConfig, p: Plan, pipe=None, pipeline_rss: int | None = 
         interleave(variants, "step", config.warmup, config.iters, on_round("step"))
         if p.e2e:
             interleave(variants, "e2e", config.warmup, config.iters, on_round("e2e"))
+        if p.img2img:
+            interleave(variants, "img2img", config.warmup, config.iters, on_round("img2img"))
         for variant in variants:
             variant.sampler.components.deactivate()
     peak = peak_rss_bytes()
@@ -131,10 +135,11 @@ def _series(first_s: float | None, samples_s: list[float], **e2e) -> Series | No
 def _variant_row(v: Variant, p: Plan, peak: int | None) -> ResultRow:
     e2e = _series(v.first_e2e_s, v.e2e_s, steps=p.steps,
                   stages_ms={name: round(float(np.median(vals)) * 1e3, 4) for name, vals in v.stages_s.items() if vals})
-    complete = len(v.step_s) > 0 and (not p.e2e or len(v.e2e_s) > 0)
+    complete = len(v.step_s) > 0 and (not p.e2e or len(v.e2e_s) > 0) and (not p.img2img or len(v.img2img_s) > 0)
     return ResultRow(
         v.backend, v.gag, "ok" if complete and not v.error else "failed", v.error, v.device, v.timer.kind,
         step=_series(v.first_step_s, v.step_s), e2e=e2e,
+        img2img=_series(v.first_img2img_s, v.img2img_s, steps=v.img2img_steps) if p.img2img else None,
         memory=RowMemory(to_mib(v.rss_delta), to_mib(peak), to_mib(v.gpu_peak), to_mib(v.gpu_used)),
     )
 

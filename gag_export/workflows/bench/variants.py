@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from ...core.errors import GagExportError
-from .config import SAMPLER_STAGES, BenchConfig, Plan, Skip
+from .config import IMG2IMG_STRENGTH, SAMPLER_STAGES, BenchConfig, Plan, Skip
 from .graphs import (
     check_memory_for_graphs,
     descriptors_of,
@@ -46,6 +46,10 @@ class Variant:
     stages_s: dict = field(default_factory=lambda: {s: [] for s in SAMPLER_STAGES})
     error: str = ""
     _last_timings: Any = None
+    img2img_request: Any = None  # runtime.GenerationConfig with the input image (`--img2img`)
+    first_img2img_s: float | None = None
+    img2img_s: list = field(default_factory=list)
+    img2img_steps: int | None = None
 
     @property
     def name(self) -> str:
@@ -57,6 +61,10 @@ class Variant:
     def e2e(self) -> None:
         result = self.sampler.generate(self.request)
         self._last_timings = result.timings
+
+    def img2img(self) -> None:
+        result = self.sampler.generate(self.img2img_request)
+        self.img2img_steps = len(result.timings.denoise)
 
     def record_stages(self) -> None:
         timings = self._last_timings
@@ -99,7 +107,7 @@ def torch_components(p: Plan, pipe, gag: bool, compile: bool, device: str, dtype
         apply_gag(twin, torch_runtime_gag(DEFAULT_EXPORT_GAG))
         setattr(view, attr, twin)
     components = {}
-    for descriptor in descriptors_of(p.entry, view):
+    for descriptor in descriptors_of(p.entry, view, img2img=p.img2img):
         if p.components and descriptor.name not in p.components:
             continue
         has_gag = gag and descriptor.role == "denoiser"
@@ -125,7 +133,7 @@ def load_variant(config: BenchConfig, p: Plan, backend: str, gag: bool, pipe=Non
             device = str(options.torch_device())
             components = torch_components(p, pipe, gag, options.compile, device)
             sampler = Sampler(p.entry, components, SamplerAssets.from_pipeline(pipe),
-                              {d.name: d for d in descriptors_of(p.entry, components.pipe)})
+                              {d.name: d for d in descriptors_of(p.entry, components.pipe, img2img=p.img2img)})
         else:
             if backend == "ort":
                 check_memory_for_graphs(config, p, gag)
@@ -146,7 +154,21 @@ def load_variant(config: BenchConfig, p: Plan, backend: str, gag: bool, pipe=Non
         feed.update(gag_values.feed())
     request = GenerationConfig(config.prompt, seed=config.seed, steps=p.steps, height=p.shape.height,
                                width=p.shape.width, gag=gag_values)
-    return Variant(backend, gag, sampler, feed, request, timer_for(device), device)
+    variant = Variant(backend, gag, sampler, feed, request, timer_for(device), device)
+    if p.img2img:
+        variant.img2img_request = GenerationConfig(config.prompt, seed=config.seed, steps=p.steps, gag=gag_values,
+                                                   image=input_image(p.shape), strength=IMG2IMG_STRENGTH)
+    return variant
+
+
+def input_image(shape):
+    """The `--img2img` rows' fixed input: a uint8 [H, W, 3] gradient at the run's size (no file, no seed)."""
+    import numpy as np  # noqa: PLC0415
+
+    y, x = np.mgrid[0:shape.height, 0:shape.width]
+    rgb = np.stack([x * 255 // max(1, shape.width - 1), y * 255 // max(1, shape.height - 1),
+                    (x + y) * 127 // max(1, shape.height + shape.width - 2)], axis=-1)
+    return rgb.astype(np.uint8)
 
 
 def _ort_device(sampler) -> str:
@@ -181,10 +203,8 @@ def interleave(variants: Sequence[Variant], call: str, warmup: int, iters: int,
                 log.warning("%s: %s", variant.name, variant.error)
                 continue
             if r >= warmup:
-                if call == "step":
-                    variant.step_s.append(seconds)
-                else:
-                    variant.e2e_s.append(seconds)
+                getattr(variant, f"{call}_s").append(seconds)
+                if call == "e2e":
                     variant.record_stages()
         if on_round is not None:
             on_round(r + 1, total)
@@ -202,10 +222,7 @@ def activate_and_first_call(variant: Variant, call: str) -> None:
         variant.error = f"first {call} failed: {_first_line(exc)}"
         log.warning("%s: %s", variant.name, variant.error)
         return
-    if call == "step":
-        variant.first_step_s = seconds
-    else:
-        variant.first_e2e_s = seconds
+    setattr(variant, f"first_{call}_s", seconds)
 
 
 @contextlib.contextmanager
