@@ -157,6 +157,16 @@ def test_ort_img2img_agrees_with_torch(sdxl, img2img_graphs, picture):
     assert max_pixel_diff(on_ort.image, on_torch.image) <= SAME_IMAGE
 
 
+def test_flux_ort_img2img_agrees_with_torch(flux, tmp_path_factory, picture):
+    graphs = exported_graphs(tmp_path_factory, "tiny-flux", img2img=True)
+    request = GenerationConfig(PROMPT, seed=5, image=picture, strength=0.6)
+    with Sampler.load("tiny-flux", "ort", graphs=graphs, options=ONE_THREAD) as ort:
+        on_ort = ort.generate(request)
+    on_torch = flux.generate(request)
+    assert on_ort.timesteps == on_torch.timesteps == (750, 500, 250)
+    assert max_pixel_diff(on_ort.image, on_torch.image) <= SAME_IMAGE
+
+
 def test_a_static_export_resizes_the_image_to_its_size_with_a_note(img2img_graphs, picture, tmp_path, caplog):
     wide = tmp_path / "wide.png"
     Image.open(picture).resize((96, 64)).save(wide)
