@@ -19,19 +19,30 @@ ONE_THREAD = BackendOptions(threads=1)
 PROMPT = "a photo of a cat sitting on a wooden table"
 
 
+# The default-size exports are export_helpers' own (the same settings: GAG bisect, static, batch 1),
+# so a session exports each tiny model once, whichever module asks first.
+_SHARED_EXPORTS = {("tiny-sdxl", False): "sdxl", ("tiny-flux", False): "flux",
+                   ("tiny-sdxl", True): "sdxl_img2img", ("tiny-flux", True): "flux_img2img"}
+
+
 def exported_graphs(tmp_path_factory, model: str, height: int | None = None, width: int | None = None,
                     img2img: bool = False) -> Path:
     """The graphs root holding `<root>/<model>/manifest.json` (exported once per session, GAG bisect),
     static at the entry's size or at `height` x `width`, with the VAE encoder when `img2img` (a root
     of its own per size and per img2img)."""
+    from export_helpers import exported, shared_root
+
     from gag_export.export import DEFAULT_EXPORT_GAG, ExportConfig, export_model
     from gag_export.models import ImageShape, get_entry, load_pipeline
 
     entry = get_entry(model)
     shape = ImageShape(height or entry.height, width or entry.width)
-    default = (shape.height, shape.width) == (entry.height, entry.width)
-    name = "runtime-graphs" if default else f"runtime-graphs-{shape.height}x{shape.width}"
-    root = tmp_path_factory.getbasetemp() / (name + ("-img2img" if img2img else ""))
+    if (shape.height, shape.width) == (entry.height, entry.width) and (model, img2img) in _SHARED_EXPORTS:
+        name = _SHARED_EXPORTS[model, img2img]
+        with torch_threads(1):
+            exported(name, shared_root(tmp_path_factory))
+        return shared_root(tmp_path_factory) / name
+    root = tmp_path_factory.getbasetemp() / (f"runtime-graphs-{shape.height}x{shape.width}" + ("-img2img" if img2img else ""))
     if not (root / model / "manifest.json").is_file():
         with torch_threads(1):
             export_model(load_pipeline(model), entry, ExportConfig(model, root, shape, gag=DEFAULT_EXPORT_GAG, img2img=img2img))
