@@ -148,22 +148,18 @@ def img2img_graphs(tmp_path_factory):
     return exported_graphs(tmp_path_factory, "tiny-sdxl", img2img=True)
 
 
-def test_ort_img2img_agrees_with_torch(sdxl, img2img_graphs, picture):
-    request = GenerationConfig(PROMPT, seed=4, image=picture, strength=0.75)
-    with Sampler.load("tiny-sdxl", "ort", graphs=img2img_graphs, options=ONE_THREAD) as ort:
-        on_ort = ort.generate(request)
-    on_torch = sdxl.generate(request)
-    assert on_ort.timesteps == on_torch.timesteps == (749, 499, 249)
-    assert max_pixel_diff(on_ort.image, on_torch.image) <= SAME_IMAGE
-
-
-def test_flux_ort_img2img_agrees_with_torch(flux, tmp_path_factory, picture):
-    graphs = exported_graphs(tmp_path_factory, "tiny-flux", img2img=True)
-    request = GenerationConfig(PROMPT, seed=5, image=picture, strength=0.6)
-    with Sampler.load("tiny-flux", "ort", graphs=graphs, options=ONE_THREAD) as ort:
-        on_ort = ort.generate(request)
-    on_torch = flux.generate(request)
-    assert on_ort.timesteps == on_torch.timesteps == (750, 500, 250)
+@pytest.mark.parametrize("model, strength, timesteps", [
+    ("tiny-sdxl", 0.75, (749, 499, 249)),  # int(4 x 0.75) = 3 steps
+    ("tiny-flux", 0.6, (750, 500, 250)),  # 4 - int(4 - 2.4) = 3 steps
+])
+def test_ort_img2img_agrees_with_torch(model, strength, timesteps, request, tmp_path_factory, picture):
+    on_torch_sampler = request.getfixturevalue("sdxl" if model == "tiny-sdxl" else "flux")
+    config = GenerationConfig(PROMPT, seed=4, image=picture, strength=strength)
+    graphs = exported_graphs(tmp_path_factory, model, img2img=True)
+    with Sampler.load(model, "ort", graphs=graphs, options=ONE_THREAD) as ort:
+        on_ort = ort.generate(config)
+    on_torch = on_torch_sampler.generate(config)
+    assert on_ort.timesteps == on_torch.timesteps == timesteps
     assert max_pixel_diff(on_ort.image, on_torch.image) <= SAME_IMAGE
 
 

@@ -177,11 +177,11 @@ def check_case(case: dict, out: torch.Tensor, outputs: dict, interpreter: bool =
     tol = tolerance(q.dtype, interpreter)
     if "text_len" in case:  # joint attention: against its PyTorch path on the same inputs
         n = case["text_len"]
-        bisect, sort = (outputs[f"{case['name']}/{method}"] for method in ("bisect", "sort"))
+        bisect = outputs[f"{case['name']}/bisect"]
         torch.testing.assert_close(out.float(), bisect.float(), **tol, msg=lambda m: f"{case['name']} vs bisect: {m}")
         assert out[:, :, :n].equal(bisect[:, :, :n]), "text queries are plain joint attention, untouched"
         if q.dtype == torch.float32:
-            torch.testing.assert_close(out, sort, **tol)
+            torch.testing.assert_close(out, outputs[f"{case['name']}/sort"], **tol)
         return
     check = case["check"]
     qf, kf, vf = q.float(), k.float(), v.float()  # the same values, fp32 math in the reference
@@ -230,7 +230,7 @@ def run_cases(cases: list[dict], device: str) -> dict:
             # The PyTorch paths on the same device: the joint output shares its dense attention with
             # them, and CUDA's SDPA rounds differently from the CPU's (on an H200 the text queries
             # matched the CPU's only to ~1e-7, and 16-bit outputs by more than an ulp)
-            for method in ("bisect", "sort"):
+            for method in ("bisect", "sort") if c["q"].dtype == torch.float32 else ("bisect",):  # sort: fp32's check
                 outputs[f"{c['name']}/{method}"] = gag_joint_attention(*args, method=method).cpu()
             continue
         outputs[c["name"]] = gag_attention(

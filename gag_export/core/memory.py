@@ -48,11 +48,12 @@ def files_bytes(paths: Iterable[Path]) -> int:
 def ensure_memory(need: float, what: str, advice: str) -> None:
     """Raise ResourceExhaustedError (exit 7) when `need` bytes cannot fit even with every byte this
     process holds given back: "<what> needs ~X GiB, this machine can give it at most Y GiB: <advice>"."""
-    ceiling = available_bytes() + process_bytes()
+    available = available_bytes()
+    ceiling = available + process_bytes()
     if need > ceiling:
         raise ResourceExhaustedError(
             f"{what} needs ~{need / GIB:.1f} GiB, this machine can give it at most {ceiling / GIB:.1f} GiB "
-            f"({available_bytes() / GIB:.1f} GiB available): {advice}"
+            f"({available / GIB:.1f} GiB available): {advice}"
         )
 
 

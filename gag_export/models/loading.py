@@ -37,6 +37,7 @@ from ..core.errors import (
     ResourceExhaustedError,
     WeightsNotFoundError,
 )
+from ..core.memory import available_bytes
 from .base import Precision
 from .registry import ModelEntry, SchedulerSpec, WeightsSource, get_entry
 from .tiny import (
@@ -520,10 +521,8 @@ def parameter_count(family: str, configs: Mapping[str, Mapping], components: Ite
 
 
 def _check_memory(entry: ModelEntry, configs, components, precision: Precision) -> None:
-    import psutil
-
     need = parameter_count(entry.family, configs, components) * precision.torch_dtype.itemsize
-    available = psutil.virtual_memory().available
+    available = available_bytes()
     if need > 0.9 * available:
         raise ResourceExhaustedError(
             f"random {entry.name} ({', '.join(components)}) needs ~{need / 2**30:.1f} GiB in {precision.value}, "

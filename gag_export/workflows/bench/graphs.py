@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from ...core.errors import GagExportError
-from ...core.memory import ORT_SESSION_FACTOR
+from ...core.memory import ORT_SESSION_FACTOR, available_bytes
 from .config import GRAPH_BACKENDS, BenchConfig, Plan, Skip
 
 log = logging.getLogger(__name__)
@@ -160,13 +160,11 @@ def shape_summary(p: Plan) -> dict:
 
 def check_memory_for_graphs(config: BenchConfig, p: Plan, gag: bool) -> None:
     """`Skip` instead of running the machine out of memory when an ORT session will not fit."""
-    import psutil  # noqa: PLC0415
-
     from ...runtime.exports import load_manifest_for  # noqa: PLC0415
 
     manifest = load_manifest_for(p.entry.name, graphs_root(config, gag))
     need = ORT_SESSION_FACTOR * sum(int(c.get("size_bytes") or 0) for c in manifest.components.values())
-    available = psutil.virtual_memory().available
+    available = available_bytes()
     if need > available:
         raise Skip(f"not enough memory: the ONNX Runtime session needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB "
                    "is available; run each variant in its own process (--isolate variant) or free memory")

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ...core.errors import GagExportError
-from ...core.memory import ORT_SESSION_FACTOR
+from ...core.memory import ORT_SESSION_FACTOR, available_bytes
 from .config import BASELINE, BenchConfig, Plan, plan
 from .graphs import (
     graphs_root,
@@ -231,8 +231,6 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
 def _variants_fit(config: BenchConfig, p: Plan, backend: str) -> bool:
     """Whether the GAG and plain ONNX Runtime sessions of `backend` fit in memory together (always
     true for torch, whose two variants share the weights, and for TensorRT, on the GPU)."""
-    import psutil  # noqa: PLC0415
-
     from ...runtime.exports import load_manifest_for  # noqa: PLC0415
 
     if backend != "ort" or unavailable(backend) is not None:
@@ -245,7 +243,7 @@ def _variants_fit(config: BenchConfig, p: Plan, backend: str) -> bool:
         )
     except GagExportError:
         return True  # the child reports the missing graphs
-    fits = need <= psutil.virtual_memory().available
+    fits = need <= available_bytes()
     if not fits:
         log.info("%s: GAG and plain sessions need ~%.1f GiB together: one process each", backend, need / 2**30)
     return fits
