@@ -162,7 +162,7 @@ def test_a_failed_check_stops_before_engines_and_smoke(run, tmp_path, monkeypatc
     rewrite_component(graphs_dir, "text_encoder", add_float64_cast)
     _reuse_export(monkeypatch, graphs_dir, [])
     monkeypatch.setattr("gag_export.engine.build", lambda *a, **k: pytest.fail("built engines from failed graphs"))
-    result = run_build(BuildConfig(MODEL, graphs_root=tmp_path / "graphs", image=tmp_path / "x.png"))
+    result = run_build(BuildConfig(MODEL, graphs_root=tmp_path / "graphs", engines_root=tmp_path / "engines", image=tmp_path / "x.png"))
     assert not result
     assert result.stage("check").status == "failed" and "text_encoder/tensorrt_lint" in result.stage("check").details
     assert [result.stage(s).status for s in ("engine", "smoke")] == ["skipped", "skipped"]
@@ -175,7 +175,8 @@ def test_skip_smoke(run, tmp_path, monkeypatch):
     graphs_dir = graphs_copy(run, tmp_path)
     _reuse_export(monkeypatch, graphs_dir, [])
     monkeypatch.setattr(build, "check_graphs", lambda *a, **k: build.CheckReport(graphs_dir, MODEL))
-    result = run_build(BuildConfig(MODEL, graphs_root=tmp_path / "graphs", smoke=False, image=tmp_path / "x.png"))
+    result = run_build(BuildConfig(MODEL, graphs_root=tmp_path / "graphs", engines_root=tmp_path / "engines", smoke=False,
+                                   image=tmp_path / "x.png"))
     assert result.stage("smoke").status == "skipped" and result.image_path is None
     assert not (tmp_path / "x.png").exists()
 
@@ -190,7 +191,7 @@ def test_smoke_is_skipped_with_the_reason_for_a_static_batch_over_one(run, tmp_p
     manifest_path.write_text(json.dumps(data))
     _reuse_export(monkeypatch, graphs_dir, [])
     monkeypatch.setattr(build, "check_graphs", lambda *a, **k: build.CheckReport(graphs_dir, MODEL))
-    result = run_build(BuildConfig(MODEL, graphs_root=tmp_path / "graphs", image=tmp_path / "x.png"))
+    result = run_build(BuildConfig(MODEL, graphs_root=tmp_path / "graphs", engines_root=tmp_path / "engines", image=tmp_path / "x.png"))
     assert result, [(s.name, s.status, s.details) for s in result.stages]
     smoke = result.stage("smoke")
     assert smoke.status == "skipped" and "static at batch 2" in smoke.details
