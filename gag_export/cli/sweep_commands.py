@@ -94,3 +94,58 @@ def sweep_command(model, scales, etas, zeta, baseline, steps, backend, height, w
         result = run_sweep(sampler, request, grid, out_dir, on_tile=lambda setting: bar.update())
     click.echo(f"wrote {total} images and {result.sheet} (rows: {', '.join(result.rows)}; "
                f"columns: {', '.join(result.columns)})")
+
+
+@cli.command("eval")
+@grid_options
+@click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Prompt set: a text file, one prompt per line ('#' starts a comment).")
+@click.option("--negative-prompt", default="", help="Negative prompt for every image (models with classifier-free guidance).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Prompt i is sampled with seed + i at every setting.")
+@click.option("--scorer", type=click.Choice(["clip", "pickscore", "imagereward"]), default="clip", show_default=True,
+              help="clip: 100 * max(cos, 0) of CLIP embeddings (torchmetrics' CLIPScore); pickscore; imagereward.")
+@click.option("--scorer-model", default=None,
+              help="Scorer weights: a Hub id in the local cache or a local folder [default: openai/clip-vit-large-patch14, "
+                   "yuvalkirstain/PickScore_v1, ImageReward-v1.0].")
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Also write eval.png (needs matplotlib: the [bench] extra).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder: eval.md, eval.json, eval.csv, eval.png [default: eval-<model>-<scorer>].")
+def eval_command(model, scales, etas, zeta, baseline, steps, backend, height, width, graphs_root, engines_root,
+                 no_build, threads, prompts_path, negative_prompt, seed, scorer, scorer_model, plot, out_dir) -> None:
+    """Score every GAG setting of a sweep over a prompt set: a table (Markdown, JSON, CSV) and a plot.
+
+    \b
+    Scorer weights come from the local Hugging Face cache only (nothing is downloaded; a missing
+    one stops at once, exit 6, naming the download command).
+    Examples:
+      gag-export eval --model dmd2 --prompts prompts.txt --scale 0,5,10 --eta 15,inf --no-gag --backend tensorrt
+      gag-export eval --model tiny-sdxl --prompts prompts.txt --backend torch --scorer-model ./tiny-clip
+    """
+    from ..core.atomic import check_writable
+    from ..core.extras import require_extra
+    from ..runtime import GenerationConfig, check_request, parse_backend
+    from ..runtime.exports import model_entry
+    from ..workflows.evaluate import OUTPUT_NAMES, read_prompts, render_markdown, run_eval, write_outputs
+    from ..workflows.scorers import load_scorer
+    from ..workflows.sweep import parse_grid
+
+    backend = parse_backend(backend)
+    grid = parse_grid(scales, etas, baseline, zeta)  # bad input fails before anything loads or is written
+    prompts = read_prompts(prompts_path)
+    check_request(model_entry(model, graphs_root),
+                  GenerationConfig(prompts[0], seed=seed, steps=steps, height=height, width=width))
+    if plot:
+        require_extra("bench", "gag-export eval's plot (or pass --no-plot)")
+    out_dir = out_dir or Path(f"eval-{model}-{scorer}")
+    for name in OUTPUT_NAMES.values():
+        check_writable(out_dir / name)
+    with console.status(f"loading scorer {scorer}"):  # before the sampler: a scorer not in the cache fails at once
+        scoring = load_scorer(scorer, scorer_model)
+    sampler = _load_sampler(model, backend, graphs_root, engines_root, height, width, no_build, threads)
+    total = len(prompts) * len(grid.settings())
+    with sampler, _progress(total, f"{model} on {backend}") as bar:
+        result = run_eval(sampler, scoring, prompts, grid, seed=seed, steps=steps, height=height, width=width,
+                          negative_prompt=negative_prompt, on_image=bar.update)
+    click.echo(render_markdown(result))
+    for path in write_outputs(result, out_dir, plot=plot):
+        click.echo(f"wrote {path}", err=True)
