@@ -116,7 +116,7 @@ def load_scorer(name: str, model_id: str | None = None, device: str | None = Non
     from transformers import CLIPModel, CLIPProcessor  # noqa: PLC0415
 
     processor_id = spec.processor or model_id
-    if model_id != spec.default_model and (Path(model_id) / "preprocessor_config.json").is_file():
+    if any((Path(model_id) / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
         processor_id = model_id  # a local folder that brings its own processor
     needed = [repo for repo in dict.fromkeys([model_id, processor_id]) if not Path(repo).is_dir()]
     try:
