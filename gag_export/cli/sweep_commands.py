@@ -125,7 +125,7 @@ def eval_command(model, scales, etas, zeta, baseline, steps, backend, height, wi
     from ..core.extras import require_extra
     from ..runtime import GenerationConfig, check_request, parse_backend
     from ..runtime.exports import model_entry
-    from ..workflows.evaluate import OUTPUT_NAMES, read_prompts, render_markdown, run_eval, write_outputs
+    from ..workflows.evaluate import OUTPUT_NAMES, read_prompts, render_eval_markdown, run_eval, write_outputs
     from ..workflows.scorers import load_scorer
     from ..workflows.sweep import parse_grid
 
@@ -146,6 +146,6 @@ def eval_command(model, scales, etas, zeta, baseline, steps, backend, height, wi
     with sampler, _progress(total, f"{model} on {backend}") as bar:
         result = run_eval(sampler, scoring, prompts, grid, seed=seed, steps=steps, height=height, width=width,
                           negative_prompt=negative_prompt, on_image=bar.update)
-    click.echo(render_markdown(result))
+    click.echo(render_eval_markdown(result))
     for path in write_outputs(result, out_dir, plot=plot):
         click.echo(f"wrote {path}", err=True)

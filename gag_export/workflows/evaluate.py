@@ -118,7 +118,7 @@ def run_eval(sampler: Sampler, scorer, prompts: list[str], grid: SweepGrid, *, s
                       tuple(SettingScores(setting, tuple(values)) for setting, values in scores.items()))
 
 
-def render_markdown(result: EvalResult) -> str:
+def render_eval_markdown(result: EvalResult) -> str:
     lines = [f"# {result.scorer} on {result.model} ({result.backend})", "",
              f"{len(result.prompts)} prompts, seed {result.seed} + prompt index, {result.steps} steps; "
              f"scorer {result.scorer_model}: {result.definition}. Mean over prompts, standard deviation and "
@@ -132,7 +132,7 @@ def render_markdown(result: EvalResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_csv(result: EvalResult) -> str:
+def render_eval_csv(result: EvalResult) -> str:
     text = io.StringIO()
     fields = ["gag", "scale", "eta", "mean", "std", "sem", "min", "max", "n"]
     writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
@@ -143,7 +143,7 @@ def render_csv(result: EvalResult) -> str:
     return text.getvalue()
 
 
-def write_plot(result: EvalResult, dest: Path) -> Path:
+def write_eval_plot(result: EvalResult, dest: Path) -> Path:
     """Mean score against scale, one line per eta (error bars: standard error over prompts); GAG off dashed."""
     import matplotlib  # noqa: PLC0415
 
@@ -174,16 +174,16 @@ def write_plot(result: EvalResult, dest: Path) -> Path:
 def write_outputs(result: EvalResult, out_dir: Path, plot: bool = True) -> list[Path]:
     """eval.md, eval.json, eval.csv (and eval.png) in `out_dir`, each written atomically."""
     out_dir = Path(out_dir)
-    texts = {"markdown": render_markdown(result), "json": json.dumps(result.to_dict(), indent=2) + "\n",
-             "csv": render_csv(result)}
+    texts = {"markdown": render_eval_markdown(result), "json": json.dumps(result.to_dict(), indent=2) + "\n",
+             "csv": render_eval_csv(result)}
     written = []
     for kind, text in texts.items():
         write_atomic(out_dir / OUTPUT_NAMES[kind], text, make_parents=True)
         written.append(out_dir / OUTPUT_NAMES[kind])
     if plot:
-        written.append(write_plot(result, out_dir / OUTPUT_NAMES["plot"]))
+        written.append(write_eval_plot(result, out_dir / OUTPUT_NAMES["plot"]))
     return written
 
 
-__all__ = ["OUTPUT_NAMES", "EvalResult", "SettingScores", "read_prompts", "render_csv", "render_markdown", "run_eval",
-           "write_outputs", "write_plot"]
+__all__ = ["OUTPUT_NAMES", "EvalResult", "SettingScores", "read_prompts", "render_eval_csv", "render_eval_markdown", "run_eval",
+           "write_outputs", "write_eval_plot"]
