@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,11 @@ class Manifest:
         if not gag.get("enabled"):
             return None
         return GAGConfig(**{k: gag[k] for k in ("scale", "eta", "zeta", "alpha", "method", "layers")})
+
+    @property
+    def loras(self) -> list[dict]:
+        """The LoRAs fused into the denoiser at export (`{"name", "sha256", "scale"}`); [] for none or older exports."""
+        return list(self.data.get("loras") or [])
 
     def graph_path(self, component: str) -> Path:
         return self.graphs_dir / self.components[component]["path"]
@@ -118,6 +125,7 @@ class Manifest:
                 problems.append(f"gag: {exc}")
             problems += self._gag_input_problems(gag["enabled"])
         problems += self._path_problems()
+        problems += _lora_problems(self.data.get("loras", []))
         if problems:
             raise ArtifactError(f"{self.path}: {'; '.join(problems)}; re-export the model")
 
@@ -145,6 +153,21 @@ class Manifest:
                     or not (root / path).resolve().is_relative_to(root):
                 problems.append(f"components.{name}.path {path!r} is not a file inside {self.graphs_dir}")
         return problems
+
+
+def _lora_problems(loras) -> list[str]:
+    """`loras`: a list of {"name": str, "sha256": 64 hex digits, "scale": finite number}."""
+    if not isinstance(loras, list):
+        return [f"loras must be a list, got {loras!r}"]
+    problems = []
+    for i, lora in enumerate(loras):
+        ok = (isinstance(lora, dict) and isinstance(lora.get("name"), str) and isinstance(lora.get("sha256"), str)
+              and re.fullmatch(r"[0-9a-f]{64}", lora["sha256"]) is not None
+              and isinstance(lora.get("scale"), (int, float)) and not isinstance(lora["scale"], bool)
+              and math.isfinite(lora["scale"]))
+        if not ok:
+            problems.append(f"loras[{i}] must be {{name, sha256 (hex), scale (finite)}}, got {lora!r}")
+    return problems
 
 
 def data_path(onnx_path: Path) -> Path:

@@ -92,6 +92,11 @@ def run_parity(manifest: Manifest, report: CheckReport, pipe, entry, gag_cfg, se
     from ..models import descriptors_for
 
     live = _needs_torch(manifest, seed)
+    if manifest.loras:  # only their names are recorded: a pipeline loaded again would lack them
+        for name in [n for n in live if manifest.components[n]["role"] == "denoiser"]:
+            live.remove(name)
+            report.results.append(CheckResult(name, "parity", "skipped", "exported with LoRAs: torch's outputs are "
+                                              "recorded for the export's seed only (check with that --seed)"))
     for name, comp in manifest.components.items():
         if _component_precision(comp) is Precision.BF16:
             report.results.append(CheckResult(name, "parity", "skipped", _BF16_SKIP))

@@ -118,6 +118,20 @@ weights_option = click.option(
          "[default: tiny for tiny-*, else pretrained].")
 
 
+def _lora_specs(ctx, param, values) -> tuple:
+    if not values:
+        return ()
+    from ..models.lora import LoraSpec  # noqa: PLC0415  (torch: only when a LoRA is given)
+
+    return tuple(LoraSpec.parse(value) for value in values)
+
+
+lora_option = click.option(
+    "--lora", "loras", multiple=True, metavar="PATH[:SCALE]", callback=_lora_specs,
+    help="A LoRA .safetensors file (diffusers/PEFT or kohya) fused into the denoiser before GAG, with its "
+         "scale [default 1.0]; repeatable.")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(obj={})

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..core.extras import require_extra
-from .app import cli, console, engines_option, weights_option
+from .app import cli, console, engines_option, lora_option, weights_option
 
 IMG2IMG_HELP = ("Also the VAE encoder (component vae_encoder: image [b,3,h,w] in [-1, 1] -> moments "
                 "[b,2*latent_channels,h/8,w/8]) that img2img needs; without it a txt2img export is made.")
@@ -45,9 +45,10 @@ IMG2IMG_HELP = ("Also the VAE encoder (component vae_encoder: image [b,3,h,w] in
 @click.option("--require-engine", is_flag=True, help="Fail (exit 3) instead of skipping engines when no builder is usable.")
 @click.option("--skip-smoke", is_flag=True, help="Do not generate the smoke image.")
 @click.option("--img2img", is_flag=True, help=IMG2IMG_HELP)
+@lora_option
 def build_command(model, weights, graphs_root, engines_root, height, width, batch, dynamic, dtype, no_gag, gag_scale,
                   gag_eta, gag_zeta, gag_layers, prompt, seed, image_path, engine_backend, require_engine, skip_smoke,
-                  img2img) -> None:
+                  img2img, loras) -> None:
     """Everything for one model: load, GAG, export, check, engines, one smoke image.
 
     \b
@@ -77,7 +78,7 @@ def build_command(model, weights, graphs_root, engines_root, height, width, batc
         model=model, weights=weights, graphs_root=graphs_root, engines_root=engines_root, height=height, width=width,
         batch=batch, dynamic=dynamic, precision=dtype, gag=gag, prompt=SMOKE_PROMPT if prompt is None else prompt,
         seed=seed, image=image_path, require_engine=require_engine, smoke=not skip_smoke, engine_backend=engine_backend,
-        img2img=img2img,
+        img2img=img2img, loras=loras,
     )
     with _build_progress(quiet=click.get_current_context().find_object(dict).get("quiet", False)) as on_event:
         result = run_build(config, progress=on_event)
@@ -250,9 +251,10 @@ def _shape(shape_cls, height, width, batch, default):
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (TensorRT 10.0 parses 9..20).")
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
 @click.option("--no-check", is_flag=True, help="Skip `check` (checker, lint, parity) after export.")
+@lora_option
 def export_command(model, out_dir, height, width, batch, dynamic, min_height, min_width, min_batch, max_height,
                    max_width, max_batch, dtype, no_gag, gag_scale, gag_eta, gag_zeta, gag_layers, gag_method,
-                   weights, components, img2img, slim, opset, exporter, no_check) -> None:
+                   weights, components, img2img, slim, opset, exporter, no_check, loras) -> None:
     """Export a model's components to ONNX with GAG inside the denoiser, then check them.
 
     \b
@@ -260,6 +262,7 @@ def export_command(model, out_dir, height, width, batch, dynamic, min_height, mi
       gag-export export --model tiny-sdxl
       gag-export export --model dmd2 --dtype fp16 --dynamic --max-height 1536 --max-width 1536
       gag-export export --model tiny-flux --img2img           # with the VAE encoder
+      gag-export export --model dmd2 --lora style.safetensors:0.8 --lora detail.safetensors
     """
     require_extra("export", "gag-export export")
     from .. import check, export
@@ -277,7 +280,7 @@ def export_command(model, out_dir, height, width, batch, dynamic, min_height, mi
     ranged = dynamic and any(v is not None for v in (min_height, min_width, min_batch, max_height, max_width, max_batch))
     config = export.ExportConfig(
         model=entry.name, out_dir=out_dir, shape=shape, dynamic=dynamic, precision=dtype, gag=gag, opset=opset,
-        exporter=exporter, slim=slim, weights=weights, components=components, img2img=img2img,
+        exporter=exporter, slim=slim, weights=weights, components=components, img2img=img2img, loras=loras,
         min_shape=_shape(ImageShape, min_height, min_width, min_batch, shape) if ranged else None,
         max_shape=_shape(ImageShape, max_height, max_width, max_batch, shape) if ranged else None,
     )

@@ -10,9 +10,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..core.errors import CheckFailedError, GagExportError
+from ..core.errors import CheckFailedError, GagExportError, InvalidInputError
 from ..core.extras import require_extra
-from .app import cli, console, engines_option, weights_option
+from .app import cli, console, engines_option, lora_option, weights_option
 
 
 @cli.command("doctor")
@@ -66,9 +66,10 @@ def doctor_command(as_json: bool) -> None:
 @click.option("--strength", type=float, default=None,
               help="Image-to-image: how much of the schedule runs on the image, in (0, 1] "
                    "[default: diffusers', 0.3 for SDXL models, 0.6 for FLUX].")
+@lora_option
 def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_scale, gag_eta, gag_zeta, no_gag, height,
                      width, graphs_root, engines_root, out_path, no_build, compile_torch, cuda_graph, threads,
-                     ort_providers, image_path, strength) -> None:
+                     ort_providers, image_path, strength, loras) -> None:
     """Generate an image from exported graphs or engines (exported or built first when missing).
 
     \b
@@ -77,6 +78,7 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
       gag-export generate --model dmd2 --prompt "a red fox" --backend tensorrt --gag-scale 5
       gag-export generate --model dmd2 --prompt "a red fox" --backend tensorrt-rtx    # RTX PCs
       gag-export generate --model sdxl-turbo --prompt "a watercolor fox" --image fox.png --strength 0.5 --steps 2
+      gag-export generate --model dmd2 --prompt "a red fox" --backend torch --lora style.safetensors:0.8
     """
     from dataclasses import replace
 
@@ -93,6 +95,9 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
     from ..workflows.artifacts import ensure_artifacts
 
     backend = parse_backend(backend)
+    if loras and backend != "torch":
+        raise InvalidInputError(f"--lora is for --backend torch: {backend} runs exported graphs, which carry the LoRAs "
+                                "they were exported with (`gag-export export --lora`, or `gag-export lora` on an export)")
     out_path = require_png_path(out_path or Path(f"{model}-{seed}.png"))  # before anything is built
     given = {k: v for k, v in (("scale", gag_scale), ("eta", gag_eta), ("zeta", gag_zeta)) if v is not None}
     if no_gag and given:
@@ -110,7 +115,7 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
     with console.status(f"loading {model} on {backend}"):
         sampler = Sampler.load(model, backend, graphs=graphs_root, engines=engines_root,
                                options=BackendOptions(compile=compile_torch, cuda_graph=cuda_graph, threads=threads,
-                                                      ort_providers=ort_providers))
+                                                      ort_providers=ort_providers, loras=loras))
     gag = None if no_gag else sampler.gag_params(gag_scale, gag_eta, gag_zeta)
     with sampler, console.status(f"generating with {model} on {backend}"):
         result = sampler.generate(replace(request, gag=gag))

@@ -10,6 +10,7 @@ from ..core.gag_config import DEFAULT_EXPORT_GAG, GAGConfig
 from ..core.names import IMG2IMG_COMPONENTS
 from ..core.precision import Precision
 from ..core.shapes import ImageShape
+from ..models.lora import LoraSpec
 
 EXPORTERS = ("dynamo", "legacy")
 
@@ -45,9 +46,13 @@ class ExportConfig:
     seed: int = 0  # sample inputs for export tracing and parity
     components: tuple[str, ...] = ()  # only these components (default: all of the family's)
     img2img: bool = False  # also the components img2img needs (vae_encoder)
+    loras: tuple[LoraSpec, ...] = ()  # fused into the denoiser, in order, before GAG and export
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "loras", tuple(self.loras))
+        if not all(isinstance(spec, LoraSpec) for spec in self.loras):
+            raise InvalidInputError("ExportConfig.loras: LoraSpec values (LoraSpec.parse('PATH[:SCALE]'))")
         object.__setattr__(self, "precision", Precision.parse(self.precision))
         if self.exporter not in EXPORTERS:
             raise InvalidInputError(f"ExportConfig.exporter: use one of {EXPORTERS}, got {self.exporter!r}")

@@ -35,6 +35,7 @@ from ..core.names import GRAPH_NAME, IMG2IMG_COMPONENTS, MANIFEST_NAME, PARITY_N
 from ..core.precision import Precision
 from ..core.signals import raise_if_terminated
 from ..models import descriptors_for
+from ..models.lora import add_deltas, denoiser_shapes, lora_deltas, restore_parameters
 from .config import ComponentStats, ExportConfig, ExportEvent
 from .graphs import (
     LARGE_WEIGHTS_BYTES,
@@ -258,6 +259,7 @@ def manifest_head(entry, config: ExportConfig, rewritten: list[str]) -> dict:
         "shape": {"batch": config.shape.batch, "height": config.shape.height, "width": config.shape.width},
         "gag": ({"enabled": True, **gag.to_dict(), "rewritten": rewritten} if gag is not None
                 else {"enabled": False, "rewritten": []}),
+        "loras": [spec.record() for spec in config.loras],
         "components": {},
         "versions": versions(),
     }
@@ -288,7 +290,8 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
                  release: bool = False) -> Manifest:
     """Export every component of `entry` from `pipe` into `config.graphs_dir`; return the manifest.
 
-    GAG (`config.gag`) is applied to the denoiser for the export and removed afterwards (also from
+    `config.loras` are fused into the denoiser first (read and checked before anything is written;
+    taken out again afterwards unless `release`). GAG (`config.gag`) is applied to the denoiser for the export and removed afterwards (also from
     `pipe`); the denoiser graph then takes `gag_scale`, `gag_eta`, `gag_zeta` as 0-d float32
     inputs. fp16/bf16 exports work on a cast copy of one component of `pipe` at a time. With
     `config.slim`, each graph goes through onnxslim and the slimmed graph is kept only if parity
@@ -302,6 +305,9 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
     docstring).
     """
     notify = progress or (lambda event: None)
+    denoiser = denoiser_module(pipe)
+    lora = (lora_deltas(config.loras, entry.family, denoiser_shapes(denoiser), getattr(denoiser, "config", None))
+            if config.loras and denoiser is not None else {})  # a LoRA that does not fit stops before any write
     try:
         config.out_dir.mkdir(parents=True, exist_ok=True)
         removed, unknown = remove_stale_temp_folders(config.out_dir, config.model)
@@ -314,6 +320,7 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
         log.warning("%s was left by an earlier export (another host, or an older gag-export): remove it when "
                     "no export is running", folder)
     stats: dict[str, ComponentStats] = {}
+    originals = {}
     try:
         family_descriptors = descriptors_for(entry, pipe, img2img=True)  # any of them may be named
         descriptors = _selected(family_descriptors, config)
@@ -323,6 +330,7 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
                                   manifest_head(entry, config, []))  # before the slow part
         if any(d.role == "denoiser" for d in descriptors) and denoiser_module(pipe) is None:
             raise InvalidInputError(f"the {config.model} pipeline was loaded without its denoiser")
+        originals = add_deltas(denoiser, lora, keep=not release) if lora else {}  # before GAG, as the issue asks
         rewritten = set_gag(pipe, config.gag)
         manifest = manifest_head(entry, config, rewritten)
         for index, descriptor in enumerate(descriptors):
@@ -391,6 +399,7 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         set_gag(pipe, None)
+        restore_parameters(denoiser, originals)  # a pipeline not handed over comes back without the LoRA
     log.info("exported %s (%d components) to %s", config.model, len(stats), config.graphs_dir)
     return Manifest(config.graphs_dir, manifest, stats)
 

@@ -38,6 +38,7 @@ def _comparable_head(head: Mapping) -> dict:
     """The settings of a manifest head as JSON reads them back (tuples as lists, inf as Infinity)."""
     same = {k: v for k, v in head.items() if k not in _PER_RUN_KEYS}
     same["gag"] = {k: v for k, v in (head.get("gag") or {}).items() if k != "rewritten"}  # depends on what was loaded
+    same.setdefault("loras", [])  # exports older than LoRA support had none
     return json.loads(json.dumps(same))
 
 

@@ -194,6 +194,8 @@ def add_deltas(module: torch.nn.Module, deltas: Mapping[str, torch.Tensor], keep
 
 def restore_parameters(module: torch.nn.Module, before: Mapping[str, torch.Tensor]) -> None:
     """Put back the parameters `add_deltas` changed (bit for bit; ones released to the meta device stay there)."""
+    if not before:
+        return
     params = dict(module.named_parameters())
     with torch.no_grad():
         for name, value in before.items():

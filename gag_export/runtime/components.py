@@ -66,6 +66,8 @@ class BackendOptions:
     ort_providers: ONNX Runtime execution providers in order (empty: CUDA if present, else CPU).
     threads: ONNX Runtime intra-op threads (0: its default).
     cuda_graph: TensorRT backends, capture the denoiser's step in a CUDA graph and replay it.
+    loras: torch backend, `models.lora.LoraSpec`s fused into the denoiser before GAG (the graphs
+        of the other backends carry the LoRAs they were exported with).
     """
 
     device: str = "auto"
@@ -73,6 +75,7 @@ class BackendOptions:
     ort_providers: tuple[str, ...] = ()
     threads: int = 0
     cuda_graph: bool = False
+    loras: tuple = ()
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -80,6 +83,7 @@ class BackendOptions:
         if not isinstance(self.threads, int) or self.threads < 0:
             raise InvalidInputError(f"BackendOptions.threads: must be an integer >= 0, got {self.threads!r}")
         object.__setattr__(self, "ort_providers", tuple(self.ort_providers))
+        object.__setattr__(self, "loras", tuple(self.loras))
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -81,6 +81,7 @@ def torch_runtime_gag(config):
 def load_torch_components(model: str, graphs_root: Path, options: BackendOptions) -> ComponentSet:
     from ..gag.attention import apply_gag  # noqa: PLC0415
     from ..models import descriptors_for, load_pipeline  # noqa: PLC0415
+    from ..models.lora import fuse_loras  # noqa: PLC0415
 
     manifest = None
     if (graphs_root / model / "manifest.json").is_file():
@@ -89,8 +90,15 @@ def load_torch_components(model: str, graphs_root: Path, options: BackendOptions
     gag = torch_runtime_gag(manifest.gag if manifest is not None else DEFAULT_EXPORT_GAG)
     weights = manifest.data.get("weights") if manifest is not None else None
     pipe = load_pipeline(entry, weights=weights) if weights else load_pipeline(entry)
+    denoiser = pipe.unet if entry.family == "sdxl" else pipe.transformer
+    records = fuse_loras(denoiser, options.loras, entry.family)  # before GAG, as at export
+    exported = manifest.loras if manifest is not None else []
+    if exported and [(r["sha256"], r["scale"]) for r in exported] != [(r["sha256"], r["scale"]) for r in records]:
+        log.warning("%s was exported with LoRAs %s; the torch backend fuses only those given with --lora (%s)",
+                    manifest.graphs_dir, ", ".join(f"{r['name']}:{r['scale']:g}" for r in exported),
+                    ", ".join(f"{r['name']}:{r['scale']:g}" for r in records) or "none")
     if gag is not None:
-        apply_gag(pipe.unet if entry.family == "sdxl" else pipe.transformer, gag)
+        apply_gag(denoiser, gag)
     device = options.torch_device()
     components = {}
     for descriptor in descriptors_for(entry, pipe, img2img=True):  # the encoder is the pipeline's VAE: always at hand

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..artifacts.engines import RuntimeTarget, find_engine
 from ..artifacts.manifest import Manifest
-from ..core.errors import ArtifactError
+from ..core.errors import ArtifactError, InvalidInputError
 from ..core.tensorrt import get_flavor, trt_features
 from ..runtime.components import ENGINE_BACKENDS, parse_backend
 from ..runtime.exports import load_manifest_for
@@ -53,13 +53,28 @@ def engine_target(backend: str) -> RuntimeTarget:
     return RuntimeTarget.current(trt_features(backend))
 
 
+def _check_loras(model: str, graphs: Path, loras) -> None:
+    """InvalidInputError unless the export in `graphs` was made with exactly `loras` (None: any)."""
+    if loras is None:
+        return
+    there = load_manifest_for(model, graphs).loras
+    if [(r["sha256"], r["scale"]) for r in there] != [(s.sha256, s.scale) for s in loras]:
+        def names(records):
+            return ", ".join(f"{r['name']}:{r['scale']:g}" for r in records) or "no LoRA"
+        raise InvalidInputError(f"{graphs / model} was exported with {names(there)}, not with "
+                                f"{names([s.record() for s in loras])}: export into another --out (it is never replaced here)")
+
+
 def ensure_graphs(model: str, graphs: Path, *, height: int | None = None, width: int | None = None,
-                  on_export: Callable | None = None, img2img: bool = False) -> bool:
+                  on_export: Callable | None = None, img2img: bool = False, loras=None) -> bool:
     """Export `model` into `graphs` (at `height`x`width`, default the model's size) with the default
     GAG when it has no manifest there, with the VAE encoder too when `img2img`; True when it exported.
-    An existing export without the encoder is left as it is (the sampler says how to add it)."""
+    An existing export without the encoder is left as it is (the sampler says how to add it).
+    `loras`: `LoraSpec`s the export must have been made with (fused into a new one); None takes
+    the export there as it is (its graphs carry the LoRAs they were exported with)."""
     graphs = Path(graphs)
     if (graphs / model / "manifest.json").is_file():
+        _check_loras(model, graphs, loras)
         return False
     if (graphs / model).exists():
         log.info("%s has no manifest.json (an interrupted export?); exporting again", graphs / model)
@@ -68,8 +83,8 @@ def ensure_graphs(model: str, graphs: Path, *, height: int | None = None, width:
 
     entry = get_entry(model)
     shape = ImageShape(height or entry.height, width or entry.width)
-    export_model(load_pipeline(model), entry, ExportConfig(model, graphs, shape, gag=DEFAULT_EXPORT_GAG, img2img=img2img),
-                 progress=on_export, release=True)
+    config = ExportConfig(model, graphs, shape, gag=DEFAULT_EXPORT_GAG, img2img=img2img, loras=tuple(loras or ()))
+    export_model(load_pipeline(model), entry, config, progress=on_export, release=True)
     return True
 
 
@@ -101,9 +116,10 @@ def ensure_artifacts(
     on_export: Callable | None = None,
     on_stage: Callable[[str], None] | None = None,
     img2img: bool = False,
+    loras=None,
 ) -> list[PrepareStep]:
     """Export `model` into `graphs` if it has no manifest there, and for the engine backends build
-    the missing engines into `engines`; return what ran.
+    the missing engines into `engines`; return what ran. `loras`: as for `ensure_graphs`.
 
     `on_export` receives the exporter's `ExportEvent`s; `on_stage` a line per stage started.
     """
@@ -116,7 +132,7 @@ def ensure_artifacts(
     steps = []
     if not (graphs / model / "manifest.json").is_file():
         notify(f"exporting {model} to {graphs / model}")
-    if ensure_graphs(model, graphs, height=height, width=width, on_export=on_export, img2img=img2img):
+    if ensure_graphs(model, graphs, height=height, width=width, on_export=on_export, img2img=img2img, loras=loras):
         steps.append(PrepareStep("export", graphs / model))
     if target is not None:
         manifest = load_manifest_for(model, graphs)

@@ -57,6 +57,7 @@ from ..core.tensorrt import (
 from ..export import ExportConfig, ExportEvent, export_model
 from ..images import require_png_path
 from ..models import ModelEntry, descriptors_for, load_pipeline, resolve_entry
+from ..models.lora import LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class BuildConfig:
         the smoke image's values); None exports the unmodified denoiser.
     image: the smoke image's path; None: `<model>-<seed>.png` in the current folder.
     img2img: also export (check, build engines for) the VAE encoder img2img needs.
+    loras: `LoraSpec`s fused into the denoiser before GAG and export (recorded in the manifest).
     """
 
     model: str
@@ -101,9 +103,11 @@ class BuildConfig:
     smoke: bool = True
     engine_backend: str = "auto"  # "auto", "tensorrt" or "tensorrt-rtx"
     img2img: bool = False
+    loras: tuple[LoraSpec, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision.parse(self.precision))
+        object.__setattr__(self, "loras", tuple(self.loras))
         object.__setattr__(self, "graphs_root", Path(self.graphs_root))
         object.__setattr__(self, "engines_root", Path(self.engines_root))
         if self.image is not None:
@@ -297,13 +301,13 @@ def run_build(config: BuildConfig, progress: Callable[[BuildEvent], None] | None
         _check_engine_requirements(config.engine_backend)  # exit 3 in a second, not after a long export
     result = BuildResult(config, entry)
 
+    export_config = ExportConfig(  # before loading: bad settings fail in a second
+        model=entry.name, out_dir=config.graphs_root, shape=shape, dynamic=config.dynamic, precision=config.precision,
+        gag=config.gag, weights=config.weights, seed=config.seed, img2img=config.img2img, loras=config.loras,
+    )
     with _Stage(result, "load", notify, f"loading {entry.name} ({config.weights or 'default'} weights)"):
         pipe = load_pipeline(entry, weights=config.weights)
 
-    export_config = ExportConfig(
-        model=entry.name, out_dir=config.graphs_root, shape=shape, dynamic=config.dynamic,
-        precision=config.precision, gag=config.gag, weights=config.weights, seed=config.seed, img2img=config.img2img,
-    )
     with _Stage(result, "export", notify, f"exporting {entry.name} to {export_config.graphs_dir}") as stage:
         def on_export(event: ExportEvent) -> None:
             notify(BuildEvent("export", "update", f"{event.component}: {event.stage} {event.message}".strip(),

@@ -44,6 +44,7 @@ def _manifest_mismatch(config: BenchConfig, p: Plan, gag: bool) -> str | None:
         ((manifest.gag is not None) == gag, "GAG setting"),
         (not gag or manifest.gag == DEFAULT_EXPORT_GAG, f"GAG config {data.get('gag')}"),
         (wanted_components <= set(manifest.components), f"components {sorted(manifest.components)}"),
+        (not manifest.loras, f"LoRAs {[lora['name'] for lora in manifest.loras]}"),  # the benchmark times the base model
     ]
     failed = [reason for ok, reason in checks if not ok]
     if failed:
