@@ -43,7 +43,7 @@ from gag_export.artifacts.manifest import Manifest
 from gag_export.models import ImageShape, Precision, descriptors_for, get_entry
 
 MANIFEST_KEYS = {"format_version", "model", "family", "source", "revision", "weights", "dtype", "dynamic", "opset",
-                 "exporter", "shape", "gag", "components", "versions"}
+                 "exporter", "shape", "gag", "loras", "components", "versions"}
 COMPONENT_KEYS = {"role", "path", "external_data", "sha256", "size_bytes", "nodes", "inputs", "outputs", "profile",
                   "tolerance", "parity_reference"}
 IDENTITY = {"gag_scale": -1.0, "gag_eta": 1e9, "gag_zeta": 1.0}
