@@ -16,14 +16,14 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from ..core.errors import InvalidInputError
-from ..core.gag_config import GAGConfig, layer_matches
+from ..core.gag_config import ENTMAX_METHODS, GAGConfig, layer_matches
 from .dispatch import gag_attention, gag_joint_attention
-from .math import Scalar
+from .math import Scalar, update_norms
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class GuidanceParams:
         self.alpha = config.alpha
         self.method = config.method
         self.text_len: int | None = None
+        # Called as observer(attention module, pre-cap update norms [B, H, Lq]) by every GAG layer
+        # when set (calibration); None costs one attribute check and adds nothing to a graph.
+        self.observer: Callable[[torch.nn.Module, torch.Tensor], None] | None = None
 
     @contextmanager
     def bind(self, scale: Scalar, eta: Scalar, zeta: Scalar) -> Iterator["GuidanceParams"]:
@@ -55,6 +58,21 @@ class GuidanceParams:
             yield self
         finally:
             self.scale, self.eta, self.zeta = previous
+
+    @contextmanager
+    def observe(self, observer: Callable[[torch.nn.Module, torch.Tensor], None]) -> Iterator["GuidanceParams"]:
+        """Call `observer` with each GAG layer's pre-cap update norms inside the block (method sort/bisect)."""
+        previous, self.observer = self.observer, observer
+        try:
+            yield self
+        finally:
+            self.observer = previous
+
+    def report(self, attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attn_mask: torch.Tensor | None = None) -> None:
+        """Give the observer this layer's pre-cap update norms (the fused kernel's are bisect's, to fp32 noise)."""
+        method = self.method if self.method in ENTMAX_METHODS else "bisect"
+        self.observer(attn, update_norms(q, k, v, self.zeta, self.alpha, method, attn_mask))
 
 
 class GAGAttnProcessor:
@@ -99,6 +117,8 @@ class GAGAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        if self.params.observer is not None:
+            self.params.report(attn, query, key, value, attention_mask)
 
         p = self.params
         hidden_states = gag_attention(query, key, value, p.scale, p.eta, p.zeta, p.alpha, p.method, attention_mask)
@@ -152,6 +172,9 @@ class GAGFluxAttnProcessor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if self.params.observer is not None:  # GAG's part only: image queries x text keys, as [B, H, L, d]
+            q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+            self.params.report(attn, q[:, :, text_len:], k[:, :, :text_len], v[:, :, :text_len])
 
         p = self.params
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, d]

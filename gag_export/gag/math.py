@@ -146,19 +146,36 @@ def sparse_attention_probs(scores: torch.Tensor, alpha: float = 1.5, method: str
 # --------------------------------------------------------------------------- combination
 
 
+def _uncapped_update(dense: torch.Tensor, sparse: torch.Tensor, zeta: Scalar) -> tuple[torch.Tensor, torch.Tensor]:
+    """(par + zeta * orth, its norm over head_dim, keepdim): the update before the cap, computed once
+    for `gag_combine` and for `update_norms` (what calibration measures is what the cap sees)."""
+    delta = sparse - dense
+    coeff = (delta * sparse).sum(dim=-1, keepdim=True) / ((sparse * sparse).sum(dim=-1, keepdim=True) + _EPS)
+    parallel = coeff * sparse
+    guided = parallel + zeta * (delta - parallel)
+    return guided, torch.linalg.vector_norm(guided, dim=-1, keepdim=True)
+
+
 def gag_combine(dense: torch.Tensor, sparse: torch.Tensor, scale: Scalar, eta: Scalar, zeta: Scalar) -> torch.Tensor:
     """The GAG update on [..., head_dim] outputs: S + scale * cap_eta(par + zeta * orth).
 
     `par` is the projection of delta = S - D onto S, per row over head_dim. Works in the dtype
     of its inputs (callers pass fp32). `scale`, `eta`, `zeta` may be floats or 0-d tensors.
     """
-    delta = sparse - dense
-    coeff = (delta * sparse).sum(dim=-1, keepdim=True) / ((sparse * sparse).sum(dim=-1, keepdim=True) + _EPS)
-    parallel = coeff * sparse
-    guided = parallel + zeta * (delta - parallel)
-    norm = torch.linalg.vector_norm(guided, dim=-1, keepdim=True)
+    guided, norm = _uncapped_update(dense, sparse, zeta)
     guided = guided * (eta / (norm + _EPS)).clamp(max=1.0)
     return sparse + scale * guided
+
+
+def update_norms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, zeta: Scalar, alpha: float, method: str,
+                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """||par + zeta * orth|| per (batch, head, query token), before the cap: [B, H, Lq] in fp32.
+
+    For observers (calibration): the attention processors call it only when one is set, so
+    sampling and exported graphs never compute it. `method` is an entmax method ("sort"/"bisect").
+    """
+    dense, sparse = dense_and_sparse(scores(q, k, attn_mask), v, alpha, method)
+    return _uncapped_update(dense, sparse, zeta)[1].squeeze(-1)
 
 
 # --------------------------------------------------------------------------- attention
@@ -236,4 +253,5 @@ def joint_output(dense_joint: torch.Tensor, text_mass: torch.Tensor, update: tor
 __all__ = [
     "BISECT_ITERS", "JOINT_PAD", "NEWTON_ITERS", "Scalar", "dense_and_sparse", "entmax15", "entmax_alpha", "gag_combine",
     "joint_dense", "joint_output", "scores", "sparse_attention_probs", "torch_gag", "torch_joint_update",
+    "update_norms",
 ]
