@@ -79,8 +79,7 @@ def torch_runtime_gag(config):
 
 
 def load_torch_components(model: str, graphs_root: Path, options: BackendOptions) -> ComponentSet:
-    from ..gag.attention import apply_gag  # noqa: PLC0415
-    from ..models import descriptors_for, load_pipeline  # noqa: PLC0415
+    from ..models import load_pipeline  # noqa: PLC0415
     from ..models.lora import fuse_loras  # noqa: PLC0415
 
     manifest = None
@@ -97,8 +96,17 @@ def load_torch_components(model: str, graphs_root: Path, options: BackendOptions
         log.warning("%s was exported with LoRAs %s; the torch backend fuses only those given with --lora (%s)",
                     manifest.graphs_dir, ", ".join(f"{r['name']}:{r['scale']:g}" for r in exported),
                     ", ".join(f"{r['name']}:{r['scale']:g}" for r in records) or "none")
+    return torch_component_set(entry, pipe, gag, options, manifest=manifest, name=model)
+
+
+def torch_component_set(entry, pipe, gag, options: BackendOptions, manifest=None, name: str | None = None) -> ComponentSet:
+    """Torch components over a loaded fp32 pipeline, its denoiser rewritten with the GAGConfig `gag`
+    (None: left as it is, with no GAG inputs)."""
+    from ..gag.attention import apply_gag  # noqa: PLC0415
+    from ..models import descriptors_for  # noqa: PLC0415
+
     if gag is not None:
-        apply_gag(denoiser, gag)
+        apply_gag(pipe.unet if entry.family == "sdxl" else pipe.transformer, gag)
     device = options.torch_device()
     components = {}
     for descriptor in descriptors_for(entry, pipe, img2img=True):  # the encoder is the pipeline's VAE: always at hand
@@ -107,7 +115,7 @@ def load_torch_components(model: str, graphs_root: Path, options: BackendOptions
             descriptor.name, descriptor.role, descriptor.inputs("fp32", has_gag), descriptor.outputs("fp32", has_gag),
             module=descriptor.export_module(pipe), device=device, compile=options.compile,
         )
-    return ComponentSet(model, "torch", components, manifest=manifest, pipe=pipe, gag=gag)
+    return ComponentSet(name or entry.name, "torch", components, manifest=manifest, pipe=pipe, gag=gag)
 
 
-__all__ = ["TorchComponent", "load_torch_components", "no_tf32", "torch_runtime_gag"]
+__all__ = ["TorchComponent", "load_torch_components", "no_tf32", "torch_component_set", "torch_runtime_gag"]
