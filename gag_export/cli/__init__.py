@@ -7,6 +7,7 @@ and the exit code documented in README (see `gag_export.core.errors.EXIT_CODES`)
 
 from . import build_commands, run_commands, serve_commands  # noqa: F401  (each registers its commands on `cli`)
 from . import sweep_commands  # noqa: F401
+from . import tune_commands  # noqa: F401
 from .app import cli, main
 
 __all__ = ["cli", "main"]
