@@ -4,8 +4,8 @@ The rule: per layer, eta = the (1 - clip_share)-quantile of the pre-cap update n
 prompt, step, head and token, so that `clip_share` of the tokens are capped. The cap's job is to
 bound the outliers whose update would leave the contraction region, not to shrink every update;
 a quantile makes "how many tokens are capped" the user's knob and means the same on every layer,
-although layers' norms differ by orders of magnitude (one eta for all caps nearly every token of
-some layers and none of others). Per step: the same quantile of that step's norms, given only for
+however far apart the layers' norms are (one eta for all caps nearly every token of some layers
+and none of others when they differ widely). Per step: the same quantile of that step's norms, given only for
 a layer where some step's value differs from the layer's by more than `step_tolerance` (relative).
 """
 
