@@ -202,9 +202,9 @@ def test_calibrate_apply_records_the_per_layer_eta(tmp_path, tmp_path_factory):
     from export_helpers import exported, shared_root
 
     with torch_threads(1):
-        exported("sdxl", shared_root(tmp_path_factory))
+        manifest = exported("sdxl", shared_root(tmp_path_factory))
     graphs = tmp_path / "tiny-sdxl"
-    shutil.copytree(shared_root(tmp_path_factory) / "sdxl", graphs)
+    shutil.copytree(manifest.graphs_dir, graphs)  # --apply rewrites the manifest: not the session's shared one
     out = tmp_path / "cal.json"
     with torch_threads(1):
         result = CliRunner().invoke(cli, ["calibrate", "--model", "tiny-sdxl", "--steps", "1", "--no-plot",

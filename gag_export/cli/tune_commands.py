@@ -65,6 +65,7 @@ def calibrate_command(model, prompts_path, steps, seed, weights, height, width, 
     from ..core.atomic import check_writable
     from ..core.gag_config import DEFAULT_EXPORT_GAG
     from ..workflows import calibrate
+    from ..workflows.evaluate import read_prompts
 
     has_matplotlib = "matplotlib" not in missing_modules("bench")  # plots need nothing else of the extra
     if plot and not has_matplotlib:
@@ -82,7 +83,7 @@ def calibrate_command(model, prompts_path, steps, seed, weights, height, width, 
     given = {k: v for k, v in (("scale", gag_scale), ("eta", gag_eta), ("zeta", gag_zeta), ("layers", gag_layers))
              if v is not None}
     config = calibrate.CalibrationConfig(
-        model, prompts=calibrate.read_prompts(prompts_path) if prompts_path else (), steps=steps, seed=seed,
+        model, prompts=read_prompts(prompts_path) if prompts_path else (), steps=steps, seed=seed,
         weights=weights, height=height, width=width, gag=replace(gag, **given), clip_share=clip_share,
         step_tolerance=step_tolerance, eta_grid=_floats(eta_grid, "--eta-grid") or calibrate.DEFAULT_ETA_GRID,
         device=device,

@@ -21,11 +21,11 @@ from .report import (
     read_calibration,
     write_calibration,
 )
-from .run import Calibration, CalibrationConfig, default_prompts, read_prompts, run_calibration
+from .run import Calibration, CalibrationConfig, default_prompts, run_calibration
 from .stats import DEFAULT_ETA_GRID, RESOLUTION, NormStats
 
 __all__ = [
     "CALIBRATION_FORMAT", "DEFAULT_ETA_GRID", "RESOLUTION", "Calibration", "CalibrationConfig", "NormStats",
     "apply_calibration", "calibration_document", "check_calibration", "default_prompts", "plot_paths",
-    "read_calibration", "read_prompts", "run_calibration", "write_calibration", "write_plots",
+    "read_calibration", "run_calibration", "write_calibration", "write_plots",
 ]

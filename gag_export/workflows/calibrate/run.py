@@ -12,32 +12,21 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from importlib import resources
-from pathlib import Path
 from typing import Callable
 
 from ...core.errors import GagExportError, InvalidInputError
 from ...core.gag_config import DEFAULT_EXPORT_GAG, ENTMAX_METHODS, GAGConfig
 from ...core.shapes import check_prompt
 from ...models.loading import WEIGHTS_KINDS
+from ..evaluate import read_prompts
 from .stats import DEFAULT_ETA_GRID, RESOLUTION, NormStats
 
 log = logging.getLogger(__name__)
 
 def default_prompts() -> tuple[str, ...]:
     """The 24 prompts shipped with the package (written for this project): subjects, styles, text, scenes."""
-    return read_prompts(resources.files(__package__) / "prompts.txt")
-
-
-def read_prompts(path) -> tuple[str, ...]:
-    """One prompt a line; blank lines and lines starting with # are skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8") if isinstance(path, (str, Path)) else path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"--prompts: cannot read {path}: {exc}") from None
-    prompts = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
-    if not prompts:
-        raise InvalidInputError(f"--prompts: {path} holds no prompt (one a line)")
-    return tuple(check_prompt(p) for p in prompts)
+    with resources.as_file(resources.files(__package__) / "prompts.txt") as path:
+        return tuple(read_prompts(path))
 
 
 @dataclass(frozen=True)
@@ -187,4 +176,4 @@ def run_calibration(config: CalibrationConfig, progress: Callable[[int, int], No
     return Calibration(config, entry.family, names, steps, stats, time.perf_counter() - start, timesteps)
 
 
-__all__ = ["Calibration", "CalibrationConfig", "default_prompts", "read_prompts", "run_calibration"]
+__all__ = ["Calibration", "CalibrationConfig", "default_prompts", "run_calibration"]
