@@ -10,7 +10,7 @@ The SDXL base entry samples with classifier-free guidance, so each step is two U
 2-core CPU one 1024^2 fp32 UNet call takes about 40 s; 512^2 about a quarter of that); `--model
 dmd2` measures the one-call distilled path. Peak RSS is the kernel's high-water mark (VmHWM, Linux),
 read at the end: the pipeline's random fp32 weights (about 14 GB for SDXL) dominate it, the
-statistics are under 2 MB. Nothing is written except `--json` and the calibration (`--out`).
+statistics are about 5 KB per (layer, step). Nothing is written except `--json` and the calibration (`--out`).
 """
 
 from __future__ import annotations
