@@ -15,5 +15,7 @@ MANIFEST_NAME = "manifest.json"  # graphs/<model>/manifest.json
 GRAPH_NAME = "model.onnx"  # graphs/<model>/<component>/model.onnx
 DATA_SUFFIX = ".data"  # its external data, when the weights exceed protobuf's 2 GB: model.onnx.data
 PARITY_NAME = "parity.npz"  # beside model.onnx: the sample feed and torch's outputs recorded at export
+WEIGHT_MAP_NAME = "weight_map.json"  # beside the denoiser's model.onnx: each parameter's initializer (export/weight_map.py)
 
-__all__ = ["DATA_SUFFIX", "FAMILIES", "GAG_INPUTS", "GRAPH_NAME", "IMG2IMG_COMPONENTS", "MANIFEST_NAME", "PARITY_NAME"]
+__all__ = ["DATA_SUFFIX", "FAMILIES", "GAG_INPUTS", "GRAPH_NAME", "IMG2IMG_COMPONENTS", "MANIFEST_NAME", "PARITY_NAME",
+           "WEIGHT_MAP_NAME"]

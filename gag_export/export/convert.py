@@ -67,6 +67,7 @@ from .pipeline import (
     set_gag,
     weights_bytes,
 )
+from .weight_map import parameter_digests, record_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +358,8 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
                 if release_now:  # the fp32 weights are needed no more: only the reduced copy is exported
                     release_weights(pipe, descriptor.module_attr)
             module = descriptor.export_module(work)
+            # the denoiser's parameters hashed while they are here, matched against the final graph below
+            digests = parameter_digests(denoiser_module(work)) if descriptor.role == "denoiser" else None
             try:
                 nodes = _export_one(descriptor, module, config, precision, gag, dest)
             except (GagExportError, MemoryError, OSError):
@@ -378,6 +381,8 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
             entry_json = _component_entry(descriptor, config, precision, comp_dir, tmp)
             if reference is not None:
                 entry_json["parity_reference"] = reference
+            if digests is not None:
+                entry_json["weight_map"] = record_weight_map(comp_dir, descriptor.name, digests, dest, tmp)
             manifest["components"][descriptor.name] = entry_json
             stats[descriptor.name] = ComponentStats(entry_json["nodes"], entry_json["size_bytes"],
                                                     time.perf_counter() - start, before, slimmed)
