@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from export_helpers import exported, pipeline, shared_root
 from onnx import TensorProto, helper, numpy_helper
 
+from gag_export.artifacts.manifest import Manifest
 from gag_export.core.errors import ArtifactError, InvalidInputError
 from gag_export.export.weight_map import WeightMap, load_weight_map, match_weights, parameter_digests
 
@@ -113,3 +115,141 @@ def test_weight_map_is_checked_against_the_manifest(graphs_root, tmp_path):
     with pytest.raises(ArtifactError, match="does not match its manifest's sha256"):
         load_weight_map(tmp_path, entry)
     assert json.loads(text)["component"] == "unet"
+
+
+# --------------------------------------------------------------------------- `gag-export lora`
+
+RANK = 4
+
+
+def write_lora(path: Path, denoiser, prefix: str, targets, seed: int) -> Path:
+    """A random rank-RANK LoRA in diffusers/PEFT keys (`unet.<module>.lora_A.weight`, `lora_B`)."""
+    from safetensors.torch import save_file
+
+    modules = dict(denoiser.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for target in targets:
+        linear = modules[target]
+        state[f"{prefix}.{target}.lora_A.weight"] = torch.randn(RANK, linear.in_features, generator=gen) * 0.1
+        state[f"{prefix}.{target}.lora_B.weight"] = torch.randn(linear.out_features, RANK, generator=gen) * 0.1
+    save_file(state, str(path))
+    return path
+
+
+def _attention_modules(weight_map: WeightMap, limit: int) -> list[str]:
+    return [n.removesuffix(".weight") for n in weight_map.parameters if n.endswith(ATTENTION)][:limit]
+
+
+def _tree_digest(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _denoiser_outputs(manifest, feed) -> np.ndarray:
+    from export_helpers import run, session
+
+    comp = next(n for n, c in manifest.components.items() if c["role"] == "denoiser")
+    return run(session(manifest.graph_path(comp)), feed)[0]
+
+
+def test_lora_variant_equals_a_fresh_export_with_the_lora(graphs_root, tmp_path):
+    """Two LoRAs with scales: the variant written without tracing gives ONNX Runtime the outputs a
+    fresh export of the fused UNet gives (fp32 rounding), passes `check`, and leaves the original
+    byte-identical."""
+    from click.testing import CliRunner
+    from export_helpers import BISECT
+
+    from gag_export.cli import cli
+    from gag_export.export import ExportConfig, export_model
+    from gag_export.export.parity import load_reference
+    from gag_export.models import ImageShape, get_entry
+    from gag_export.models.lora import LoraSpec, add_deltas, lora_deltas, restore_parameters
+
+    original = exported("sdxl", graphs_root)
+    before = _tree_digest(original.graphs_dir)
+    unet = pipeline("tiny-sdxl").unet
+    weight_map = load_weight_map(original.graphs_dir, original.components["unet"]["weight_map"])
+    targets = _attention_modules(weight_map, 6)
+    files = [write_lora(tmp_path / "a.safetensors", unet, "unet", targets[:4], 1),
+             write_lora(tmp_path / "b.safetensors", unet, "unet", targets[2:], 2)]
+    out = tmp_path / "variant"
+    args = ["lora", str(original.graphs_dir), "--lora", f"{files[0]}:0.8", "--lora", f"{files[1]}:0.5", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert _tree_digest(original.graphs_dir) == before
+    variant = Manifest.load(out / "tiny-sdxl")
+    assert [r["scale"] for r in variant.data["loras"]] == [0.8, 0.5]
+    assert variant.data["derived_from"]["manifest_sha256"] == hashlib.sha256(before["manifest.json"]).hexdigest()
+    assert variant.components["unet"]["sha256"] != original.components["unet"]["sha256"]
+    assert variant.components["vae_decoder"] == original.components["vae_decoder"]
+
+    specs = [LoraSpec(files[0], 0.8), LoraSpec(files[1], 0.5)]
+    saved = add_deltas(unet, lora_deltas(specs, "sdxl", weight_map.shapes()), keep=True)
+    try:
+        entry = get_entry("tiny-sdxl")
+        fresh = export_model(pipeline("tiny-sdxl"), entry, ExportConfig(
+            "tiny-sdxl", tmp_path / "fresh", ImageShape(entry.height, entry.width, 1), gag=BISECT, components=("unet",)))
+    finally:
+        restore_parameters(unet, saved)
+    feed = load_reference(original.graphs_dir, original.components["unet"]["parity_reference"]).feed
+    got, want, base = (_denoiser_outputs(m, feed) for m in (variant, fresh, original))
+    scale = float(np.abs(want).max())
+    assert np.abs(got - want).max() <= 1e-5 * scale
+    assert np.abs(base - want).max() > 1e-3 * scale  # the LoRA changes the output
+
+    # parity is what the comparison above did (a LoRA denoiser has no torch reference recorded)
+    checked = CliRunner().invoke(cli, ["check", str(variant.graphs_dir), "--no-parity"])
+    assert checked.exit_code == 0, checked.output
+
+
+def test_lora_variant_of_flux_changes_only_what_the_lora_touches(graphs_root, tmp_path):
+    original = exported("flux", graphs_root)
+    before = _tree_digest(original.graphs_dir)
+    weight_map = load_weight_map(original.graphs_dir, original.components["transformer"]["weight_map"])
+    from gag_export.export.lora_variant import make_lora_variant
+    from gag_export.models.lora import LoraSpec
+
+    path = write_lora(tmp_path / "f.safetensors", pipeline("tiny-flux").transformer, "transformer",
+                      _attention_modules(weight_map, 2), 3)
+    variant = make_lora_variant(original.graphs_dir, tmp_path / "v", [LoraSpec(path)])
+    assert _tree_digest(original.graphs_dir) == before
+    old = {i.name: i.raw_data for i in onnx.load(str(original.graph_path("transformer"))).graph.initializer}
+    new = {i.name: i.raw_data for i in onnx.load(str(variant.graph_path("transformer"))).graph.initializer}
+    changed = {n for n in old if old[n] != new[n]}
+    placed = weight_map.place([f"{m}.weight" for m in _attention_modules(weight_map, 2)])
+    assert changed == {t.initializer for targets in placed.values() for t in targets}
+    assert variant.data["derived_from"]["changed_initializers"] == len(changed)
+
+
+def test_lora_on_an_unplaceable_weight_is_refused_and_nothing_is_written(graphs_root, tmp_path):
+    """A LoRA on a weight the map cannot place (here marked so in a copy of the export): exit 2 in
+    one line, no output folder, no temp folder left."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from gag_export.cli import cli
+
+    original = exported("sdxl_nogag_unet", graphs_root)
+    copy = tmp_path / "graphs"
+    shutil.copytree(original.graphs_dir, copy / "tiny-sdxl")
+    copy = copy / "tiny-sdxl"
+    entry = original.components["unet"]["weight_map"]
+    doc = json.loads((copy / entry["path"]).read_text())
+    target = _attention_modules(WeightMap("unet", doc["parameters"]), 1)[0]
+    param = doc["parameters"][f"{target}.weight"]
+    param["unplaceable"] = "the exporter merged it (test)"
+    del param["targets"]
+    text = json.dumps(doc)
+    (copy / entry["path"]).write_text(text)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["components"]["unet"]["weight_map"]["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    lora = write_lora(tmp_path / "a.safetensors", pipeline("tiny-sdxl").unet, "unet", [target], 1)
+    result = CliRunner().invoke(cli, ["lora", str(copy), "--lora", str(lora), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "cannot take in place" in result.output and target in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "graphs"]
+    assert not (tmp_path / "out").exists()
+    again = CliRunner().invoke(cli, ["lora", str(copy), "--lora", str(lora), "--out", str(copy.parent)])
+    assert again.exit_code == 2 and "would replace the export" in again.output

@@ -5,9 +5,7 @@ reports what they return. Errors from the layers (`GagExportError`) become one l
 and the exit code documented in README (see `gag_export.core.errors.EXIT_CODES`).
 """
 
-from . import build_commands, run_commands, serve_commands  # noqa: F401  (each registers its commands on `cli`)
-from . import sweep_commands  # noqa: F401
-from . import tune_commands  # noqa: F401
+from . import build_commands, lora_commands, run_commands, serve_commands, sweep_commands, tune_commands  # noqa: F401  (each registers its commands on `cli`)
 from .app import cli, main
 
 __all__ = ["cli", "main"]
