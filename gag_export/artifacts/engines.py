@@ -132,12 +132,15 @@ class Sidecar:
     format_version: int = SIDECAR_FORMAT_VERSION
     flavor: str = TENSORRT.name  # "tensorrt" or "tensorrt-rtx" (sidecars before it: TensorRT)
     targets: tuple[tuple[int, int], ...] = ()  # TensorRT-RTX: the compute capabilities it was built for
+    loras: tuple[dict, ...] = ()  # a refit engine: the LoRAs of the graph it was refit from (`gag-export lora`)
+    refit_from: str | None = None  # a refit engine: the sha256 of the engine it is a refit copy of
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["compute_capability"] = list(self.compute_capability)
         data["targets"] = [list(t) for t in self.targets]
         data["io"] = list(self.io)
+        data["loras"] = list(self.loras)
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -148,12 +151,14 @@ class Sidecar:
         if data.get("format_version") != SIDECAR_FORMAT_VERSION:
             raise ValueError(f"format_version {data.get('format_version')!r}, expected {SIDECAR_FORMAT_VERSION}")
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data) - {"gag_export_version", "io", "format_version", "flavor", "targets"})
+        missing = sorted(known - set(data) - {"gag_export_version", "io", "format_version", "flavor", "targets",
+                                              "loras", "refit_from"})
         if missing:
             raise ValueError(f"missing {', '.join(missing)}")
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["compute_capability"] = tuple(int(x) for x in data["compute_capability"])
         kwargs["io"] = tuple(data.get("io", ()))
+        kwargs["loras"] = tuple(data.get("loras", ()))
         kwargs["targets"] = tuple(tuple(int(x) for x in t) for t in data.get("targets", ()))
         get_flavor(kwargs.setdefault("flavor", TENSORRT.name))  # ValueError-like InvalidInputError for an unknown one
         kwargs.setdefault("gag_export_version", "unknown")

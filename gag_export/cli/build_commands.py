@@ -176,8 +176,10 @@ def _print_build_summary(result) -> None:
               help="TensorRT 10.x only: build an fp32 graph with BuilderFlag.FP16/BF16, GAG layers pinned to fp32.")
 @click.option("--rebuild", is_flag=True, help="Build even when a matching cached engine exists.")
 @click.option("--component", "components", multiple=True, metavar="NAME", help="Only this component (repeatable).")
+@click.option("--refittable", is_flag=True, help="BuilderFlag.REFIT: `gag-export lora` refits a copy with a LoRA's "
+              "weights instead of rebuilding (a separate cache entry from the plain engine).")
 def engine_command(graphs_dir: Path, out_dir: Path, backend: str, targets, precision, shapes, timing_cache, workspace_gb,
-                   opt_level, weakly_typed: bool, rebuild: bool, components: tuple[str, ...]) -> None:
+                   opt_level, weakly_typed: bool, rebuild: bool, components: tuple[str, ...], refittable: bool) -> None:
     """Build (or reuse) TensorRT or TensorRT-RTX engines for an exported model (exit 3 without the
     builder, or without a GPU for TensorRT).
 
@@ -193,6 +195,7 @@ def engine_command(graphs_dir: Path, out_dir: Path, backend: str, targets, preci
     options = engine.EngineOptions(
         backend=backend, targets=targets, precision=precision, shapes=shapes or "manifest", weakly_typed=weakly_typed,
         opt_level=opt_level, workspace_gb=workspace_gb, timing_cache=timing_cache, rebuild=rebuild, components=components,
+        refittable=refittable,
     )
     records = engine.build(graphs_dir, out_dir, options)
     if not records:

@@ -31,6 +31,7 @@ class EngineOptions:
     timing_cache: Path | None = None  # None: <out>/timing/trt<version>-sm<XY>.cache
     rebuild: bool = False
     components: tuple[str, ...] = ()  # empty: every component in the manifest
+    refittable: bool = False  # BuilderFlag.REFIT: `gag-export lora` refits a copy instead of rebuilding
 
     def __post_init__(self) -> None:
         flavor = get_flavor(self.backend)  # InvalidInputError for an unknown one

@@ -79,6 +79,7 @@ class EngineSpec:
     opt_level: int | None = None
     workspace_bytes: int | None = None
     fp32_nodes: tuple[str, ...] = ()  # weakly typed path: ONNX nodes whose layers are pinned to fp32
+    refittable: bool = False  # BuilderFlag.REFIT (engine/refit.py)
 
     def builder_flags(self) -> dict:
         """The builder settings that shape the engine (recorded in the sidecar, hashed into the name)."""
@@ -90,6 +91,7 @@ class EngineSpec:
             "tf32": False,
             "builder_optimization_level": self.opt_level,
             "workspace_bytes": self.workspace_bytes,
+            **({"refittable": True} if self.refittable else {}),  # absent otherwise: older engines keep their names
         }
 
     def settings_hash(self) -> str:
@@ -170,6 +172,7 @@ def component_specs(
                 opt_level=options.opt_level,
                 workspace_bytes=options.workspace_bytes,
                 fp32_nodes=fp32_nodes,
+                refittable=options.refittable,
             )
         )
     return specs
@@ -350,6 +353,8 @@ class PolygraphyPlanBuilder:
 
         trt = import_tensorrt(self.caps.flavor)
         kwargs: dict[str, Any] = {"profiles": [spec.profile.to_polygraphy()]}
+        if spec.refittable:
+            kwargs["refittable"] = True
         if timing_cache is not None:
             kwargs["load_timing_cache"] = str(timing_cache)
         if spec.opt_level is not None:
