@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -253,3 +254,96 @@ def test_lora_on_an_unplaceable_weight_is_refused_and_nothing_is_written(graphs_
     assert not (tmp_path / "out").exists()
     again = CliRunner().invoke(cli, ["lora", str(copy), "--lora", str(lora), "--out", str(copy.parent)])
     assert again.exit_code == 2 and "would replace the export" in again.output
+
+
+# --------------------------------------------------------------------------- refittable engines
+
+needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
+                               reason="tensorrt_rtx is not installed (`pip install \"gag-export[tensorrt-rtx]\"`)")
+
+
+@needs_rtx
+def test_refittable_engines_set_builder_flag_refit_and_have_their_own_cache_name(graphs_root):
+    from gag_export.artifacts.engines import RuntimeTarget
+    from gag_export.core.tensorrt import import_tensorrt, trt_features
+    from gag_export.engine import EngineOptions, PolygraphyPlanBuilder, component_specs
+
+    manifest = exported("sdxl_nogag_unet", graphs_root)
+    caps = trt_features("tensorrt-rtx")
+    target = RuntimeTarget.ahead_of_time(caps, "sm86")
+    specs = {refit: component_specs(manifest.graphs_dir, manifest.data, EngineOptions(
+        backend="tensorrt-rtx", refittable=refit), caps)[0] for refit in (False, True)}
+    assert specs[True].builder_flags()["refittable"] is True and "refittable" not in specs[False].builder_flags()
+    assert specs[True].filename(target) != specs[False].filename(target)
+    trt = import_tensorrt("tensorrt-rtx")
+    for refit, spec in specs.items():
+        plan_builder = PolygraphyPlanBuilder(caps, target)
+        builder, network, _parser = plan_builder.network(spec)()
+        config = plan_builder.config(spec, None)(builder, network)
+        assert config.get_flag(trt.BuilderFlag.REFIT) is refit
+
+
+def _fake_engine(folder: Path, sha: str, refittable: bool, name: str) -> Path:
+    from gag_export.artifacts.engines import Sidecar, sidecar_path
+
+    plan = folder / f"{sha[:12]}-rtx1.7.1.116-sm86-fp32-{name}.plan"
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    plan.write_bytes(b"plan")
+    sidecar = Sidecar(model="tiny-sdxl", component="unet", graphs_dir="g", onnx_path="g/unet/model.onnx",
+                      onnx_sha256=sha, engine_sha256=hashlib.sha256(b"plan").hexdigest(), engine_size_bytes=4,
+                      tensorrt_version="1.7.1.116", gpu_name="", compute_capability=(8, 6), precision="fp32",
+                      profile={}, builder_flags={"refittable": True} if refittable else {}, build_seconds=1.0,
+                      built_at="now", flavor="tensorrt-rtx", targets=((8, 6),))
+    sidecar_path(plan).write_text(sidecar.to_json())
+    return plan
+
+
+def test_the_engine_cache_tells_a_refit_copy_from_its_original(graphs_root, tmp_path):
+    """Only refittable engines of the original graph are refit; the copy is named after the variant's
+    graph and its sidecar records the LoRAs and the engine it was refit from."""
+    from gag_export.artifacts.engines import Sidecar, read_sidecar
+    from gag_export.engine.refit import refit_path, refit_sidecar, refittable_engines
+
+    original = exported("sdxl_nogag_unet", graphs_root)
+    sha = original.components["unet"]["sha256"]
+    folder = tmp_path / "engines" / "tiny-sdxl" / "unet"
+    refittable = _fake_engine(folder, sha, True, "aaaaaaaaaa")
+    _fake_engine(folder, sha, False, "bbbbbbbbbb")
+    _fake_engine(folder, "f" * 64, True, "cccccccccc")  # another graph's
+    assert refittable_engines(tmp_path / "engines", original, "unet") == [refittable]
+
+    data = json.loads(json.dumps(original.data))
+    data["components"]["unet"]["sha256"] = "e" * 64
+    data["loras"] = [{"name": "a.safetensors", "sha256": "1" * 64, "scale": 0.8}]
+    variant = Manifest(tmp_path / "variant" / "tiny-sdxl", data)
+    dest = refit_path(refittable, variant, "unet")
+    assert dest.parent == folder and dest.name == refittable.name.replace(sha[:12], "e" * 12)
+    copy = Sidecar.from_json(refit_sidecar(read_sidecar(refittable), variant, "unet", b"refit", 0.5).to_json())
+    assert copy.onnx_sha256 == "e" * 64 and copy.loras == tuple(data["loras"])
+    assert copy.refit_from == hashlib.sha256(b"plan").hexdigest() != copy.engine_sha256
+    assert read_sidecar(refittable).loras == () and read_sidecar(refittable).refit_from is None
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_refit_engine_runs_the_variant_weights(graphs_root, tmp_path):
+    """Refitting deserializes the engine: it needs the GPU the engine runs on (TensorRT, or an RTX GPU
+    for TensorRT-RTX), so here it is skipped. Build a refittable engine of the original, make a
+    variant, refit: the refit copy is found for the variant's graph and records its LoRAs."""
+    from gag_export.core.gpu import detect_gpu
+
+    if detect_gpu(0) is None:
+        pytest.skip("refitting deserializes the engine: needs an NVIDIA GPU")
+    from gag_export.engine import EngineOptions, build
+    from gag_export.engine.refit import refit_engines
+    from gag_export.export.lora_variant import make_lora_variant
+    from gag_export.models.lora import LoraSpec
+
+    original = exported("sdxl_nogag_unet", graphs_root)
+    backend = "tensorrt" if importlib.util.find_spec("tensorrt") else "tensorrt-rtx"
+    records = build(original.graphs_dir, tmp_path / "engines", EngineOptions(backend=backend, refittable=True))
+    weight_map = load_weight_map(original.graphs_dir, original.components["unet"]["weight_map"])
+    lora = write_lora(tmp_path / "a.safetensors", pipeline("tiny-sdxl").unet, "unet", _attention_modules(weight_map, 2), 1)
+    variant = make_lora_variant(original.graphs_dir, tmp_path / "v", [LoraSpec(lora)])
+    refits = refit_engines(tmp_path / "engines", original, variant, "unet")
+    assert len(refits) == 1 and refits[0].source == records[0].path and refits[0].path.is_file()
