@@ -98,8 +98,8 @@ def sweep_command(model, scales, etas, zeta, baseline, steps, backend, height, w
 
 @cli.command("eval")
 @grid_options
-@click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Prompt set: a text file, one prompt per line ('#' starts a comment).")
+@click.option("--prompts", "prompts_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Prompt set: a text file, one prompt per line ('#' starts a comment) [default: the 24 shipped prompts].")
 @click.option("--negative-prompt", default="", help="Negative prompt for every image (models with classifier-free guidance).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Prompt i is sampled with seed + i at every setting.")
 @click.option("--scorer", type=click.Choice(["clip", "pickscore", "imagereward"]), default="clip", show_default=True,
@@ -125,13 +125,13 @@ def eval_command(model, scales, etas, zeta, baseline, steps, backend, height, wi
     from ..core.extras import require_extra
     from ..runtime import GenerationConfig, check_request, parse_backend
     from ..runtime.exports import model_entry
-    from ..workflows.evaluate import OUTPUT_NAMES, read_prompts, render_eval_markdown, run_eval, write_outputs
+    from ..workflows.evaluate import OUTPUT_NAMES, default_prompts, read_prompts, render_eval_markdown, run_eval, write_outputs
     from ..workflows.scorers import load_scorer
     from ..workflows.sweep import parse_grid
 
     backend = parse_backend(backend)
     grid = parse_grid(scales, etas, baseline, zeta)  # bad input fails before anything loads or is written
-    prompts = read_prompts(prompts_path)
+    prompts = read_prompts(prompts_path) if prompts_path is not None else list(default_prompts())
     check_request(model_entry(model, graphs_root),
                   GenerationConfig(prompts[0], seed=seed, steps=steps, height=height, width=width))
     if plot:

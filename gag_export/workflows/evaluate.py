@@ -20,6 +20,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from ..core.atomic import atomic_path, write_atomic
@@ -43,6 +44,13 @@ def read_prompts(path: Path) -> list[str]:
     for prompt in prompts:
         check_prompt(prompt)
     return prompts
+
+
+def default_prompts() -> tuple[str, ...]:
+    """The 24 prompts shipped with the package (written for this project: subjects, styles, text,
+    scenes): `calibrate` and `eval` use them when no `--prompts` file is given."""
+    with resources.as_file(resources.files(__package__) / "prompts.txt") as path:
+        return tuple(read_prompts(path))
 
 
 @dataclass(frozen=True)

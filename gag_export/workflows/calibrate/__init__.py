@@ -21,7 +21,8 @@ from .report import (
     read_calibration,
     write_calibration,
 )
-from .run import Calibration, CalibrationConfig, default_prompts, run_calibration
+from ..evaluate import default_prompts
+from .run import Calibration, CalibrationConfig, run_calibration
 from .stats import DEFAULT_ETA_GRID, RESOLUTION, NormStats
 
 __all__ = [

@@ -11,23 +11,16 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from typing import Callable
 
 from ...core.errors import GagExportError, InvalidInputError
 from ...core.gag_config import DEFAULT_EXPORT_GAG, ENTMAX_METHODS, GAGConfig
 from ...core.shapes import check_prompt
 from ...models.loading import WEIGHTS_KINDS
-from ..evaluate import read_prompts
+from ..evaluate import default_prompts
 from .stats import DEFAULT_ETA_GRID, RESOLUTION, NormStats
 
 log = logging.getLogger(__name__)
-
-def default_prompts() -> tuple[str, ...]:
-    """The 24 prompts shipped with the package (written for this project): subjects, styles, text, scenes."""
-    with resources.as_file(resources.files(__package__) / "prompts.txt") as path:
-        return tuple(read_prompts(path))
-
 
 @dataclass(frozen=True)
 class CalibrationConfig:
@@ -176,4 +169,4 @@ def run_calibration(config: CalibrationConfig, progress: Callable[[int, int], No
     return Calibration(config, entry.family, names, steps, stats, time.perf_counter() - start, timesteps)
 
 
-__all__ = ["Calibration", "CalibrationConfig", "default_prompts", "run_calibration"]
+__all__ = ["Calibration", "CalibrationConfig", "run_calibration"]
