@@ -15,9 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.atomic import write_atomic
 from ..core.errors import ArtifactError, InvalidInputError
-from ..core.gag_config import GAGConfig
-from ..core.names import DATA_SUFFIX, FAMILIES, GAG_INPUTS, MANIFEST_NAME
+from ..core.gag_config import GAGConfig, GuidanceValue, guidance_value
+from ..core.names import DATA_SUFFIX, FAMILIES, GAG_INPUTS, MANIFEST_NAME, PER_LAYER_GAG_INPUTS
 from ..core.precision import Precision
 from ..core.shapes import ImageShape
 
@@ -64,6 +65,22 @@ class Manifest:
     def loras(self) -> list[dict]:
         """The LoRAs fused into the denoiser at export (`{"name", "sha256", "scale"}`); [] for none or older exports."""
         return list(self.data.get("loras") or [])
+
+    @property
+    def gag_layer_names(self) -> list[str] | None:
+        """The rewritten layers in the order of the denoiser's per-layer gag_scale/gag_eta entries;
+        None for an export made before per-layer guidance (its inputs are 0-d)."""
+        names = (self.data.get("gag") or {}).get("layer_names")
+        return list(names) if isinstance(names, list) else None
+
+    @property
+    def gag_defaults(self) -> dict[str, GuidanceValue]:
+        """{"scale", "eta"}: what a request without them runs; calibrated per-layer values
+        (`apply_gag_defaults`) in place of the export's own where they were applied."""
+        gag = self.data.get("gag") or {}
+        applied = gag.get("defaults") or {}
+        return {key: tuple(applied[key]) if isinstance(applied.get(key), list) else applied.get(key, gag.get(key))
+                for key in ("scale", "eta")}
 
     def graph_path(self, component: str) -> Path:
         return self.graphs_dir / self.components[component]["path"]
@@ -124,13 +141,15 @@ class Manifest:
             except (InvalidInputError, ValueError, KeyError, TypeError) as exc:
                 problems.append(f"gag: {exc}")
             problems += self._gag_input_problems(gag["enabled"])
+            if gag["enabled"]:
+                problems += self._gag_default_problems()
         problems += self._path_problems()
         problems += _lora_problems(self.data.get("loras", []))
         if problems:
             raise ArtifactError(f"{self.path}: {'; '.join(problems)}; re-export the model")
 
     def _gag_input_problems(self, enabled: bool) -> list[str]:
-        """A GAG export's denoiser takes the 0-d `gag_*` inputs, a plain one none of them (so a manifest
+        """A GAG export's denoiser takes the `gag_*` inputs, a plain one none of them (so a manifest
         that says otherwise, `"gag": null` over a GAG graph, is refused rather than fed wrongly)."""
         problems = []
         for name, comp in self.components.items():
@@ -140,6 +159,31 @@ class Manifest:
                 problems.append(f"gag.enabled is true but {name} takes no {'/'.join(GAG_INPUTS)} input")
             elif has and not enabled:
                 problems.append(f"gag.enabled is false but {name} takes {sorted(has)}")
+        return problems
+
+    def _gag_default_problems(self) -> list[str]:
+        """layer_names is a list of names as long as the per-layer inputs; applied defaults follow
+        the value rules, one value or one per layer."""
+        names = (self.data.get("gag") or {}).get("layer_names")
+        if names is not None and not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            return [f"gag.layer_names must be a list of module names, got {names!r}"]
+        problems = []
+        for comp in self.components.values():
+            for spec in comp["inputs"] if isinstance(comp["inputs"], list) else []:
+                if isinstance(spec, dict) and spec.get("name") in PER_LAYER_GAG_INPUTS and spec.get("shape") \
+                        and spec.get("shape") != [len(names or [])]:
+                    problems.append(f"{spec['name']} has shape {spec.get('shape')}, gag.layer_names holds "
+                                    f"{len(names or [])} layers")
+        applied = self.data["gag"].get("defaults")
+        if applied is not None and not isinstance(applied, dict):
+            problems.append(f"gag.defaults must be an object, got {applied!r}")
+        elif applied:
+            for key in ("scale", "eta"):
+                if key in applied:
+                    try:
+                        guidance_value(key, applied[key], len(names) if names else None)
+                    except InvalidInputError as exc:
+                        problems.append(f"gag.defaults.{exc}")
         return problems
 
     def _path_problems(self) -> list[str]:
@@ -168,6 +212,35 @@ def _lora_problems(loras) -> list[str]:
         if not ok:
             problems.append(f"loras[{i}] must be {{name, sha256 (hex), scale (finite)}}, got {lora!r}")
     return problems
+
+
+def apply_gag_defaults(graphs_dir: Path, *, eta: GuidanceValue | list[float] | None = None,
+                       scale: GuidanceValue | list[float] | None = None, source: str) -> None:
+    """Record guidance defaults (calibrated ones, say) in an export's manifest: what `generate`, the
+    API and the Triton pipeline run when a request gives no eta/scale.
+
+    `eta`, `scale`: one number for every layer, or a list with one per rewritten layer in the
+    order of the manifest's `gag.layer_names` (exports made before per-layer guidance take one
+    number only). Values follow GAGConfig's rules (InvalidInputError). `source` says where they
+    come from (`calibrate cal.json`). The manifest is rewritten atomically; the graphs, and so
+    their digests and engines built from them, are untouched. None leaves a value as it was.
+    """
+    manifest = Manifest.load(graphs_dir)
+    gag = manifest.data.get("gag") or {}
+    if not gag.get("enabled"):
+        raise InvalidInputError(f"{graphs_dir} was exported without GAG (--no-gag): it has no guidance to set defaults for")
+    if not isinstance(source, str) or not source.strip():
+        raise InvalidInputError("source: say where the defaults come from (a calibration file, a command)")
+    names = manifest.gag_layer_names
+    applied = dict(gag.get("defaults") or {})
+    for key, value in (("eta", eta), ("scale", scale)):
+        if value is not None:
+            checked = guidance_value(key, list(value) if isinstance(value, tuple) else value, len(names) if names else None)
+            applied[key] = list(checked) if isinstance(checked, tuple) else checked
+    applied["source"] = source
+    data = {**manifest.data, "gag": {**gag, "defaults": applied}}
+    write_atomic(manifest.path, json.dumps(data, indent=2) + "\n")
+    Manifest.load(graphs_dir)  # reads back what every reader will see
 
 
 def data_path(onnx_path: Path) -> Path:
@@ -201,5 +274,5 @@ def onnx_element_type(name: str) -> int:
 
 
 __all__ = [
-    "MANIFEST_FORMAT_VERSION", "Manifest", "data_path", "dtype_name", "graph_sha256", "onnx_element_type", "sha256_files",
+    "MANIFEST_FORMAT_VERSION", "Manifest", "apply_gag_defaults", "data_path", "dtype_name", "graph_sha256", "onnx_element_type", "sha256_files",
 ]

@@ -100,9 +100,39 @@ class GAGConfig:
 
 
 
+GuidanceValue = float | tuple[float, ...]  # one value for every layer, or one per rewritten layer
+
+
+def guidance_value(field: str, value, layers: int | None = None) -> GuidanceValue:
+    """A `scale` or `eta` as a user gives it: a number, or one number per rewritten layer.
+
+    A sequence must hold exactly `layers` numbers (`layers` None: the export takes one value for
+    all layers, made before per-layer guidance, and a sequence is refused). Every number follows
+    GAGConfig's rule for `field`. Returns a float or a tuple of floats; InvalidInputError otherwise.
+    """
+    if field not in ("scale", "eta"):
+        raise ValueError(f"per-layer guidance values are scale and eta, not {field!r}")
+    if not isinstance(value, (list, tuple)):
+        GAGConfig(**{field: value})  # InvalidInputError naming the field
+        return float(value)
+    if layers is None:
+        raise InvalidInputError(f"{field}: per-layer values given, but this export takes one {field} for all layers "
+                                "(exported before per-layer guidance): give one value, or re-export the model")
+    if len(value) != layers:
+        raise InvalidInputError(f"{field}: {len(value)} values given, the export rewrites {layers} layers "
+                                "(one value per layer, in the manifest's gag.layer_names order, or one for all)")
+    for index, entry in enumerate(value):
+        try:
+            GAGConfig(**{field: entry})
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{field}[{index}]: {exc}") from None
+    return tuple(float(entry) for entry in value)
+
+
 # What graphs are exported with unless asked otherwise: "bisect" needs no TopK (any key count in
 # TensorRT); the torch backend runs the same values with method "auto".
 DEFAULT_EXPORT_GAG = GAGConfig(method="bisect")
 
 
-__all__ = ["ATTENTION_METHODS", "DEFAULT_EXPORT_GAG", "BLOCK_KEYWORDS", "ENTMAX_METHODS", "GAGConfig", "layer_matches", "parse_layer_spec"]
+__all__ = ["ATTENTION_METHODS", "DEFAULT_EXPORT_GAG", "BLOCK_KEYWORDS", "ENTMAX_METHODS", "GAGConfig", "GuidanceValue",
+           "guidance_value", "layer_matches", "parse_layer_spec"]

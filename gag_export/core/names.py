@@ -4,6 +4,9 @@ from __future__ import annotations
 
 # The three 0-d float32 inputs of a GAG denoiser graph (and of the serving pipeline's requests).
 GAG_INPUTS = ("gag_scale", "gag_eta", "gag_zeta")
+# Of those, the ones an export declares as [L] vectors, one value per rewritten layer in the order
+# of the manifest's gag.layer_names (exports made before per-layer guidance: 0-d, see docs/TUNING).
+PER_LAYER_GAG_INPUTS = ("gag_scale", "gag_eta")
 
 FAMILIES = ("sdxl", "flux")  # the model families: SDXL's UNet, FLUX's MMDiT transformer
 
@@ -18,4 +21,4 @@ PARITY_NAME = "parity.npz"  # beside model.onnx: the sample feed and torch's out
 WEIGHT_MAP_NAME = "weight_map.json"  # beside the denoiser's model.onnx: each parameter's initializer (export/weight_map.py)
 
 __all__ = ["DATA_SUFFIX", "FAMILIES", "GAG_INPUTS", "GRAPH_NAME", "IMG2IMG_COMPONENTS", "MANIFEST_NAME", "PARITY_NAME",
-           "WEIGHT_MAP_NAME"]
+           "PER_LAYER_GAG_INPUTS", "WEIGHT_MAP_NAME"]

@@ -258,7 +258,8 @@ def manifest_head(entry, config: ExportConfig, rewritten: list[str]) -> dict:
         "opset": config.opset,
         "exporter": config.exporter,
         "shape": {"batch": config.shape.batch, "height": config.shape.height, "width": config.shape.width},
-        "gag": ({"enabled": True, **gag.to_dict(), "rewritten": rewritten} if gag is not None
+        # layer_names: the order of the denoiser's per-layer gag_scale/gag_eta entries (apply_gag's)
+        "gag": ({"enabled": True, **gag.to_dict(), "rewritten": rewritten, "layer_names": rewritten} if gag is not None
                 else {"enabled": False, "rewritten": []}),
         "loras": [spec.record() for spec in config.loras],
         "components": {},
@@ -293,8 +294,8 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
 
     `config.loras` are fused into the denoiser first (read and checked before anything is written;
     taken out again afterwards unless `release`). GAG (`config.gag`) is applied to the denoiser for the export and removed afterwards (also from
-    `pipe`); the denoiser graph then takes `gag_scale`, `gag_eta`, `gag_zeta` as 0-d float32
-    inputs. fp16/bf16 exports work on a cast copy of one component of `pipe` at a time. With
+    `pipe`); the denoiser graph then takes `gag_scale`, `gag_eta` as [L] float32 inputs (one value
+    per rewritten layer, in the manifest's `gag.layer_names` order) and `gag_zeta` as a 0-d one. fp16/bf16 exports work on a cast copy of one component of `pipe` at a time. With
     `config.slim`, each graph goes through onnxslim and the slimmed graph is kept only if parity
     against torch eager (fp32) still holds. Torch's fp32 outputs for each component's sample feed
     are recorded beside its graph first (`parity.npz`, named in the manifest; not for bf16, which
@@ -334,6 +335,9 @@ def export_model(pipe, entry, config: ExportConfig, progress: Callable[[ExportEv
         originals = add_deltas(denoiser, lora, keep=not release) if lora else {}  # before GAG, as the issue asks
         rewritten = set_gag(pipe, config.gag)
         manifest = manifest_head(entry, config, rewritten)
+        # the denoiser's gag_scale/gag_eta take one value per rewritten layer
+        descriptors = [dataclasses.replace(d, gag_layers=len(rewritten)) if d.role == "denoiser" else d
+                       for d in descriptors]
         for index, descriptor in enumerate(descriptors):
             raise_if_terminated()  # a SIGTERM whose exception a C callback swallowed stops here
             # The VAE's decoder and encoder share one module: its weights go after the last of them.

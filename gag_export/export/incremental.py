@@ -34,10 +34,15 @@ def previous_export(config: ExportConfig, names: Sequence[str]) -> Manifest | No
                             "folder") from None
 
 
+# gag entries that describe the exported denoiser (what was loaded, its per-layer order and the
+# calibrated defaults applied to it), not the export's settings: a kept denoiser keeps them
+_DENOISER_GAG_KEYS = ("rewritten", "layer_names", "defaults")
+
+
 def _comparable_head(head: Mapping) -> dict:
     """The settings of a manifest head as JSON reads them back (tuples as lists, inf as Infinity)."""
     same = {k: v for k, v in head.items() if k not in _PER_RUN_KEYS}
-    same["gag"] = {k: v for k, v in (head.get("gag") or {}).items() if k != "rewritten"}  # depends on what was loaded
+    same["gag"] = {k: v for k, v in (head.get("gag") or {}).items() if k not in _DENOISER_GAG_KEYS}
     same.setdefault("loras", [])  # exports older than LoRA support had none
     return json.loads(json.dumps(same))
 
@@ -109,7 +114,11 @@ def merged_components(manifest: dict, previous: Manifest, kept: Mapping[str, dic
     manifest["components"] = {name: components[name] for name in dict.fromkeys([*order, *components])
                               if name in components}
     if any(comp["role"] == "denoiser" for comp in kept.values()) and manifest["gag"]["enabled"]:
-        manifest["gag"]["rewritten"] = previous.data["gag"].get("rewritten", [])
+        for key in _DENOISER_GAG_KEYS:  # an older denoiser (0-d inputs) has no layer_names
+            manifest["gag"].pop(key, None)
+            if key in previous.data["gag"]:
+                manifest["gag"][key] = previous.data["gag"][key]
+        manifest["gag"].setdefault("rewritten", [])
 
 
 __all__ = ["carry_over", "components_to_keep", "merged_components", "previous_export"]

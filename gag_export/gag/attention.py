@@ -34,6 +34,9 @@ class GuidanceParams:
     """The guidance values every GAG processor of one model reads at call time.
 
     Values are floats or 0-d tensors; during ONNX export they are the graph's `gag_*` inputs.
+    `scale` and `eta` may also be per-layer: a 1-D tensor (or a sequence of floats) with one entry
+    per rewritten layer, in the order `apply_gag` returns the names; each processor reads its own
+    entry (`layer_value`), which exports as a Gather with a constant index.
     `text_len` is the text-token count of the current FLUX forward (single-stream blocks see
     [text; image] concatenated and are not told where the text ends).
     """
@@ -75,11 +78,30 @@ class GuidanceParams:
         self.observer(attn, update_norms(q, k, v, self.zeta, self.alpha, method, attn_mask))
 
 
-class GAGAttnProcessor:
-    """diffusers' `AttnProcessor2_0` with `gag_attention` in place of scaled_dot_product_attention."""
+def layer_value(value, index: int):
+    """The entry of one layer in a guidance value: a scalar (float, 0-d tensor) serves every layer;
+    a 1-D tensor or a sequence holds one entry per rewritten layer."""
+    if isinstance(value, torch.Tensor):
+        return value if value.dim() == 0 else value[index]
+    if isinstance(value, (list, tuple)):
+        return value[index]
+    return value
 
-    def __init__(self, params: GuidanceParams):
+
+class _LayerProcessor:
+    """A processor of one rewritten layer: its index in the layer order picks its guidance entries."""
+
+    def __init__(self, params: GuidanceParams, index: int = 0):
         self.params = params
+        self.index = index
+
+    def values(self):
+        p = self.params
+        return layer_value(p.scale, self.index), layer_value(p.eta, self.index), p.zeta
+
+
+class GAGAttnProcessor(_LayerProcessor):
+    """diffusers' `AttnProcessor2_0` with `gag_attention` in place of scaled_dot_product_attention."""
 
     def __call__(
         self,
@@ -121,7 +143,7 @@ class GAGAttnProcessor:
             self.params.report(attn, query, key, value, attention_mask)
 
         p = self.params
-        hidden_states = gag_attention(query, key, value, p.scale, p.eta, p.zeta, p.alpha, p.method, attention_mask)
+        hidden_states = gag_attention(query, key, value, *self.values(), p.alpha, p.method, attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
 
@@ -132,15 +154,12 @@ class GAGAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-class GAGFluxAttnProcessor:
+class GAGFluxAttnProcessor(_LayerProcessor):
     """diffusers' `FluxAttnProcessor` with GAG on image-query x text-key attention.
 
     Projections, QK norms, rotary embeddings and output projections are diffusers' own; only
     the attention core is `gag_joint_attention`.
     """
-
-    def __init__(self, params: GuidanceParams):
-        self.params = params
 
     def __call__(
         self,
@@ -178,7 +197,7 @@ class GAGFluxAttnProcessor:
 
         p = self.params
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, d]
-        out = gag_joint_attention(q, k, v, text_len, p.scale, p.eta, p.zeta, p.alpha, p.method)
+        out = gag_joint_attention(q, k, v, text_len, *self.values(), p.alpha, p.method)
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is None:
@@ -263,15 +282,16 @@ def apply_gag(model: torch.nn.Module, config: GAGConfig) -> list[str]:
         raise InvalidInputError(f"GAGConfig.layers: {config.layers!r} selects no attention layer of {type(model).__name__}")
 
     state = _GAGState(config=config, params=GuidanceParams(config))
-    processor = processor_cls(state.params)
-    for name, module in selected.items():
+    names = sorted(selected)  # the layer order of per-layer guidance values (the manifest's gag.layer_names)
+    for index, name in enumerate(names):
+        module = selected[name]
         state.originals[name] = module.processor
-        module.set_processor(processor)
+        module.set_processor(processor_cls(state.params, index))
     if _is_flux(model):
         state.hook = model.register_forward_pre_hook(_record_text_len(state.params), with_kwargs=True)
     setattr(model, _STATE_ATTR, state)
     log.debug("GAG applied to %d layers of %s", len(selected), type(model).__name__)
-    return sorted(selected)
+    return names
 
 
 def remove_gag(model: torch.nn.Module) -> None:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import abc
 import keyword
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Mapping
 
 import torch
 
 from ..core.errors import InvalidInputError
-from ..core.names import GAG_INPUTS
+from ..core.names import GAG_INPUTS, PER_LAYER_GAG_INPUTS
 from ..core.precision import Precision
 from ..core.shapes import ImageShape
 
@@ -87,9 +87,14 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
-def gag_specs() -> list[TensorSpec]:
-    """The three 0-d float32 guidance inputs of a GAG denoiser (always float32, any precision)."""
-    return [TensorSpec(name, "float32", ()) for name in GAG_INPUTS]
+def gag_specs(layers: int = 0) -> list[TensorSpec]:
+    """The three float32 guidance inputs of a GAG denoiser (always float32, any precision).
+
+    `layers`: the number of rewritten layers; gag_scale and gag_eta are then [layers] vectors in
+    the order `apply_gag` returns the names. 0: all three 0-d (exports made before per-layer values).
+    """
+    return [TensorSpec(name, "float32", (layers,) if layers and name in PER_LAYER_GAG_INPUTS else ())
+            for name in GAG_INPUTS]
 
 
 # --------------------------------------------------------------------------- export wrappers
@@ -194,6 +199,9 @@ class ComponentDescriptor(abc.ABC):
 
     vae_scale_factor: int = 8
     pixel_multiple: int = 8
+    # Rewritten GAG layers of the denoiser (its gag_scale/gag_eta inputs are [gag_layers]); 0: 0-d
+    # inputs. Set from `apply_gag`'s names at export (`dataclasses.replace`), never from a config.
+    gag_layers: int = 0
 
     name = ""
     role = ""  # "text_encoder" | "denoiser" | "vae_decoder"
@@ -247,6 +255,7 @@ class ComponentDescriptor(abc.ABC):
     def check_pipeline(self, pipe) -> None:
         """Raise InvalidInputError if this descriptor was built for another model than `pipe`'s."""
         expected = type(self).from_pipeline(pipe, **{name: getattr(self, name) for name in self.CHOICE_FIELDS})
+        expected = replace(expected, gag_layers=self.gag_layers)
         diffs = [
             f"{f.name} {getattr(self, f.name)!r} != {getattr(expected, f.name)!r}"
             for f in fields(self)
@@ -324,7 +333,10 @@ class ComponentDescriptor(abc.ABC):
         for spec in self.inputs(dtype, gag):
             concrete = spec.resolve(dims)
             if spec.name in SAMPLE_GAG_VALUES:
-                value = torch.tensor(SAMPLE_GAG_VALUES[spec.name])
+                # per-layer inputs get a spread of values (0.75x to 1.25x), so parity covers each
+                # layer reading its own entry, not only the shared one
+                value = torch.tensor(SAMPLE_GAG_VALUES[spec.name]) * torch.linspace(0.75, 1.25, concrete[0]) \
+                    if concrete else torch.tensor(SAMPLE_GAG_VALUES[spec.name])
             else:
                 value = self._sample(spec, concrete, dims, gen)
             result[spec.name] = value.to(spec.torch_dtype)

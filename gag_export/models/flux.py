@@ -192,7 +192,7 @@ class FluxTransformer(FluxFamily, ComponentDescriptor):
         ]
         if self.guidance:
             specs.append(TensorSpec("guidance", "float32", ("batch",)))
-        return specs + (gag_specs() if gag else [])
+        return specs + (gag_specs(self.gag_layers) if gag else [])
 
     def outputs(self, dtype: Precision | str = "fp32", gag: bool = True) -> list[TensorSpec]:
         return [TensorSpec("latent", self.float_dtype(dtype), ("batch", "image_tokens", self.out_channels))]

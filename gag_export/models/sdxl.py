@@ -146,7 +146,7 @@ class SDXLUNet(SDXLFamily, ComponentDescriptor):
         ]
         if self.time_cond_dim:
             specs.append(TensorSpec("timestep_cond", f, ("batch", self.time_cond_dim)))
-        return specs + (gag_specs() if gag else [])
+        return specs + (gag_specs(self.gag_layers) if gag else [])
 
     def outputs(self, dtype: Precision | str = "fp32", gag: bool = True) -> list[TensorSpec]:
         return [TensorSpec("latent", self.float_dtype(dtype), ("batch", self.out_channels, "latent_height", "latent_width"))]

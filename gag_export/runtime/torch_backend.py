@@ -105,12 +105,13 @@ def torch_component_set(entry, pipe, gag, options: BackendOptions, manifest=None
     from ..gag.attention import apply_gag  # noqa: PLC0415
     from ..models import descriptors_for  # noqa: PLC0415
 
-    if gag is not None:
-        apply_gag(pipe.unet if entry.family == "sdxl" else pipe.transformer, gag)
+    layers = apply_gag(pipe.unet if entry.family == "sdxl" else pipe.transformer, gag) if gag is not None else []
     device = options.torch_device()
     components = {}
     for descriptor in descriptors_for(entry, pipe, img2img=True):  # the encoder is the pipeline's VAE: always at hand
         has_gag = gag is not None and descriptor.role == "denoiser"
+        if has_gag:  # per-layer gag_scale/gag_eta, as a graph exported now takes them
+            descriptor = replace(descriptor, gag_layers=len(layers))
         components[descriptor.name] = TorchComponent(
             descriptor.name, descriptor.role, descriptor.inputs("fp32", has_gag), descriptor.outputs("fp32", has_gag),
             module=descriptor.export_module(pipe), device=device, compile=options.compile,
