@@ -34,6 +34,15 @@ def doctor_command(as_json: bool) -> None:
         Console().print(doctor.render(report))
 
 
+def number_list(option: str, text: str) -> tuple[float, ...]:
+    """`15,10` -> (15.0, 10.0); InvalidInputError (exit 2) naming the option otherwise."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise InvalidInputError(f"{option}: comma-separated numbers, one per step, got {text!r}") from None
+    return values
+
+
 @cli.command("generate")
 @click.option("--model", required=True, help="Registry name (`gag-export models`), e.g. tiny-sdxl, dmd2, flux-schnell.")
 @click.option("--prompt", required=True, help="Text prompt (longer than the text encoder's limit: truncated, with a warning).")
@@ -44,6 +53,9 @@ def doctor_command(as_json: bool) -> None:
 @click.option("--gag-scale", type=float, default=None, help="GAG scale (lambda) [default: the export's, else 10].")
 @click.option("--gag-eta", type=float, default=None, help="GAG norm cap eta [default: the export's, else 15].")
 @click.option("--gag-zeta", type=float, default=None, help="GAG orthogonal weight zeta [default: the export's, else 0].")
+@click.option("--gag-scale-steps", default=None, metavar="S1,S2,...",
+              help="Per-step GAG scale, one per denoising step, the last repeating (15,10: 15 at the first step).")
+@click.option("--gag-eta-steps", default=None, metavar="E1,E2,...", help="Per-step GAG eta, as --gag-scale-steps.")
 @click.option("--no-gag", is_flag=True, help="The unmodified model (identity values fed to a GAG graph).")
 @click.option("--height", type=int, default=None, help="Image height in pixels [default: the graphs' or the model's].")
 @click.option("--width", type=int, default=None, help="Image width in pixels [default: the graphs' or the model's].")
@@ -67,9 +79,9 @@ def doctor_command(as_json: bool) -> None:
               help="Image-to-image: how much of the schedule runs on the image, in (0, 1] "
                    "[default: diffusers', 0.3 for SDXL models, 0.6 for FLUX].")
 @lora_option
-def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_scale, gag_eta, gag_zeta, no_gag, height,
-                     width, graphs_root, engines_root, out_path, no_build, compile_torch, cuda_graph, threads,
-                     ort_providers, image_path, strength, loras) -> None:
+def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_scale, gag_eta, gag_zeta, gag_scale_steps,
+                     gag_eta_steps, no_gag, height, width, graphs_root, engines_root, out_path, no_build, compile_torch,
+                     cuda_graph, threads, ort_providers, image_path, strength, loras) -> None:
     """Generate an image from exported graphs or engines (exported or built first when missing).
 
     \b
@@ -100,12 +112,15 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
                                 "they were exported with (`gag-export export --lora`, or `gag-export lora` on an export)")
     out_path = require_png_path(out_path or Path(f"{model}-{seed}.png"))  # before anything is built
     given = {k: v for k, v in (("scale", gag_scale), ("eta", gag_eta), ("zeta", gag_zeta)) if v is not None}
-    if no_gag and given:
-        raise click.UsageError("--no-gag cannot be combined with --gag-scale/--gag-eta/--gag-zeta")
-    GAGParams(**given)  # bad values fail here, before anything is built
+    schedules = {f"{k}_steps": number_list(f"--gag-{k}-steps", v)
+                 for k, v in (("scale", gag_scale_steps), ("eta", gag_eta_steps)) if v is not None}
+    if no_gag and (given or schedules):
+        raise click.UsageError("--no-gag cannot be combined with --gag-scale/--gag-eta/--gag-zeta/--gag-*-steps")
+    values = GAGParams(**given, **schedules)  # bad values fail here, before anything is built
     request = GenerationConfig(prompt, seed=seed, steps=steps, height=height, width=width, gag=None,
                                negative_prompt=negative_prompt, image=image_path, strength=strength)
-    check_request(model_entry(model, graphs_root), request)  # bad steps/size fail before anything is built
+    steps_run, _ = check_request(model_entry(model, graphs_root), request)  # bad steps/size fail before anything is built
+    values.check_steps(steps_run)
     if not no_build:
         with console.status(f"checking artifacts for {model} ({backend})") as status:
             ensure_artifacts(model, backend, graphs=graphs_root, engines=engines_root, height=height, width=width,
@@ -116,7 +131,7 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
         sampler = Sampler.load(model, backend, graphs=graphs_root, engines=engines_root,
                                options=BackendOptions(compile=compile_torch, cuda_graph=cuda_graph, threads=threads,
                                                       ort_providers=ort_providers, loras=loras))
-    gag = None if no_gag else sampler.gag_params(gag_scale, gag_eta, gag_zeta)
+    gag = None if no_gag else sampler.gag_params(gag_scale, gag_eta, gag_zeta, **schedules)
     with sampler, console.status(f"generating with {model} on {backend}"):
         result = sampler.generate(replace(request, gag=gag))
     path = result.save(out_path)

@@ -6,34 +6,74 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from .. import __version__
 from ..core.errors import InvalidInputError
-from ..core.gag_config import GAGConfig
+from ..core.gag_config import GAGConfig, GuidanceValue, guidance_value
 from ..core.shapes import check_prompt, require_positive_int
 from ..images import save_png
 
 
 @dataclass(frozen=True)
 class GAGParams:
-    """Guidance values fed to the denoiser graph per call (validated like `GAGConfig`)."""
+    """Guidance values fed to the denoiser graph per call (validated like `GAGConfig`).
 
-    scale: float = 10.0
-    eta: float = 15.0
+    `scale`, `eta`: one number for every rewritten layer, or a sequence with one per layer (in the
+    manifest's `gag.layer_names` order; its length is checked against the graph when fed).
+    `scale_steps`, `eta_steps`: a per-step schedule, one number per denoising step, the last one
+    repeating (so `(15, 10)` is 15 at the first step, 10 after); a step's value replaces `scale` /
+    `eta` for every layer at that step. Empty: the same values at every step.
+    """
+
+    scale: GuidanceValue = 10.0
+    eta: GuidanceValue = 15.0
     zeta: float = 0.0
+    scale_steps: tuple[float, ...] = ()
+    eta_steps: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        GAGConfig(scale=self.scale, eta=self.eta, zeta=self.zeta)  # InvalidInputError naming the field
+        GAGConfig(zeta=self.zeta)  # InvalidInputError naming the field
+        for name in ("scale", "eta"):
+            value = getattr(self, name)
+            layers = len(value) if isinstance(value, (list, tuple)) else None
+            object.__setattr__(self, name, guidance_value(name, value, layers))
+            steps = getattr(self, f"{name}_steps")
+            if not isinstance(steps, (list, tuple)):
+                raise InvalidInputError(f"{name}_steps: one value per step (a sequence), got {steps!r}")
+            for index, entry in enumerate(steps):
+                try:
+                    guidance_value(name, entry)
+                except InvalidInputError as exc:
+                    raise InvalidInputError(f"{name}_steps[{index}]: {exc}") from None
+            object.__setattr__(self, f"{name}_steps", tuple(float(entry) for entry in steps))
 
-    def feed(self) -> dict[str, np.ndarray]:
-        return {
-            "gag_scale": np.array(self.scale, dtype=np.float32),
-            "gag_eta": np.array(self.eta, dtype=np.float32),
-            "gag_zeta": np.array(self.zeta, dtype=np.float32),
-        }
+    def check_steps(self, steps: int) -> None:
+        """A schedule longer than the steps run would be ignored in part: refused."""
+        for name in ("scale_steps", "eta_steps"):
+            if len(getattr(self, name)) > steps:
+                raise InvalidInputError(f"{name}: {len(getattr(self, name))} values for {steps} denoising steps "
+                                        "(one per step, the last repeating; give at most one per step)")
+
+    def at_step(self, index: int) -> "GAGParams":
+        """The values of denoising step `index` (0-based), the schedule applied."""
+        def pick(schedule, value):
+            return schedule[min(index, len(schedule) - 1)] if schedule else value
+        return GAGParams(pick(self.scale_steps, self.scale), pick(self.eta_steps, self.eta), self.zeta)
+
+    def feed(self, shapes: Mapping[str, tuple] | None = None) -> dict[str, np.ndarray]:
+        """The `gag_*` inputs for a graph declaring these `shapes` (absent: 0-d). A number fills an
+        [L] input; per-layer values must match L and cannot go to a 0-d input (an older export)."""
+        shapes = shapes or {}
+        feed = {}
+        for name, value in (("gag_scale", self.scale), ("gag_eta", self.eta), ("gag_zeta", self.zeta)):
+            shape = tuple(shapes.get(name, ()))
+            if name != "gag_zeta":
+                guidance_value(name[4:], value, shape[0] if shape else None)
+            feed[name] = np.broadcast_to(np.asarray(value, dtype=np.float32), shape).copy()
+        return feed
 
 
 # scale = -1, zeta = 1, eta = 1e9: out = S + (-1)(D - S) = D, the unmodified attention (GAG.md).
@@ -123,6 +163,11 @@ def _number(value: float) -> int | float:
     return int(value) if value.is_integer() else value
 
 
+def _guidance_text(value: GuidanceValue) -> str:
+    """A number as before (repr), per-layer values as a JSON list."""
+    return json.dumps(list(value)) if isinstance(value, tuple) else repr(float(value))
+
+
 def build_metadata(model: str, backend: str, config: GenerationConfig, steps: int, height: int, width: int,
                    timesteps: tuple[float, ...], scheduler: str, strength: float | None = None) -> dict[str, str]:
     """The PNG text chunks of one generation (all values are strings; lists and dicts as JSON)."""
@@ -139,9 +184,11 @@ def build_metadata(model: str, backend: str, config: GenerationConfig, steps: in
         "scheduler": scheduler,
         "timesteps": json.dumps([_number(t) for t in timesteps]),
         "gag": "on" if gag is not None else "off",
-        "gag_scale": "" if gag is None else repr(float(gag.scale)),
-        "gag_eta": "" if gag is None else repr(float(gag.eta)),
+        "gag_scale": "" if gag is None else _guidance_text(gag.scale),
+        "gag_eta": "" if gag is None else _guidance_text(gag.eta),
         "gag_zeta": "" if gag is None else repr(float(gag.zeta)),
+        **({"gag_scale_steps": json.dumps(gag.scale_steps)} if gag is not None and gag.scale_steps else {}),
+        **({"gag_eta_steps": json.dumps(gag.eta_steps)} if gag is not None and gag.eta_steps else {}),
         **({"init_image": config.image_source or "(in memory)", "strength": repr(strength)}
            if config.image is not None else {}),
         "gag_export_version": __version__,

@@ -20,7 +20,8 @@ What is diffusers' and what is ours:
 
 Latents and stochastic scheduler noise come from one `torch.Generator` on the CPU seeded with the
 request's seed (as in diffusers), so a seed gives the same image on every backend and run.
-GAG parameters are fed per call as the denoiser's 0-d `gag_scale`/`gag_eta`/`gag_zeta` inputs;
+GAG parameters are fed per call as the denoiser's `gag_scale`/`gag_eta` ([L], one per rewritten layer;
+0-d in older exports) and 0-d `gag_zeta` inputs, per step when the request has a schedule;
 "GAG off" on a GAG graph feeds the exact identity (scale -1, zeta 1, eta 1e9: the dense output).
 """
 
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from ..core.errors import ArtifactError, InvalidInputError
+from ..core.names import GAG_INPUTS
 from ..core.shapes import ImageShape
 from .components import BackendOptions, ComponentSet, parse_backend
 from . import img2img
@@ -167,24 +169,32 @@ class Sampler:
             raise InvalidInputError(batch_reason)
         return shape
 
-    def gag_params(self, scale: float | None = None, eta: float | None = None,
-                   zeta: float | None = None) -> GAGParams | None:
-        """GAG values for a request: those given, the rest from the export's defaults (manifest), else GAGParams().
+    def gag_params(self, scale=None, eta=None, zeta: float | None = None, *, scale_steps=(),
+                   eta_steps=()) -> GAGParams | None:
+        """GAG values for a request: those given, the rest from the export's defaults (the manifest's,
+        calibrated per-layer values included), else GAGParams(). `scale`/`eta`: a number or one per
+        rewritten layer; `*_steps`: per-step schedules (GAGParams).
 
         None when none were given and the graphs take no GAG inputs (a --no-gag export): there is
         nothing to fill in, and plain sampling is what such an export does. Values given for it are
         returned, so that `gag_feed` refuses them.
         """
-        if not self.components.has_gag_inputs and (scale, eta, zeta) == (None, None, None):
+        if not self.components.has_gag_inputs and (scale, eta, zeta) == (None, None, None) \
+                and not (scale_steps or eta_steps):
             return None
-        defaults = self.components.gag or GAGParams()
+        base = self.components.gag or GAGParams()
+        manifest = self.components.manifest
+        defaults = manifest.gag_defaults if manifest is not None and manifest.gag is not None \
+            else {"scale": base.scale, "eta": base.eta}
         return GAGParams(
-            scale=defaults.scale if scale is None else scale,
-            eta=defaults.eta if eta is None else eta,
-            zeta=defaults.zeta if zeta is None else zeta,
+            scale=defaults["scale"] if scale is None else scale,
+            eta=defaults["eta"] if eta is None else eta,
+            zeta=base.zeta if zeta is None else zeta,
+            scale_steps=tuple(scale_steps), eta_steps=tuple(eta_steps),
         )
 
     def gag_feed(self, gag: GAGParams | None) -> dict[str, np.ndarray]:
+        """The denoiser's gag_* inputs, shaped as its graph declares them (0-d, or [L] per layer)."""
         if not self.components.has_gag_inputs:
             if gag is not None:
                 where = self.components.manifest.graphs_dir if self.components.manifest is not None else "the model"
@@ -193,7 +203,9 @@ class Sampler:
                     f"or re-export with GAG (`gag-export export --model {self.entry.name}`)"
                 )
             return {}
-        return (gag if gag is not None else IDENTITY_GAG).feed()
+        denoiser = self.components.denoiser
+        shapes = {name: denoiser.input_spec(name).shape for name in GAG_INPUTS}
+        return (gag if gag is not None else IDENTITY_GAG).feed(shapes)
 
     # -- the loop
     def generate(self, config: GenerationConfig) -> GenerationResult:
@@ -201,7 +213,9 @@ class Sampler:
         steps = spec.check_steps(spec.default_steps if config.steps is None else config.steps)
         fixed = spec.timesteps_for(steps)
         shape = self.resolve_shape(config)
-        gag = self.gag_feed(config.gag)
+        self.gag_feed(config.gag)  # refused here, before any model runs, when the graphs cannot take it
+        if config.gag is not None:
+            config.gag.check_steps(steps)  # img2img runs fewer: the schedule counts the steps run
         if config.negative_prompt and not getattr(self.family, "cfg", False):
             log.warning("%s samples without classifier-free guidance: the negative prompt is ignored", self.entry.name)
         generator = torch.Generator("cpu").manual_seed(config.seed)
@@ -226,8 +240,10 @@ class Sampler:
         cond = {**cond, **layout_inputs}
         step_options = step_kwargs(scheduler, generator, spec.call_kwargs)
         scale_input = getattr(scheduler, "scale_model_input", None)
+        gag_steps = [self.gag_feed(config.gag.at_step(i) if config.gag is not None else None)
+                     for i in range(len(timesteps))]
         step_seconds = []
-        for t in timesteps:
+        for t, gag in zip(timesteps, gag_steps):
             begin = time.perf_counter()
             model_input = scale_input(latents, t) if scale_input is not None else latents
             prediction = self.family.predict(model_input, t, cond, gag)
