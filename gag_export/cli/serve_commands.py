@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from rich.table import Table
 from .. import __version__
 from ..core.errors import GagExportError
 from .app import cli, console
+from .run_commands import number_list
 
 
 def _gpu_ids(ctx, param, value):
@@ -138,6 +140,9 @@ def serve_command(repository, host, http_port, grpc_port, metrics_port, binary, 
 @click.option("--gag-scale", type=float, default=None, help="GAG scale [default: the served export's].")
 @click.option("--gag-eta", type=float, default=None, help="GAG norm cap eta [default: the served export's].")
 @click.option("--gag-zeta", type=float, default=None, help="GAG orthogonal weight zeta [default: the served export's].")
+@click.option("--gag-scale-steps", default=None, metavar="S1,S2,...",
+              help="Per-step GAG scale, one per denoising step, the last repeating (as `generate`).")
+@click.option("--gag-eta-steps", default=None, metavar="E1,E2,...", help="Per-step GAG eta, as --gag-scale-steps.")
 @click.option("--image", "image_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Image-to-image: the input image (sent as uint8 HxWx3; the served export needs --img2img).")
 @click.option("--strength", type=float, default=None,
@@ -146,8 +151,8 @@ def serve_command(repository, host, http_port, grpc_port, metrics_port, binary, 
 @click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="Seconds to wait for the image.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output PNG [default: triton-<seed>.png].")
-def client_command(url, protocol, prompt, seed, steps, gag_scale, gag_eta, gag_zeta, image_path, strength, model_name,
-                   timeout, out_path) -> None:
+def client_command(url, protocol, prompt, seed, steps, gag_scale, gag_eta, gag_zeta, gag_scale_steps, gag_eta_steps,
+                   image_path, strength, model_name, timeout, out_path) -> None:
     """Request an image from a served pipeline, e.g.
     `gag-export client --url http://127.0.0.1:8000 --prompt "a red fox" --out fox.png`, or from an image
     (an export with --img2img): `... --image fox.png --strength 0.5`."""
@@ -158,8 +163,10 @@ def client_command(url, protocol, prompt, seed, steps, gag_scale, gag_eta, gag_z
 
     out_path = require_png_path(out_path or Path(f"triton-{seed}.png"))
     init = read_image(image_path) if image_path is not None else None
+    schedules = {f"gag_{k}_steps": number_list(f"--gag-{k}-steps", v)
+                 for k, v in (("scale", gag_scale_steps), ("eta", gag_eta_steps)) if v is not None}
     request = PipelineRequest(prompt, seed=seed, steps=steps, gag_scale=gag_scale, gag_eta=gag_eta, gag_zeta=gag_zeta,
-                              image=init, strength=strength)
+                              image=init, strength=strength, **schedules)
     with PipelineClient(url, protocol=protocol, model=model_name, timeout=timeout) as client, \
             console.status(f"requesting {model_name} at {url}"):
         request = client.resolve(request)
@@ -167,8 +174,9 @@ def client_command(url, protocol, prompt, seed, steps, gag_scale, gag_eta, gag_z
         served = client.defaults.get("gag_export_model", "")
     metadata = {"prompt": prompt, "seed": str(seed), "steps": str(request.steps), "model": served,
                 "backend": f"triton {client.protocol}://{client.address}", **{
-                    k: "" if v is None else repr(float(v)) for k, v in
+                    k: "" if v is None else json.dumps(list(v)) if isinstance(v, tuple) else repr(float(v)) for k, v in
                     (("gag_scale", request.gag_scale), ("gag_eta", request.gag_eta), ("gag_zeta", request.gag_zeta))},
+                **{k: json.dumps(list(v)) for k, v in schedules.items()},
                 **({"init_image": str(image_path), "strength": "" if strength is None else repr(float(strength))}
                    if image_path is not None else {}),
                 "Software": f"gag-export {__version__}"}

@@ -17,6 +17,7 @@ that name: the error names the pipeline models it serves); any other server fail
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from ..core.errors import GagExportError, InvalidInputError, MissingDependencyError
 from ..core.shapes import check_prompt
-from .protocol import GAG_INPUTS, IMAGE_INPUT, PIPELINE, STRENGTH_INPUT
+from .protocol import GAG_INPUTS, IMAGE_INPUT, PIPELINE, SCHEDULE_INPUTS, STRENGTH_INPUT
 
 PROTOCOLS = ("http", "grpc")
 # A parameter every config that `gag-export triton` writes for requests carries (repository.client_defaults).
@@ -39,9 +40,12 @@ class PipelineRequest:
     prompt: str
     seed: int = 0
     steps: int | None = None
-    gag_scale: float | None = None
-    gag_eta: float | None = None
+    gag_scale: float | tuple[float, ...] | None = None  # one value, or one per rewritten layer
+    gag_eta: float | tuple[float, ...] | None = None
     gag_zeta: float | None = None
+    # per-step schedules: one value per denoising step, the last repeating (empty: none)
+    gag_scale_steps: tuple[float, ...] = ()
+    gag_eta_steps: tuple[float, ...] = ()
     # img2img (an export with the VAE encoder): uint8 [height, width, 3] RGB, and strength in (0, 1]
     # (None: the server's default, diffusers' for the family)
     image: Any = field(default=None, compare=False)
@@ -217,7 +221,12 @@ class PipelineClient:
                 if getattr(request, name) is not None:
                     raise InvalidInputError(f"{name}: the served model was exported without GAG")
             elif getattr(request, name) is None:
-                filled[name] = float(defaults[f"default_{name}"])
+                text = defaults[f"default_{name}"]  # a number (repr: "inf" too), or calibrated per-layer values (JSON)
+                filled[name] = tuple(json.loads(text)) if text.startswith("[") else float(text)
+        schedules = [name for name in SCHEDULE_INPUTS if getattr(request, name)]
+        if schedules and not set(schedules) <= set(self._inputs):
+            raise InvalidInputError(f"{', '.join(schedules)}: the served model takes no per-step schedule (exported "
+                                    "without GAG, or a repository written before schedules: regenerate it)")
         if request.image is not None and IMAGE_INPUT not in self._inputs:
             model = defaults.get("gag_export_model") or "<model>"
             raise InvalidInputError(f"image: the served model was exported without the VAE encoder, so it takes no input "
@@ -233,7 +242,10 @@ class PipelineClient:
         }
         for name in GAG_INPUTS:
             if name in self._inputs:
-                values[name] = np.array([getattr(request, name)], dtype=np.float32)
+                values[name] = np.array(getattr(request, name), dtype=np.float32).reshape(-1)
+        for name in SCHEDULE_INPUTS:
+            if getattr(request, name):
+                values[name] = np.array(getattr(request, name), dtype=np.float32)
         if request.image is not None:
             values[IMAGE_INPUT] = request.image
             if request.strength is not None:

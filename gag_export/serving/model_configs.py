@@ -15,7 +15,8 @@ from ..artifacts.manifest import Manifest
 from ..core.errors import ArtifactError, InvalidInputError
 from ..core.names import GAG_INPUTS
 from .pbtxt import Token
-from .protocol import IMAGE_OUTPUT, IMG2IMG_INPUTS, PIPELINE, REQUEST_INPUTS, SAMPLER
+from .protocol import (IMAGE_OUTPUT, IMG2IMG_INPUTS, PER_LAYER_REQUEST_INPUTS, PIPELINE, REQUEST_INPUTS, SAMPLER,
+                       SCHEDULE_INPUTS)
 from .requests import RequestLimits
 
 TRITON_BACKENDS = ("plan", "onnx", "tensorrt-rtx")
@@ -195,7 +196,10 @@ def component_config(name: str, entry: Mapping, kind: str, options: RepositoryOp
 
 def request_inputs(gag: bool, img2img: bool = False) -> list[dict]:
     names = [n for n in REQUEST_INPUTS if gag or n not in GAG_INPUTS]
-    inputs = [{"name": n, "data_type": Token(REQUEST_INPUTS[n]), "dims": [1]} for n in names]
+    inputs = [{"name": n, "data_type": Token(REQUEST_INPUTS[n]), "dims": [-1 if n in PER_LAYER_REQUEST_INPUTS else 1]}
+              for n in names]
+    if gag:  # optional: a request without them runs the same values at every step
+        inputs += [{"name": n, "data_type": Token("TYPE_FP32"), "dims": [-1], "optional": True} for n in SCHEDULE_INPUTS]
     if img2img:  # optional: a request without them is text-to-image
         inputs += [{"name": n, "data_type": Token(kind), "dims": list(dims), "optional": True}
                    for n, (kind, dims) in IMG2IMG_INPUTS.items()]
@@ -239,8 +243,9 @@ def client_defaults(manifest: Manifest, entry) -> dict[str, str]:
         "max_steps": str(entry.scheduler.max_steps),
     }
     if gag is not None:
-        values.update(default_gag_scale=repr(float(gag.scale)), default_gag_eta=repr(float(gag.eta)),
-                      default_gag_zeta=repr(float(gag.zeta)))
+        defaults = manifest.gag_defaults  # calibrated per-layer values: a JSON list
+        values.update({f"default_gag_{key}": json.dumps(list(value)) if isinstance(value, tuple) else repr(float(value))
+                       for key, value in defaults.items()}, default_gag_zeta=repr(float(gag.zeta)))
     return values
 
 

@@ -17,8 +17,13 @@ REQUEST_INPUTS = {"prompt": "TYPE_STRING", "seed": "TYPE_INT64", "steps": "TYPE_
 # image as the pipeline returns its output (uint8 [height, width, 3], RGB) and the strength (fp32 [1]).
 # Not named "image": the ensemble's tensors share one namespace with its output.
 IMAGE_INPUT = "init_image"
+# gag_scale/gag_eta take one value for every layer or one per rewritten layer (`dims: [-1]`), and
+# optional per-step schedules (one value per denoising step, the last repeating; GAGParams).
+PER_LAYER_REQUEST_INPUTS = ("gag_scale", "gag_eta")
+SCHEDULE_INPUTS = {"gag_scale_steps": "gag_scale", "gag_eta_steps": "gag_eta"}
 STRENGTH_INPUT = "strength"
 IMG2IMG_INPUTS = {IMAGE_INPUT: ("TYPE_UINT8", [-1, -1, 3]), STRENGTH_INPUT: ("TYPE_FP32", [1])}
 
-__all__ = ["GAG_INPUTS", "IMAGE_INPUT", "IMAGE_OUTPUT", "IMG2IMG_INPUTS", "PIPELINE", "REQUEST_INPUTS", "SAMPLER",
+__all__ = ["GAG_INPUTS", "IMAGE_INPUT", "IMAGE_OUTPUT", "IMG2IMG_INPUTS", "PER_LAYER_REQUEST_INPUTS", "PIPELINE",
+           "REQUEST_INPUTS", "SAMPLER", "SCHEDULE_INPUTS",
            "STRENGTH_INPUT"]

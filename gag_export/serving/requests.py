@@ -10,8 +10,9 @@ sampler model turns that into a Triton error response and goes on serving.
 | prompt | valid UTF-8, at most `max_prompt_chars` characters (1000), no NUL; longer than the text encoder's token limit: truncated as `generate` does |
 | seed | integer in [0, 2**63 - 1] |
 | steps | the model's step range (`gag-export models`), e.g. 1..4 for DMD2 |
-| gag_scale | finite, in [-1, 100] (-1 with zeta 1 and a huge eta is the unguided model) |
-| gag_eta | in (0, inf] (inf: no norm cap, as `GAGConfig` and `generate` take it) |
+| gag_scale | finite, in [-1, 100] (-1 with zeta 1 and a huge eta is the unguided model); one value, or one per rewritten layer (manifest's `gag.layer_names` order) |
+| gag_eta | in (0, inf] (inf: no norm cap, as `GAGConfig` and `generate` take it); one value or one per layer |
+| gag_scale_steps, gag_eta_steps | optional: one value per denoising step (the last repeating), each as gag_scale / gag_eta; at most `steps` values |
 | gag_zeta | finite, in [0, 10] |
 | init_image | optional (img2img exports only): uint8 [height, width, 3], each side 1..`max_image_side` (2048; a dynamic export's encoder profile); sets the size unless the graphs are static (then resized), as `generate --image` |
 | strength | optional, with `init_image` only: in (0, 1] (left out: diffusers' default, 0.3 SDXL / 0.6 FLUX) |
@@ -33,7 +34,7 @@ from ..core.gag_config import MAX_ZETA, SCALE_LIMITS
 from ..core.names import GAG_INPUTS
 from ..core.shapes import check_prompt
 from ..runtime.generation import GAGParams, GenerationConfig
-from .protocol import IMAGE_INPUT, STRENGTH_INPUT
+from .protocol import IMAGE_INPUT, SCHEDULE_INPUTS, STRENGTH_INPUT
 
 SEED_MAX = 2**63 - 1
 
@@ -123,6 +124,17 @@ def _number(values, name: str, low: float, high: float, low_open: bool = False) 
     return value
 
 
+def _numbers(values, name: str, low: float, high: float, low_open: bool = False, listed: bool = False):
+    """gag_scale/gag_eta: one number ([1]) or one per rewritten layer; a schedule (`listed`): one
+    per step, as a tuple. Each within the bounds."""
+    if name not in values or (np.asarray(values[name]).size == 1 and not listed):
+        return _number(values, name, low, high, low_open)
+    array = np.asarray(values[name]).reshape(-1)
+    if array.size == 0:
+        raise InvalidInputError(f"{name}: send at least one value")
+    return tuple(_number({f"{name}[{i}]": entry}, f"{name}[{i}]", low, high, low_open) for i, entry in enumerate(array))
+
+
 def _prompt(values, limits: RequestLimits) -> str:
     raw = _one(values, "prompt")
     if isinstance(raw, (bytes, np.bytes_)):
@@ -168,13 +180,16 @@ def parse_request(values: Mapping[str, np.ndarray], limits: RequestLimits, gag: 
         raise InvalidInputError(f"steps: this model samples with {allowed} steps, got {steps}")
     params = None
     if gag:
+        bounds = {"gag_scale": (limits.min_scale, limits.max_scale, False), "gag_eta": (0.0, limits.max_eta, True)}
         params = GAGParams(
-            scale=_number(values, "gag_scale", limits.min_scale, limits.max_scale),
-            eta=_number(values, "gag_eta", 0.0, limits.max_eta, low_open=True),
+            scale=_numbers(values, "gag_scale", *bounds["gag_scale"]),
+            eta=_numbers(values, "gag_eta", *bounds["gag_eta"]),
             zeta=_number(values, "gag_zeta", 0.0, limits.max_zeta),
+            **{name[4:]: tuple(_numbers(values, name, *bounds[of], listed=True)) for name, of in SCHEDULE_INPUTS.items()
+               if name in values},
         )
     else:
-        extra = [name for name in GAG_INPUTS if name in values]
+        extra = [name for name in (*GAG_INPUTS, *SCHEDULE_INPUTS) if name in values]
         if extra:
             raise InvalidInputError(f"{', '.join(extra)}: this model was exported without GAG and takes no guidance inputs")
     image, strength = None, None
