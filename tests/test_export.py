@@ -54,9 +54,19 @@ def graphs_root(tmp_path_factory) -> Path:
     return shared_root(tmp_path_factory)
 
 
-def descriptor(model: str, name: str):
+def descriptor(model: str, name: str, gag_layers: int | None = None):
+    """The component's descriptor; a denoiser with the per-layer GAG inputs of the tiny exports (BISECT)."""
+    import dataclasses
+
     entry = get_entry(model)
-    return next(d for d in descriptors_for(entry, pipeline(model)) if d.name == name)
+    found = next(d for d in descriptors_for(entry, pipeline(model)) if d.name == name)
+    if found.role == "denoiser" and gag_layers is None:
+        from gag_export.export.pipeline import denoiser_module
+        from gag_export.gag import gag_applied
+
+        with gag_applied(denoiser_module(pipeline(model)), BISECT) as names:
+            gag_layers = len(names)
+    return dataclasses.replace(found, gag_layers=gag_layers) if found.role == "denoiser" else found
 
 
 def passed_checks(report) -> set[tuple[str, str]]:
@@ -97,8 +107,9 @@ def test_manifest_records_graphs_as_written(graphs_root):
         assert reference["path"] == f"{name}/parity.npz" and reference["seed"] == 0
         assert hashlib.sha256((manifest.graphs_dir / reference["path"]).read_bytes()).hexdigest() == reference["sha256"]
     unet = data["components"]["unet"]
-    scalars = [i for i in unet["inputs"] if i["name"] in GAG_INPUTS]
-    assert scalars == [{"name": n, "dtype": "float32", "shape": []} for n in GAG_INPUTS]
+    guidance = [i for i in unet["inputs"] if i["name"] in GAG_INPUTS]  # scale/eta: one value per rewritten layer
+    layers = len(data["gag"]["layer_names"])
+    assert guidance == [{"name": n, "dtype": "float32", "shape": [] if n == "gag_zeta" else [layers]} for n in GAG_INPUTS]
     assert unet["outputs"] == [{"name": "latent", "dtype": "float32", "shape": [1, 4, 8, 8]}]
     assert not list(graphs_root.glob("sdxl/.*")), "temp folders left behind"
 
@@ -165,7 +176,7 @@ def test_identity_guidance_gives_the_no_gag_graph_and_scale_changes_output(graph
 
     def with_gag(scale, eta=15.0, zeta=0.0):
         values = {"gag_scale": scale, "gag_eta": eta, "gag_zeta": zeta}
-        return run(sess, {**feed, **{k: np.array(v, dtype=np.float32) for k, v in values.items()}})[0]
+        return run(sess, {**feed, **{k: np.full(feed[k].shape, v, dtype=np.float32) for k, v in values.items()}})[0]
 
     plain = run(session(plain_graph), plain_feed)[0]
     identity = with_gag(IDENTITY["gag_scale"], IDENTITY["gag_eta"], IDENTITY["gag_zeta"])
@@ -205,10 +216,11 @@ def test_dynamic_graph_runs_at_two_sizes_against_eager(graphs_root):
     assert sample["shape"] == ["batch", 4, "latent_height", "latent_width"]
     assert comp["outputs"][0]["shape"] == ["batch", 4, "latent_height", "latent_width"]
     assert comp["profile"]["sample"] == {"min": [1, 4, 4, 4], "opt": [1, 4, 8, 8], "max": [3, 4, 12, 16]}
-    assert comp["profile"]["gag_scale"] == {"min": [], "opt": [], "max": []}
+    assert comp["profile"]["gag_zeta"] == {"min": [], "opt": [], "max": []}
+    assert comp["profile"]["gag_scale"] == {"min": [2], "opt": [2], "max": [2]}  # ONE_BLOCK: two attn2 layers
     assert manifest.data["dynamic"] is True
 
-    unet = descriptor("tiny-sdxl", "unet")
+    unet = descriptor("tiny-sdxl", "unet", gag_layers=len(manifest.gag_layer_names))
     sess = session(manifest.graph_path("unet"))
     pipe = pipeline("tiny-sdxl")
     apply_gag(pipe.unet, ONE_BLOCK)

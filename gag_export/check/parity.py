@@ -3,6 +3,8 @@ pipeline (given, or loaded again through the registry)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..artifacts.manifest import Manifest
 from ..core.memory import GIB, ORT_SESSION_FACTOR, ensure_memory
 from ..core.names import GAG_INPUTS
@@ -69,6 +71,9 @@ def _parity(manifest: Manifest, component: str, descriptor, reference_pipe, seed
     entry = manifest.components[component]
     precision = _component_precision(entry)
     gag = any(i["name"] in GAG_INPUTS for i in entry["inputs"])
+    layers = next((i["shape"] for i in entry["inputs"] if i["name"] == "gag_eta"), [])
+    if layers:  # per-layer gag_scale/gag_eta, as the graph declares them
+        descriptor = dataclasses.replace(descriptor, gag_layers=layers[0])
     feed = sample_feed(descriptor, manifest.shape(), precision, seed, gag)
     outputs = [o["name"] for o in entry["outputs"]]
     module = descriptor.export_module(reference_pipe)

@@ -27,6 +27,7 @@ GAG parameters are fed per call as the denoiser's `gag_scale`/`gag_eta` ([L], on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -121,6 +122,9 @@ class Sampler:
         self.assets = assets
         self.descriptors = dict(descriptors)
         denoiser = self.descriptors[components.denoiser.name]
+        if components.has_gag_inputs:  # the per-layer input length the graph declares (0: an older 0-d export)
+            layers = (components.denoiser.input_spec("gag_eta").shape or (0,))[0]
+            denoiser = self.descriptors[denoiser.name] = dataclasses.replace(denoiser, gag_layers=layers)
         self.pixel_multiple = int(denoiser.pixel_multiple)
         self.vae_scale_factor = int(denoiser.vae_scale_factor)
         self.family = FAMILY_CONDITIONING[entry.family](entry, components, assets.tokenizers, self.vae_scale_factor)

@@ -151,7 +151,7 @@ def load_variant(config: BenchConfig, p: Plan, backend: str, gag: bool, pipe=Non
     gag_values = sampler.gag_params() if gag else None
     feed = {name: value.numpy() for name, value in descriptor.sample_inputs(p.shape, "fp32", config.seed, gag=gag).items()}
     if gag_values is not None:
-        feed.update(gag_values.feed())
+        feed.update(sampler.gag_feed(gag_values))  # shaped as the graph declares them (per-layer: [L])
     request = GenerationConfig(config.prompt, seed=config.seed, steps=p.steps, height=p.shape.height,
                                width=p.shape.width, gag=gag_values)
     variant = Variant(backend, gag, sampler, feed, request, timer_for(device), device)
