@@ -151,14 +151,17 @@ def test_standin_repository_layout_and_configs(standin_repo, graphs):
         assert (standin_repo / name / "1" / "model.onnx").read_bytes() == manifest.graph_path(name).read_bytes()
         assert config.max_batch_size == 8 and config.HasField("dynamic_batching")
     unet = {t.name: t for t in configs["unet"].input}
-    assert list(unet["gag_scale"].dims) == [1] and list(unet["sample"].dims) == [4, 8, 8]
+    # per-layer gag_scale [L] keeps its dims (never batched); gag_zeta, 0-d, is [1] reshaped to the batch
+    assert list(unet["gag_scale"].dims) == [6] and list(unet["gag_zeta"].dims) == [1]
+    assert list(unet["sample"].dims) == [4, 8, 8]
     assert list(unet["timestep"].dims) == [1] and list(unet["timestep"].reshape.shape) == []
     sampler = configs["sampler"]
     assert sampler.instance_group[0].count == 1
     wiring = json.loads(sampler.parameters["components"].string_value)
     assert {k: v["max_batch_size"] for k, v in wiring.items()} == {n: configs[n].max_batch_size for n in manifest.components}
     pipeline = configs["pipeline"]
-    assert [t.name for t in pipeline.input] == ["prompt", "seed", "steps", "gag_scale", "gag_eta", "gag_zeta"]
+    assert [t.name for t in pipeline.input] == ["prompt", "seed", "steps", "gag_scale", "gag_eta", "gag_zeta",
+                                              "gag_scale_steps", "gag_eta_steps"]  # the schedules: optional
     assert list(pipeline.output[0].dims) == [64, 64, 3]
     assert pipeline.parameters["default_steps"].string_value == "4"
     assert (standin_repo / "sampler" / "1" / "manifest.json").is_file()
@@ -393,7 +396,8 @@ def test_sampler_over_bls_equals_the_local_runtime(fake_triton, graphs):
     called = [name for name, _ in fake_triton.calls]
     assert called.count("unet") == 4 and called.count("vae_decoder") == 1  # one BLS call per step
     unet_shapes = next(shapes for name, shapes in fake_triton.calls if name == "unet")
-    assert unet_shapes["gag_scale"] == (1, 1) and unet_shapes["timestep"] == (1, 1)  # batched model: [batch, 1]
+    assert unet_shapes["gag_zeta"] == (1, 1) and unet_shapes["timestep"] == (1, 1)  # batched model: [batch, 1]
+    assert unet_shapes["gag_scale"] == (1, 6)  # per-layer values: [batch 1, L]
 
 
 @pytest.mark.parametrize("change, message", [

@@ -170,8 +170,9 @@ class Manifest:
         problems = []
         for comp in self.components.values():
             for spec in comp["inputs"] if isinstance(comp["inputs"], list) else []:
-                if isinstance(spec, dict) and spec.get("name") in PER_LAYER_GAG_INPUTS and spec.get("shape") \
-                        and spec.get("shape") != [len(names or [])]:
+                shape = spec.get("shape") if isinstance(spec, dict) else None
+                if spec.get("name") in PER_LAYER_GAG_INPUTS and isinstance(shape, list) and len(shape) == 1 \
+                        and isinstance(shape[0], int) and shape[0] != len(names or []):
                     problems.append(f"{spec['name']} has shape {spec.get('shape')}, gag.layer_names holds "
                                     f"{len(names or [])} layers")
         applied = self.data["gag"].get("defaults")

@@ -259,7 +259,8 @@ def manifest_head(entry, config: ExportConfig, rewritten: list[str]) -> dict:
         "exporter": config.exporter,
         "shape": {"batch": config.shape.batch, "height": config.shape.height, "width": config.shape.width},
         # layer_names: the order of the denoiser's per-layer gag_scale/gag_eta entries (apply_gag's)
-        "gag": ({"enabled": True, **gag.to_dict(), "rewritten": rewritten, "layer_names": rewritten} if gag is not None
+        "gag": ({"enabled": True, **gag.to_dict(), "rewritten": rewritten, **({"layer_names": rewritten} if rewritten else {})}
+                if gag is not None
                 else {"enabled": False, "rewritten": []}),
         "loras": [spec.record() for spec in config.loras],
         "components": {},

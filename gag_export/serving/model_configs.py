@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from ..artifacts.manifest import Manifest
 from ..core.errors import ArtifactError, InvalidInputError
-from ..core.names import GAG_INPUTS
+from ..core.names import GAG_INPUTS, PER_LAYER_GAG_INPUTS
 from .pbtxt import Token
 from .protocol import (IMAGE_OUTPUT, IMG2IMG_INPUTS, PER_LAYER_REQUEST_INPUTS, PIPELINE, REQUEST_INPUTS, SAMPLER,
                        SCHEDULE_INPUTS)
@@ -107,7 +107,9 @@ def tensor_config(entry: Mapping, max_batch_size: int) -> dict:
     """
     shape = list(entry["shape"])
     block: dict[str, Any] = {"name": entry["name"], "data_type": Token(triton_dtype(entry["dtype"]))}
-    if max_batch_size > 0 and len(shape) <= 1:
+    if entry["name"] in PER_LAYER_GAG_INPUTS and shape:  # [L], never batched: travels as [1, L] with batching
+        block["dims"] = _dims(shape)
+    elif max_batch_size > 0 and len(shape) <= 1:
         block.update(dims=[1], reshape={"shape": []})
     elif not shape:
         block["dims"] = [1]
@@ -144,7 +146,7 @@ def component_max_batch(entry: Mapping, kind: str, options: RepositoryOptions,
     tensors = [*entry["inputs"], *entry["outputs"]]
     if kind == "standin":
         # the descriptor says which axis is the batch, also in a static graph
-        shaped = [t for t in tensors if t["shape"]]
+        shaped = [t for t in tensors if t["shape"] and t["name"] not in PER_LAYER_REQUEST_INPUTS]
         if shaped and all(list(descriptor_shapes.get(t["name"], [None]))[:1] == ["batch"] for t in shaped):
             return options.max_batch
         return 0

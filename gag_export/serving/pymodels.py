@@ -36,6 +36,7 @@ import numpy as np
 from ..arrays import to_numpy
 from ..artifacts.manifest import Manifest
 from ..core.errors import ArtifactError, GagExportError, InvalidInputError
+from ..core.names import PER_LAYER_GAG_INPUTS
 from ..models.base import TensorSpec
 from ..runtime.components import Component, ComponentSet, spec_from_manifest
 from ..runtime.ort_backend import OrtComponent
@@ -133,6 +134,8 @@ class TritonComponent(Component):
 
     def _wire(self, spec: TensorSpec, array: np.ndarray) -> np.ndarray:
         """The request shape Triton expects for a graph input (see `repository.tensor_config`)."""
+        if self.max_batch_size > 0 and spec.name in PER_LAYER_GAG_INPUTS and spec.shape:
+            return np.ascontiguousarray(array.reshape(1, -1))  # [L] -> [batch 1, L]
         if self.max_batch_size > 0 and len(spec.shape) <= 1:
             return np.ascontiguousarray(array.reshape(-1, 1))  # [batch] or 0-d -> [batch, 1]
         if len(spec.shape) == 0:
@@ -330,6 +333,8 @@ class _GraphModel(_PythonModel):
                 if tensor is None:
                     raise InvalidInputError(f"{component.name}: request has no input {name!r}")
                 feed[name] = tensor.as_numpy()
+                if name in PER_LAYER_GAG_INPUTS and feed[name].ndim == 2 and len(feed[name]) == 1:
+                    feed[name] = feed[name][0]  # [1, L] from a batching config (TritonComponent._wire) -> [L]
             outputs = component.infer(feed)
             return pb.InferenceResponse(output_tensors=[
                 pb.Tensor(spec.name, np.ascontiguousarray(outputs[spec.name])) for spec in component.outputs
