@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from export_helpers import BISECT, exported, pipeline, session, shared_root
 from runtime_helpers import ONE_THREAD, PROMPT, torch_threads
 
@@ -168,12 +169,26 @@ def test_manifest_defaults_are_applied_checked_and_used(graphs_copy):
     (["--gag-scale-steps", "15,abc"], "--gag-scale-steps"),
     (["--gag-eta-steps", "5,-1"], "eta_steps[1]"),
     (["--gag-scale-steps", "15,10,5,5,5"], "5 values for"),
+    (["--gag-eta", "5,abc"], "--gag-eta"),
 ])
 def test_generate_refuses_bad_schedules(args, message, tmp_path):
     result = CliRunner().invoke(cli, ["generate", "--model", "tiny-sdxl", "--prompt", "x", "--steps", "2", "--no-build",
                                       "--graphs", str(tmp_path), "--out", str(tmp_path / "x.png"), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and not (tmp_path / "x.png").exists()
+
+
+def test_generate_takes_one_value_per_layer(graphs_copy, tmp_path):
+    layers = len(Manifest.load(graphs_copy / "tiny-sdxl").gag_layer_names)
+    eta = [str(2.0 + i) for i in range(layers)]
+    args = ["generate", "--model", "tiny-sdxl", "--prompt", PROMPT, "--steps", "1", "--no-build", "--threads", "1",
+            "--graphs", str(graphs_copy)]
+    result = CliRunner().invoke(cli, [*args, "--gag-eta", ",".join(eta), "--out", str(tmp_path / "a.png")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(Image.open(tmp_path / "a.png").text["gag_eta"]) == [float(e) for e in eta]
+    result = CliRunner().invoke(cli, [*args, "--gag-eta", ",".join(eta[:-1]), "--out", str(tmp_path / "b.png")])
+    assert result.exit_code == 2 and f"{layers - 1} values given" in result.output, result.output
+    assert not (tmp_path / "b.png").exists()
 
 
 def test_served_requests_take_per_layer_values_and_schedules(graphs_copy):

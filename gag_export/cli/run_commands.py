@@ -39,8 +39,16 @@ def number_list(option: str, text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise InvalidInputError(f"{option}: comma-separated numbers, one per step, got {text!r}") from None
+        raise InvalidInputError(f"{option}: comma-separated numbers, got {text!r}") from None
     return values
+
+
+def guidance_option(option: str, text: str | None):
+    """`--gag-scale`/`--gag-eta`: one number for every layer, or `V1,...,VL` one per rewritten layer."""
+    if text is None:
+        return None
+    values = number_list(option, text)
+    return values[0] if len(values) == 1 else values
 
 
 @cli.command("generate")
@@ -50,8 +58,12 @@ def number_list(option: str, text: str) -> tuple[float, ...]:
 @click.option("--steps", type=int, default=None, help="Denoising steps [default: the model's, e.g. 4 for DMD2].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial latents and scheduler noise.")
 @click.option("--backend", default="ort", show_default=True, help="torch | ort | tensorrt | tensorrt-rtx (an RTX GPU).")
-@click.option("--gag-scale", type=float, default=None, help="GAG scale (lambda) [default: the export's, else 10].")
-@click.option("--gag-eta", type=float, default=None, help="GAG norm cap eta [default: the export's, else 15].")
+@click.option("--gag-scale", default=None, metavar="S|S1,...,SL",
+              help="GAG scale (lambda): one number, or one per rewritten layer in the manifest's gag.layer_names "
+                   "order [default: the export's, else 10].")
+@click.option("--gag-eta", default=None, metavar="E|E1,...,EL",
+              help="GAG norm cap eta ('inf': no cap), one number or one per layer as --gag-scale "
+                   "[default: the export's (calibrated per layer where applied), else 15].")
 @click.option("--gag-zeta", type=float, default=None, help="GAG orthogonal weight zeta [default: the export's, else 0].")
 @click.option("--gag-scale-steps", default=None, metavar="S1,S2,...",
               help="Per-step GAG scale, one per denoising step, the last repeating (15,10: 15 at the first step).")
@@ -111,6 +123,7 @@ def generate_command(model, prompt, negative_prompt, steps, seed, backend, gag_s
         raise InvalidInputError(f"--lora is for --backend torch: {backend} runs exported graphs, which carry the LoRAs "
                                 "they were exported with (`gag-export export --lora`, or `gag-export lora` on an export)")
     out_path = require_png_path(out_path or Path(f"{model}-{seed}.png"))  # before anything is built
+    gag_scale, gag_eta = guidance_option("--gag-scale", gag_scale), guidance_option("--gag-eta", gag_eta)
     given = {k: v for k, v in (("scale", gag_scale), ("eta", gag_eta), ("zeta", gag_zeta)) if v is not None}
     schedules = {f"{k}_steps": number_list(f"--gag-{k}-steps", v)
                  for k, v in (("scale", gag_scale_steps), ("eta", gag_eta_steps)) if v is not None}
