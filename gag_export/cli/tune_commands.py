@@ -122,7 +122,9 @@ def _summary(data: dict) -> Table:
     table = Table(title=f"{data['model']}: pre-cap update norm, {data['prompts']} prompts x {data['steps']} steps; "
                         f"eta capping {data['rule']['clip_share']:g} of tokens", header_style="bold")
     for column in ("layer", "mean", "max", "eta", "eta per step"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
+        # layer names are folded onto more lines, never cut: they are what --apply and the manifest match
+        table.add_column(column, justify="left" if column == "layer" else "right",
+                         overflow="fold" if column == "layer" else "ellipsis")
     for layer in data["layers"]:
         steps = layer["steps"]
         mean = sum(s["mean"] * s["count"] for s in steps) / sum(s["count"] for s in steps)
