@@ -153,18 +153,37 @@ def _denoiser_outputs(manifest, feed) -> np.ndarray:
     return run(session(manifest.graph_path(comp)), feed)[0]
 
 
+def _variant_against_fresh_export(original, variant, model: str, specs, weight_map, tmp_path):
+    """ONNX Runtime outputs of the variant, of a fresh export of the denoiser with the LoRAs fused
+    (the same fp32 deltas, added to the shared pipeline and taken out again) and of the original."""
+    from export_helpers import BISECT
+
+    from gag_export.export import ExportConfig, export_model
+    from gag_export.export.parity import load_reference
+    from gag_export.models import ImageShape, get_entry
+    from gag_export.models.lora import add_deltas, lora_deltas, restore_parameters
+
+    entry = get_entry(model)
+    comp = next(n for n, c in original.components.items() if c["role"] == "denoiser")
+    denoiser = getattr(pipeline(model), comp)
+    saved = add_deltas(denoiser, lora_deltas(specs, entry.family, weight_map.shapes()), keep=True)
+    try:
+        fresh = export_model(pipeline(model), entry, ExportConfig(
+            model, tmp_path / "fresh", ImageShape(entry.height, entry.width, 1), gag=BISECT, components=(comp,)))
+    finally:
+        restore_parameters(denoiser, saved)
+    feed = load_reference(original.graphs_dir, original.components[comp]["parity_reference"]).feed
+    return tuple(_denoiser_outputs(m, feed) for m in (variant, fresh, original))
+
+
 def test_lora_variant_equals_a_fresh_export_with_the_lora(graphs_root, tmp_path):
     """Two LoRAs with scales: the variant written without tracing gives ONNX Runtime the outputs a
     fresh export of the fused UNet gives (fp32 rounding), passes `check`, and leaves the original
     byte-identical."""
     from click.testing import CliRunner
-    from export_helpers import BISECT
 
     from gag_export.cli import cli
-    from gag_export.export import ExportConfig, export_model
-    from gag_export.export.parity import load_reference
-    from gag_export.models import ImageShape, get_entry
-    from gag_export.models.lora import LoraSpec, add_deltas, lora_deltas, restore_parameters
+    from gag_export.models.lora import LoraSpec
 
     original = exported("sdxl", graphs_root)
     before = _tree_digest(original.graphs_dir)
@@ -185,15 +204,7 @@ def test_lora_variant_equals_a_fresh_export_with_the_lora(graphs_root, tmp_path)
     assert variant.components["vae_decoder"] == original.components["vae_decoder"]
 
     specs = [LoraSpec(files[0], 0.8), LoraSpec(files[1], 0.5)]
-    saved = add_deltas(unet, lora_deltas(specs, "sdxl", weight_map.shapes()), keep=True)
-    try:
-        entry = get_entry("tiny-sdxl")
-        fresh = export_model(pipeline("tiny-sdxl"), entry, ExportConfig(
-            "tiny-sdxl", tmp_path / "fresh", ImageShape(entry.height, entry.width, 1), gag=BISECT, components=("unet",)))
-    finally:
-        restore_parameters(unet, saved)
-    feed = load_reference(original.graphs_dir, original.components["unet"]["parity_reference"]).feed
-    got, want, base = (_denoiser_outputs(m, feed) for m in (variant, fresh, original))
+    got, want, base = _variant_against_fresh_export(original, variant, "tiny-sdxl", specs, weight_map, tmp_path)
     scale = float(np.abs(want).max())
     assert np.abs(got - want).max() <= 1e-5 * scale
     assert np.abs(base - want).max() > 1e-3 * scale  # the LoRA changes the output
@@ -222,24 +233,8 @@ def test_lora_variant_of_flux_changes_only_what_the_lora_touches(graphs_root, tm
     assert variant.data["derived_from"]["changed_initializers"] == len(changed)
 
     # and it runs as a fresh export of the fused transformer does, on ONNX Runtime
-    from export_helpers import BISECT
-
-    from gag_export.export import ExportConfig, export_model
-    from gag_export.export.parity import load_reference
-    from gag_export.models import ImageShape, get_entry
-    from gag_export.models.lora import add_deltas, lora_deltas, restore_parameters
-
-    transformer = pipeline("tiny-flux").transformer
-    saved = add_deltas(transformer, lora_deltas([LoraSpec(path)], "flux", weight_map.shapes()), keep=True)
-    try:
-        entry = get_entry("tiny-flux")
-        fresh = export_model(pipeline("tiny-flux"), entry, ExportConfig(
-            "tiny-flux", tmp_path / "fresh", ImageShape(entry.height, entry.width, 1), gag=BISECT,
-            components=("transformer",)))
-    finally:
-        restore_parameters(transformer, saved)
-    feed = load_reference(original.graphs_dir, original.components["transformer"]["parity_reference"]).feed
-    got, want, base = (_denoiser_outputs(m, feed) for m in (variant, fresh, original))
+    got, want, base = _variant_against_fresh_export(original, variant, "tiny-flux", [LoraSpec(path)], weight_map,
+                                                    tmp_path)
     scale = float(np.abs(want).max())
     assert np.abs(got - want).max() <= 1e-5 * scale
     assert np.abs(base - want).max() > 1e-4 * scale  # the LoRA changes the output
