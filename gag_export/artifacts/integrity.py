@@ -14,6 +14,7 @@ else `~/.cache/gag-export`); when that cannot be written every read hashes, and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -91,4 +92,17 @@ def verify_graphs(manifest: Manifest, components=None, hint: str = "re-export th
         verify_graph(manifest, name, hint)
 
 
-__all__ = ["VERIFIED_NAME", "cache_dir", "verify_graph", "verify_graphs"]
+def read_checked_file(graphs_dir: Path, entry, what: str) -> bytes:
+    """The bytes of a file a manifest entry names beside a graph (`{"path", "sha256"}`: a parity
+    reference, a weight map), checked against its sha256; `ArtifactError` naming `what` otherwise."""
+    path = Path(graphs_dir) / entry["path"]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{what} {path} is unreadable ({exc}); re-export the model") from None
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise ArtifactError(f"{what} {path} does not match its manifest's sha256; re-export the model")
+    return data
+
+
+__all__ = ["VERIFIED_NAME", "cache_dir", "read_checked_file", "verify_graph", "verify_graphs"]

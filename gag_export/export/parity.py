@@ -38,7 +38,8 @@ from polygraphy.comparator.compare import SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from ..arrays import to_torch
-from ..core.errors import ArtifactError, GagExportError
+from ..artifacts.integrity import read_checked_file
+from ..core.errors import GagExportError
 from ..core.names import GAG_INPUTS, PARITY_NAME
 
 REFERENCE_SOURCE = "torch fp32 eager"
@@ -217,13 +218,7 @@ def record_reference(dest: Path, module: torch.nn.Module, feed: Mapping[str, np.
 
 def load_reference(graphs_dir: Path, entry: Mapping) -> ParityReference:
     """The reference a manifest entry names, checked against its sha256 (`ArtifactError` otherwise)."""
-    path = Path(graphs_dir) / entry["path"]
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ArtifactError(f"parity reference {path} is unreadable ({exc}); re-export the model") from None
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ArtifactError(f"parity reference {path} does not match its manifest's sha256; re-export the model")
+    data = read_checked_file(graphs_dir, entry, "parity reference")
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         feed = OrderedDict((k[3:], arrays[k]) for k in arrays.files if k.startswith("in."))
         outputs = OrderedDict((k[4:], arrays[k]) for k in arrays.files if k.startswith("out."))

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..arrays import to_numpy
+from ..artifacts.integrity import read_checked_file
 from ..core.atomic import write_atomic
 from ..core.errors import ArtifactError, InvalidInputError
 from ..core.names import WEIGHT_MAP_NAME
@@ -213,12 +214,7 @@ def record_weight_map(comp_dir: Path, component: str, digests: Mapping[str, Para
 def load_weight_map(graphs_dir: Path, entry: Mapping) -> WeightMap:
     """The weight map a manifest entry names, checked against its sha256 (`ArtifactError` otherwise)."""
     path = Path(graphs_dir) / entry["path"]
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ArtifactError(f"weight map {path} is unreadable ({exc}); re-export the model") from None
-    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        raise ArtifactError(f"weight map {path} does not match its manifest's sha256; re-export the model")
+    data = read_checked_file(graphs_dir, entry, "weight map")
     try:
         doc = json.loads(data)
         if doc.get("format_version") != WEIGHT_MAP_FORMAT_VERSION:
