@@ -108,13 +108,15 @@ def contact_sheet(tiles: Sequence[Sequence[Image.Image | None]], row_labels: Seq
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_height = measure.textbbox((0, 0), "Ag", font=font)[3]
     pad = max(4, line_height // 3)
-    left = max(measure.textlength(label, font=font) for label in row_labels) + 2 * pad
-    layout = SheetLayout(width, height, left=int(left + 0.999), top=(line_height + pad) * (2 if title else 1) + pad,
-                         gutter=pad)
+    left = int(max(measure.textlength(label, font=font) for label in row_labels) + 2 * pad + 0.999)
+    # the title (model, seed, prompt...) is wrapped, never cut: on 64-pixel tiles it takes several lines
+    sheet_width = SheetLayout(width, height, left=left, top=0, gutter=pad).size(len(tiles), len(column_labels))[0]
+    title_lines = _wrap(measure, title, font, sheet_width - 2 * pad) if title else []
+    layout = SheetLayout(width, height, left=left, top=(line_height + pad) * (len(title_lines) + 1) + pad, gutter=pad)
     sheet = Image.new("RGB", layout.size(len(tiles), len(column_labels)), SHEET_BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((pad, pad), _fit(draw, title, font, sheet.width - 2 * pad), font=font, fill=SHEET_INK)
+    for index, line in enumerate(title_lines):
+        draw.text((pad, pad + index * (line_height + pad)), line, font=font, fill=SHEET_INK)
     for column, label in enumerate(column_labels):
         x0, y0, x1, _ = layout.box(0, column)
         draw.text(((x0 + x1) / 2, y0 - pad), _fit(draw, label, font, width), font=font, fill=SHEET_INK, anchor="md")
@@ -125,6 +127,17 @@ def contact_sheet(tiles: Sequence[Sequence[Image.Image | None]], row_labels: Seq
             if tile is not None:
                 sheet.paste(tile.convert("RGB"), layout.box(row, column)[:2])
     return sheet, layout
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
+    """`text` in lines no wider than `width` pixels, broken between words (a word wider than a line on its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:

@@ -17,7 +17,7 @@ from PIL import Image
 from runtime_helpers import ONE_THREAD, PROMPT, exported_graphs, torch_threads
 
 from gag_export.cli import cli
-from gag_export.images import contact_sheet, read_png_metadata
+from gag_export.images import SheetLayout, contact_sheet, read_png_metadata
 from gag_export.runtime import GenerationConfig, Sampler
 from gag_export.workflows.scorers import load_scorer
 from gag_export.workflows.sweep import SHEET_NAME, GridSetting, parse_grid, run_sweep
@@ -103,9 +103,9 @@ def test_sweep_cli_ort(tmp_path_factory, tmp_path):
                                       "--scale", "5", "--eta", "2,inf", "--out", str(out)])
     assert result.exit_code == 0, result.output
     sheet = Image.open(out / SHEET_NAME).convert("RGB")
-    # the layout is recomputed from the same labels and tiles: only its geometry is used
+    # the sheet says where its tiles lie
     tiles = {(0, 0): out / "scale-5_eta-2.png", (0, 1): out / "scale-5_eta-inf.png"}
-    _, layout = contact_sheet([[Image.open(p) for p in tiles.values()]], ["scale 5"], ["eta 2", "eta inf"], title="t")
+    layout = SheetLayout(**json.loads(read_png_metadata(out / SHEET_NAME)["sweep_layout"]))
     assert_sheet(sheet, layout, tiles, ["scale 5"], ["eta 2", "eta inf"])
     assert read_png_metadata(tiles[0, 1])["backend"] == "ort"
 
@@ -174,3 +174,15 @@ def test_scorer_not_in_cache_exit_6(tmp_path):
     assert "'gag-export-tests/not-cached'" in line and "download gag-export-tests/not-cached" in line
     assert "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in line  # PickScore's processor is needed too
     assert not list((tmp_path / "out").glob("eval.*"))
+
+
+def test_a_long_title_wraps_onto_more_lines_and_is_never_cut():
+    tiles = [[Image.new("RGB", (64, 64), (90, 90, 90))] * 2]
+    short, short_layout = contact_sheet(tiles, ["scale 5"], ["eta 2", "eta inf"], title="tiny-sdxl")
+    long, long_layout = contact_sheet(tiles, ["scale 5"], ["eta 2", "eta inf"],
+                                      title="tiny-sdxl (torch), seed 3, 4 steps: " + "a red fox in the snow " * 3)
+    assert long.width == short.width and long_layout.left == short_layout.left
+    assert long_layout.top > short_layout.top + short_layout.tile_height // 4  # extra title lines
+    header = np.asarray(long.convert("L"))[: long_layout.top - long_layout.gutter]
+    inked_rows = np.flatnonzero((header < 128).any(axis=1))
+    assert inked_rows.max() > short_layout.top  # ink below where a one-line title ends

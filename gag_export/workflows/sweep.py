@@ -14,6 +14,7 @@ sheet already there is replaced only by a complete new one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -161,6 +162,8 @@ def run_sweep(sampler: Sampler, request: GenerationConfig, grid: SweepGrid, out_
         "sweep_baseline": "yes" if grid.baseline else "no",
         "sweep_zeta": "" if grid.zeta is None else repr(float(grid.zeta)),
         "sweep_tiles": json.dumps([setting.file_name for setting in tiles]),
+        # where each tile lies (SheetLayout's fields: the title wraps, so the header height varies)
+        "sweep_layout": json.dumps(dataclasses.asdict(layout)),
     })
     path = save_png(sheet, out_dir / SHEET_NAME, metadata)
     return SweepResult(path, layout, tiles, tuple(rows), tuple(columns))
