@@ -25,6 +25,14 @@ _SHARED_EXPORTS = {("tiny-sdxl", False): "sdxl", ("tiny-flux", False): "flux",
                    ("tiny-sdxl", True): "sdxl_img2img", ("tiny-flux", True): "flux_img2img"}
 
 
+def torch_sampler(tmp_path_factory, model: str):
+    """`model` on the torch backend with GAG applied (an empty graphs folder: the default bisect
+    config), one thread; use as a context manager."""
+    from gag_export.runtime import Sampler
+
+    return Sampler.load(model, "torch", graphs=tmp_path_factory.mktemp("no-graphs"), options=ONE_THREAD)
+
+
 def exported_graphs(tmp_path_factory, model: str, height: int | None = None, width: int | None = None,
                     img2img: bool = False) -> Path:
     """The graphs root holding `<root>/<model>/manifest.json` (exported once per session, GAG bisect),

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from runtime_helpers import ONE_THREAD, PROMPT, exported_graphs, max_pixel_diff, torch_threads
+from runtime_helpers import ONE_THREAD, PROMPT, exported_graphs, max_pixel_diff, torch_sampler, torch_threads
 
 from gag_export.cli import cli
 from gag_export.core.errors import InvalidInputError
@@ -40,19 +40,15 @@ def picture(tmp_path_factory):
     return path
 
 
-def _sampler(tmp_path_factory, model):
-    return Sampler.load(model, "torch", graphs=tmp_path_factory.mktemp("no-graphs"), options=ONE_THREAD)
-
-
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    with _sampler(tmp_path_factory, "tiny-sdxl") as sampler:
+    with torch_sampler(tmp_path_factory, "tiny-sdxl") as sampler:
         yield sampler
 
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-    with _sampler(tmp_path_factory, "tiny-flux") as sampler:
+    with torch_sampler(tmp_path_factory, "tiny-flux") as sampler:
         yield sampler
 
 

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from runtime_helpers import ONE_THREAD, PROMPT, max_pixel_diff, pixels, torch_threads
+from runtime_helpers import PROMPT, max_pixel_diff, pixels, torch_sampler, torch_threads
 
 from gag_export import __version__
 from gag_export.core.errors import InvalidInputError
@@ -44,13 +44,13 @@ def one_thread():
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     """tiny-sdxl on torch with GAG applied (no export in its graphs folder: the default bisect config)."""
-    with Sampler.load("tiny-sdxl", "torch", graphs=tmp_path_factory.mktemp("no-graphs"), options=ONE_THREAD) as sampler:
+    with torch_sampler(tmp_path_factory, "tiny-sdxl") as sampler:
         yield sampler
 
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-    with Sampler.load("tiny-flux", "torch", graphs=tmp_path_factory.mktemp("no-graphs"), options=ONE_THREAD) as sampler:
+    with torch_sampler(tmp_path_factory, "tiny-flux") as sampler:
         yield sampler
 
 

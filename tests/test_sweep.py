@@ -14,11 +14,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from runtime_helpers import ONE_THREAD, PROMPT, exported_graphs, torch_threads
+from runtime_helpers import PROMPT, exported_graphs, torch_sampler, torch_threads
 
 from gag_export.cli import cli
 from gag_export.images import SheetLayout, contact_sheet, read_png_metadata
-from gag_export.runtime import GenerationConfig, Sampler
+from gag_export.runtime import GenerationConfig
 from gag_export.workflows.scorers import load_scorer
 from gag_export.workflows.sweep import SHEET_NAME, GridSetting, parse_grid, run_sweep
 
@@ -31,7 +31,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    with Sampler.load("tiny-sdxl", "torch", graphs=tmp_path_factory.mktemp("no-graphs"), options=ONE_THREAD) as sampler:
+    with torch_sampler(tmp_path_factory, "tiny-sdxl") as sampler:
         yield sampler
 
 

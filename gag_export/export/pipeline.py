@@ -14,21 +14,13 @@ from ..core.gag_config import GAGConfig
 from ..core.precision import Precision
 from ..core.shapes import ImageShape
 from ..gag.attention import apply_gag, is_gag_applied, remove_gag
+from ..models import denoiser_module
 
 
 def sample_feed(descriptor, shape: ImageShape, precision: Precision, seed: int, gag: bool) -> OrderedDict[str, np.ndarray]:
     """The descriptor's sample inputs at `shape` as a name -> array feed, in graph order and types."""
     tensors = descriptor.sample_inputs(shape, precision, seed, gag=gag)
     return OrderedDict((spec.name, to_numpy(tensors[spec.name])) for spec in descriptor.inputs(precision, gag=gag))
-
-
-def denoiser_module(pipe) -> torch.nn.Module | None:
-    """The pipeline's UNet or transformer, or None when it was loaded without one."""
-    for attr in ("unet", "transformer"):
-        module = getattr(pipe, attr, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    return None
 
 
 def set_gag(pipe, gag: GAGConfig | None) -> list[str]:

@@ -191,12 +191,11 @@ class GAGFluxAttnProcessor(_LayerProcessor):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        if self.params.observer is not None:  # GAG's part only: image queries x text keys, as [B, H, L, d]
-            q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, d]
+        if self.params.observer is not None:  # GAG's part only: image queries x text keys
             self.params.report(attn, q[:, :, text_len:], k[:, :, :text_len], v[:, :, :text_len])
 
         p = self.params
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, d]
         out = gag_joint_attention(q, k, v, text_len, *self.values(), p.alpha, p.method)
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
@@ -317,6 +316,13 @@ def guidance_params(model: torch.nn.Module) -> GuidanceParams:
     if state is None:
         raise InvalidInputError(f"GAG is not applied to this {type(model).__name__}; call apply_gag first")
     return state.params
+
+
+def gag_layer_names(model: torch.nn.Module) -> list[str]:
+    """The rewritten layers' module names in the order `apply_gag` returned them ([] without GAG):
+    the order of per-layer guidance values."""
+    state: _GAGState | None = getattr(model, _STATE_ATTR, None)
+    return [] if state is None else sorted(state.originals)
 
 
 def gag_config(model: torch.nn.Module) -> GAGConfig | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
+
 from ..core.errors import InvalidInputError
 from ..core.names import IMG2IMG_COMPONENTS
 from .base import (
@@ -77,6 +79,15 @@ def _family_of(pipe) -> str:
     return family
 
 
+def denoiser_module(pipe) -> torch.nn.Module | None:
+    """The pipeline's UNet or transformer, or None when it was loaded without one."""
+    for attr in ("unet", "transformer"):
+        module = getattr(pipe, attr, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
 def descriptors_for(entry_or_family: ModelEntry | str | None = None, pipe=None,
                     img2img: bool = False) -> list[ComponentDescriptor]:
     """The descriptors of a model in export order: text encoders, denoiser, vae_decoder
@@ -124,6 +135,7 @@ _FAMILY_FILES = {
 __all__ = [
     "GAG_INPUTS",
     "IMG2IMG_COMPONENTS",
+    "denoiser_module",
     "ComponentDescriptor",
     "ExportWrapper",
     "ImageShape",

@@ -79,7 +79,7 @@ def torch_runtime_gag(config):
 
 
 def load_torch_components(model: str, graphs_root: Path, options: BackendOptions) -> ComponentSet:
-    from ..models import load_pipeline  # noqa: PLC0415
+    from ..models import denoiser_module, load_pipeline  # noqa: PLC0415
     from ..models.lora import fuse_loras  # noqa: PLC0415
 
     manifest = None
@@ -89,8 +89,7 @@ def load_torch_components(model: str, graphs_root: Path, options: BackendOptions
     gag = torch_runtime_gag(manifest.gag if manifest is not None else DEFAULT_EXPORT_GAG)
     weights = manifest.data.get("weights") if manifest is not None else None
     pipe = load_pipeline(entry, weights=weights) if weights else load_pipeline(entry)
-    denoiser = pipe.unet if entry.family == "sdxl" else pipe.transformer
-    records = fuse_loras(denoiser, options.loras, entry.family)  # before GAG, as at export
+    records = fuse_loras(denoiser_module(pipe), options.loras, entry.family)  # before GAG, as at export
     exported = manifest.loras if manifest is not None else []
     if exported and [(r["sha256"], r["scale"]) for r in exported] != [(r["sha256"], r["scale"]) for r in records]:
         log.warning("%s was exported with LoRAs %s; the torch backend fuses only those given with --lora (%s)",
@@ -103,9 +102,9 @@ def torch_component_set(entry, pipe, gag, options: BackendOptions, manifest=None
     """Torch components over a loaded fp32 pipeline, its denoiser rewritten with the GAGConfig `gag`
     (None: left as it is, with no GAG inputs)."""
     from ..gag.attention import apply_gag  # noqa: PLC0415
-    from ..models import descriptors_for  # noqa: PLC0415
+    from ..models import denoiser_module, descriptors_for  # noqa: PLC0415
 
-    layers = apply_gag(pipe.unet if entry.family == "sdxl" else pipe.transformer, gag) if gag is not None else []
+    layers = apply_gag(denoiser_module(pipe), gag) if gag is not None else []
     device = options.torch_device()
     components = {}
     for descriptor in descriptors_for(entry, pipe, img2img=True):  # the encoder is the pipeline's VAE: always at hand

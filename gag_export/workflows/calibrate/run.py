@@ -110,8 +110,8 @@ def run_calibration(config: CalibrationConfig, progress: Callable[[int, int], No
     `progress(done, total)` is called after every sampling step (total = prompts x steps).
     Bad input (model, steps, size, weights) fails before any weights are loaded.
     """
-    from ...gag.attention import apply_gag, guidance_params  # noqa: PLC0415
-    from ...models import descriptors_for, load_pipeline, resolve_entry  # noqa: PLC0415
+    from ...gag.attention import gag_layer_names, guidance_params  # noqa: PLC0415
+    from ...models import denoiser_module, descriptors_for, load_pipeline, resolve_entry  # noqa: PLC0415
     from ...runtime import BackendOptions, GAGParams, GenerationConfig, Sampler, SamplerAssets, check_request  # noqa: PLC0415
     from ...runtime.torch_backend import torch_component_set  # noqa: PLC0415
 
@@ -125,9 +125,9 @@ def run_calibration(config: CalibrationConfig, progress: Callable[[int, int], No
     options = BackendOptions(device=config.device)
 
     pipe = load_pipeline(entry, weights=weights, seed=config.seed)
-    components = torch_component_set(entry, pipe, config.gag, options)
-    denoiser = pipe.unet if entry.family == "sdxl" else pipe.transformer
-    names = apply_gag(denoiser, config.gag)  # the same rewrite again: apply_gag is what names the layers, in order
+    components = torch_component_set(entry, pipe, config.gag, options)  # applies GAG to the denoiser
+    denoiser = denoiser_module(pipe)
+    names = gag_layer_names(denoiser)  # in the order of per-layer values
     sampler = Sampler(entry, components, SamplerAssets.from_pipeline(pipe),
                       {d.name: d for d in descriptors_for(entry, pipe, img2img=True)})
     modules = dict(denoiser.named_modules())
