@@ -381,6 +381,7 @@ def test_large_weights_go_to_one_external_data_file(tmp_path, monkeypatch):
     assert comp["external_data"]["size_bytes"] == data.stat().st_size > graph.stat().st_size
     assert comp["size_bytes"] == graph.stat().st_size + data.stat().st_size
     assert comp["sha256"] == sha256_of(graph, data) != sha256_of(graph)
+    assert comp["external_data"]["sha256"] == sha256_of(data)
     report = check_graphs(manifest.graphs_dir, pipe=pipeline("tiny-sdxl"), entry=get_entry("tiny-sdxl"))
     assert report, report.summary()
 

@@ -240,6 +240,43 @@ def test_lora_variant_of_flux_changes_only_what_the_lora_touches(graphs_root, tm
     assert np.abs(base - want).max() > 1e-4 * scale  # the LoRA changes the output
 
 
+def test_lora_variant_of_a_graph_with_external_data_patches_the_data_file(graphs_root, tmp_path, monkeypatch):
+    """Full-size denoisers keep their weights in model.onnx.data: the variant clones that file and
+    overwrites the changed tensors at their offsets; it runs as the variant of the same export with
+    its weights inside the graph does, and every digest in its manifest holds."""
+    import gag_export.export.convert as export_mod
+    from export_helpers import BISECT
+
+    from gag_export.artifacts.integrity import verify_graphs
+    from gag_export.artifacts.manifest import data_path
+    from gag_export.export import ExportConfig, export_model
+    from gag_export.export.lora_variant import make_lora_variant
+    from gag_export.export.parity import load_reference
+    from gag_export.models import ImageShape, get_entry
+    from gag_export.models.lora import LoraSpec
+
+    inline = exported("sdxl", graphs_root)
+    entry = get_entry("tiny-sdxl")
+    monkeypatch.setattr(export_mod, "LARGE_WEIGHTS_BYTES", 0)  # as if it were a > 2 GB UNet
+    external = export_model(pipeline("tiny-sdxl"), entry, ExportConfig(
+        "tiny-sdxl", tmp_path / "external", ImageShape(entry.height, entry.width, 1), gag=BISECT, components=("unet",)))
+    assert data_path(external.graph_path("unet")).exists()
+    weight_map = load_weight_map(external.graphs_dir, external.components["unet"]["weight_map"])
+    path = write_lora(tmp_path / "a.safetensors", pipeline("tiny-sdxl").unet, "unet", _attention_modules(weight_map, 6), 4)
+    before = _tree_digest(external.graphs_dir)
+    variant = make_lora_variant(external.graphs_dir, tmp_path / "v-external", [LoraSpec(path, 0.7)])
+    reference = make_lora_variant(inline.graphs_dir, tmp_path / "v-inline", [LoraSpec(path, 0.7)])
+    assert _tree_digest(external.graphs_dir) == before
+    graph = variant.graph_path("unet")
+    assert graph.read_bytes() == external.graph_path("unet").read_bytes()  # only the data file changed
+    assert variant.components["unet"]["external_data"]["sha256"] != external.components["unet"]["external_data"]["sha256"]
+    verify_graphs(variant)  # ArtifactError if a digest or size in the manifest were stale
+    feed = load_reference(inline.graphs_dir, inline.components["unet"]["parity_reference"]).feed
+    got, want = (_denoiser_outputs(m, feed) for m in (variant, reference))
+    assert np.abs(got - want).max() <= 1e-5 * float(np.abs(want).max())
+    assert not np.array_equal(got, _denoiser_outputs(external, feed))
+
+
 def test_lora_on_an_unplaceable_weight_is_refused_and_nothing_is_written(graphs_root, tmp_path):
     """A LoRA on a weight the map cannot place (here marked so in a copy of the export): exit 2 in
     one line, no output folder, no temp folder left."""

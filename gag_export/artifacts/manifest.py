@@ -265,6 +265,27 @@ def graph_sha256(onnx_path: Path) -> str:
     return sha256_files([onnx_path, data] if data.exists() else [onnx_path])
 
 
+def graph_file_fields(onnx_path: Path, root: Path) -> dict:
+    """A component entry's file fields for the graph at `onnx_path`: `path` (relative to `root`),
+    `sha256` (graph_sha256), `size_bytes` (graph + data) and `external_data` (its own path, sha256
+    and size; None without). The data file, gigabytes at full size, is read once for both digests."""
+    onnx_path, root = Path(onnx_path), Path(root)
+    data = data_path(onnx_path)
+    whole = hashlib.sha256(onnx_path.read_bytes())
+    external = None
+    if data.exists():
+        alone = hashlib.sha256()
+        with open(data, "rb") as f:
+            while block := f.read(1 << 24):
+                whole.update(block)
+                alone.update(block)
+        external = {"path": data.relative_to(root).as_posix(), "sha256": alone.hexdigest(),
+                    "size_bytes": data.stat().st_size}
+    size = onnx_path.stat().st_size + (external["size_bytes"] if external else 0)
+    return {"path": onnx_path.relative_to(root).as_posix(), "external_data": external,
+            "sha256": whole.hexdigest(), "size_bytes": size}
+
+
 def dtype_name(elem_type: int) -> str:
     return _ONNX_DTYPE_NAMES.get(elem_type) or f"onnx:{elem_type}"
 
@@ -275,5 +296,5 @@ def onnx_element_type(name: str) -> int:
 
 
 __all__ = [
-    "MANIFEST_FORMAT_VERSION", "Manifest", "apply_gag_defaults", "data_path", "dtype_name", "graph_sha256", "onnx_element_type", "sha256_files",
+    "MANIFEST_FORMAT_VERSION", "Manifest", "apply_gag_defaults", "data_path", "dtype_name", "graph_file_fields", "graph_sha256", "onnx_element_type", "sha256_files",
 ]

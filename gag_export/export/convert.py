@@ -21,8 +21,7 @@ from ..artifacts.manifest import (
     MANIFEST_FORMAT_VERSION,
     Manifest,
     data_path,
-    graph_sha256,
-    sha256_files,
+    graph_file_fields,
 )
 from ..core.atomic import make_temp_folder, remove_stale_temp_folders, swap_into_place
 from ..core.errors import (
@@ -211,19 +210,9 @@ def _component_entry(descriptor, config: ExportConfig, precision: Precision, com
     onnx_path = comp_dir / GRAPH_NAME
     structure = load_graph_structure(onnx_path)
     inputs, outputs = graph_io(structure)
-    data = data_path(onnx_path)
-    external = None
-    size = onnx_path.stat().st_size
-    if data.exists():
-        external = {"path": data.relative_to(root).as_posix(), "sha256": sha256_files([data]),
-                    "size_bytes": data.stat().st_size}
-        size += external["size_bytes"]
     return {
         "role": descriptor.role,
-        "path": onnx_path.relative_to(root).as_posix(),
-        "external_data": external,
-        "sha256": graph_sha256(onnx_path),
-        "size_bytes": size,
+        **graph_file_fields(onnx_path, root),
         "nodes": len(structure.graph.node),
         "inputs": inputs,
         "outputs": outputs,

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts.integrity import verify_graphs
-from ..artifacts.manifest import Manifest, data_path, graph_sha256, sha256_files
+from ..artifacts.manifest import Manifest, data_path, graph_file_fields
 from ..core.atomic import link_or_copy, make_temp_folder, remove_stale_temp_folders, swap_into_place, write_failure
 from ..core.errors import ArtifactError, GagExportError, InvalidInputError
 from ..core.names import MANIFEST_NAME
@@ -195,11 +195,7 @@ def make_lora_variant(graphs_dir: Path, out_root: Path, specs: Sequence[LoraSpec
         link_or_copy(graphs_dir / entry["weight_map"]["path"], tmp / entry["weight_map"]["path"])  # same layout
         comp = data["components"][component]
         comp.pop("parity_reference", None)  # torch's outputs without this LoRA
-        comp["sha256"] = graph_sha256(dest)
-        comp["size_bytes"] = dest.stat().st_size
-        if comp.get("external_data"):
-            comp["external_data"].update(sha256=sha256_files([data_path(dest)]), size_bytes=data_path(dest).stat().st_size)
-            comp["size_bytes"] += comp["external_data"]["size_bytes"]
+        comp.update(graph_file_fields(dest, tmp))
         data["loras"] = [*original.data.get("loras", []), *(spec.record() for spec in specs)]
         data["derived_from"] = {"graphs_dir": str(graphs_dir.resolve()),
                                 "manifest_sha256": hashlib.sha256(original.path.read_bytes()).hexdigest(),
