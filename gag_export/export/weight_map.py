@@ -38,6 +38,7 @@ from ..artifacts.integrity import read_checked_file
 from ..core.atomic import write_atomic
 from ..core.errors import ArtifactError, InvalidInputError
 from ..core.names import WEIGHT_MAP_NAME
+from ..core.precision import Precision
 from .graphs import load_graph_structure
 
 WEIGHT_MAP_FORMAT_VERSION = 1
@@ -49,11 +50,8 @@ def _digest(array: np.ndarray) -> str:
 
 
 def _numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+    """numpy's dtype by name; bfloat16 (not numpy's own) through Precision's one probe of ml_dtypes."""
+    return Precision.BF16.numpy_dtype if name == Precision.BF16.numpy_name else np.dtype(name)
 
 
 @dataclass(frozen=True)
