@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..core.atomic import atomic_path, write_atomic
+from ..core.atomic import write_atomic
 from ..core.errors import InvalidInputError
 from ..core.shapes import check_prompt
 from ..runtime import GenerationConfig, Sampler
+from .figures import pyplot, save_figure
 from .sweep import GridSetting, SweepGrid, format_value, generate_grid
 
 OUTPUT_NAMES = {"markdown": "eval.md", "json": "eval.json", "csv": "eval.csv", "plot": "eval.png"}
@@ -153,10 +154,7 @@ def render_eval_csv(result: EvalResult) -> str:
 
 def write_eval_plot(result: EvalResult, dest: Path) -> Path:
     """Mean score against scale, one line per eta (error bars: standard error over prompts); GAG off dashed."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     guided = [s for s in result.settings if not s.setting.is_baseline]
@@ -173,10 +171,7 @@ def write_eval_plot(result: EvalResult, dest: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(dest, make_parents=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(dest)
+    return save_figure(fig, dest)
 
 
 def write_outputs(result: EvalResult, out_dir: Path, plot: bool = True) -> list[Path]:

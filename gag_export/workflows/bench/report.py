@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ...core.atomic import atomic_path
+from ..figures import pyplot, save_figure
 from .config import BASELINE
 from .results import MEASURES, BenchResult, ResultRow
 
@@ -122,10 +123,7 @@ def write_markdown(result: BenchResult, dest: Path) -> Path:
 
 def write_plot(result: BenchResult, dest: Path) -> Path:
     """A PNG: p50 latency per backend (bars: GAG off / on; whiskers: p10..p90 of the samples)."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = pyplot()
 
     rows = result.measured
     measures = [m for m in MEASURES if any(r.series(m) for r in rows)]
@@ -168,7 +166,4 @@ def write_plot(result: BenchResult, dest: Path) -> Path:
                  f"{env['cpu']['available_to_process']} CPUs" + (f", {env['gpu']['name']}" if env.get("gpu") else ""),
                  fontsize=10)
     fig.tight_layout()
-    with atomic_path(dest, make_parents=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(dest)
+    return save_figure(fig, dest)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...core.atomic import atomic_path
+from ..figures import pyplot, save_figure
 from .run import Calibration
 from .stats import EDGES
 
@@ -19,21 +19,9 @@ def plot_paths(json_path: Path) -> tuple[Path, Path]:
     return Path(f"{stem}-norms.png"), Path(f"{stem}-clipped.png")
 
 
-def _save(fig, dest: Path) -> Path:
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    with atomic_path(dest, make_parents=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return dest
-
-
 def write_plots(cal: Calibration, data: dict, json_path: Path) -> tuple[Path, Path]:
     """Both PNGs for the calibration `cal` whose document is `data` (its recommendations marked)."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = pyplot()
 
     norms_path, clipped_path = plot_paths(json_path)
     stats, names = cal.stats, cal.layer_names
@@ -60,7 +48,7 @@ def write_plots(cal: Calibration, data: dict, json_path: Path) -> tuple[Path, Pa
         ax.tick_params(labelsize=6)
     fig.suptitle(f"pre-cap update norm per head and token (orange: recommended eta)\n{title}", fontsize=9)
     fig.tight_layout()
-    _save(fig, norms_path)
+    save_figure(fig, norms_path, dpi=90)
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     grid = np.asarray(data["eta_grid"])
@@ -76,7 +64,7 @@ def write_plots(cal: Calibration, data: dict, json_path: Path) -> tuple[Path, Pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    _save(fig, clipped_path)
+    save_figure(fig, clipped_path, dpi=90)
     return norms_path, clipped_path
 
 
