@@ -6,6 +6,8 @@ import errno
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -69,6 +71,27 @@ class GagGroup(click.Group):
 
 
 _BUG = "(a bug: please report it with the output of --verbose)"
+
+
+@contextmanager
+def counted_progress(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+    """A bar for work counted in units (images, sampling steps), hidden by --quiet and when stderr is
+    no terminal. Yields `advance(done=None, total=None)`: one more unit, or `done` of `total`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    context = click.get_current_context(silent=True)
+    quiet = bool(context and (context.find_object(dict) or {}).get("quiet"))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, disable=quiet, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+
+        def advance(done: int | None = None, total: int | None = None) -> None:
+            if done is None:
+                progress.advance(task)
+            else:
+                progress.update(task, completed=done, total=total)
+
+        yield advance
 
 
 def _exit_codes_epilog() -> str:

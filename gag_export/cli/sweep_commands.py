@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .app import cli, console, engines_option
+from .app import cli, console, counted_progress, engines_option
 
 # Options `sweep` and `eval` share, declared once.
 _GRID_OPTIONS = (
@@ -53,12 +53,6 @@ def _load_sampler(model, backend, graphs_root, engines_root, height, width, no_b
     return sampler
 
 
-def _progress(total: int, what: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=what, unit="image", disable=None)  # None: no bar when stderr is not a terminal
-
-
 @cli.command("sweep")
 @grid_options
 @click.option("--prompt", required=True, help="Text prompt.")
@@ -90,8 +84,8 @@ def sweep_command(model, scales, etas, zeta, baseline, steps, backend, height, w
     check_writable(out_dir / SHEET_NAME)
     sampler = _load_sampler(model, backend, graphs_root, engines_root, height, width, no_build, threads)
     total = len(grid.settings())
-    with sampler, _progress(total, f"{model} on {backend}") as bar:
-        result = run_sweep(sampler, request, grid, out_dir, on_tile=lambda setting: bar.update())
+    with sampler, counted_progress(f"{model} on {backend}: images", total) as advance:
+        result = run_sweep(sampler, request, grid, out_dir, on_tile=lambda setting: advance())
     click.echo(f"wrote {total} images and {result.sheet} (rows: {', '.join(result.rows)}; "
                f"columns: {', '.join(result.columns)})")
 
@@ -143,9 +137,9 @@ def eval_command(model, scales, etas, zeta, baseline, steps, backend, height, wi
         scoring = load_scorer(scorer, scorer_model)
     sampler = _load_sampler(model, backend, graphs_root, engines_root, height, width, no_build, threads)
     total = len(prompts) * len(grid.settings())
-    with sampler, _progress(total, f"{model} on {backend}") as bar:
+    with sampler, counted_progress(f"{model} on {backend}: images", total) as advance:
         result = run_eval(sampler, scoring, prompts, grid, seed=seed, steps=steps, height=height, width=width,
-                          negative_prompt=negative_prompt, on_image=bar.update)
+                          negative_prompt=negative_prompt, on_image=advance)
     click.echo(render_eval_markdown(result))
     for path in write_outputs(result, out_dir, plot=plot):
         click.echo(f"wrote {path}", err=True)

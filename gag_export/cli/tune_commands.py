@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..core.errors import InvalidInputError
 from ..core.extras import missing_modules, require_extra
-from .app import cli, console, log, weights_option
+from .app import cli, counted_progress, log, weights_option
 
 
 def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -107,14 +107,8 @@ def calibrate_command(model, prompts_path, steps, seed, weights, height, width, 
 
 
 def _run_with_progress(calibrate, config):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    quiet = click.get_current_context().find_object(dict).get("quiet", False)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console, disable=quiet, transient=True) as progress:
-        task = progress.add_task(f"calibrating {config.model}: {len(config.prompts)} prompts x steps", total=None)
-        return calibrate.run_calibration(config, progress=lambda done, total: progress.update(task, completed=done,
-                                                                                             total=total))
+    with counted_progress(f"calibrating {config.model}: {len(config.prompts)} prompts x steps") as advance:
+        return calibrate.run_calibration(config, progress=advance)
 
 
 def _summary(data: dict) -> Table:
